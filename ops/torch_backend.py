@@ -1,0 +1,106 @@
+"""Pure-PyTorch involution, for any device.
+
+``forward`` / ``grad_input`` / ``grad_weight`` are the memory-efficient "torch" backend: a loop over the K² kernel
+taps that never materializes the K²-times unfolded input (peak extra memory is one padded copy of the input and one
+output-sized buffer). ``involution_unfold`` is the simple reference built on ``F.unfold`` and plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["forward", "grad_input", "grad_weight", "involution_unfold"]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs accumulate in float32, as the CUDA kernels do.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tap_slices(tap: int, size_out: int, stride: int, dilation: int) -> slice:
+    """The padded-input rows (or columns) that kernel tap ``tap`` reads for every output row."""
+    start = tap * dilation
+    return slice(start, start + stride * (size_out - 1) + 1, stride)
+
+
+def _pad_grouped(x: Tensor, groups: int, padding: int, dtype: torch.dtype) -> Tensor:
+    """Zero-padded copy of x in ``dtype``, viewed as (N, G, C/G, H + 2p, W + 2p)."""
+    n, c, h, w = x.shape
+    padded = x.new_zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=dtype)
+    padded[:, :, padding : padding + h, padding : padding + w] = x
+    return padded.view(n, groups, c // groups, h + 2 * padding, w + 2 * padding)
+
+
+def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    """out[n, c, i, j] = Σ_uv weight[n, g(c), u, v, i, j] · x_pad[n, c, i·s + u·d, j·s + v·d]."""
+    n, c = x.shape[:2]
+    groups, kernel_size, _, h_out, w_out = weight.shape[1:]
+    acc = _accumulation_dtype(x.dtype)
+    x_pad = _pad_grouped(x, groups, padding, acc)
+    out = x.new_zeros((n, groups, c // groups, h_out, w_out), dtype=acc)
+    for u in range(kernel_size):
+        rows = _tap_slices(u, h_out, stride, dilation)
+        for v in range(kernel_size):
+            cols = _tap_slices(v, w_out, stride, dilation)
+            out.addcmul_(x_pad[..., rows, cols], weight[:, :, u, v].unsqueeze(2).to(acc))
+    return out.view(n, c, h_out, w_out).to(x.dtype)
+
+
+def grad_input(
+    grad_out: Tensor,
+    weight: Tensor,
+    input_size: tuple[int, int],
+    channels: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    """Gradient of ``forward`` with respect to x: scatter-add of grad_out · weight over the K² taps."""
+    n = grad_out.shape[0]
+    groups, kernel_size, _, h_out, w_out = weight.shape[1:]
+    height, width = input_size
+    acc = _accumulation_dtype(grad_out.dtype)
+    grad_out = grad_out.reshape(n, groups, channels // groups, h_out, w_out).to(acc)
+    grad_pad = grad_out.new_zeros((n, groups, channels // groups, height + 2 * padding, width + 2 * padding))
+    for u in range(kernel_size):
+        rows = _tap_slices(u, h_out, stride, dilation)
+        for v in range(kernel_size):
+            cols = _tap_slices(v, w_out, stride, dilation)
+            grad_pad[..., rows, cols].addcmul_(grad_out, weight[:, :, u, v].unsqueeze(2).to(acc))
+    grad_x = grad_pad[..., padding : padding + height, padding : padding + width]
+    return grad_x.reshape(n, channels, height, width).to(weight.dtype)
+
+
+def grad_weight(
+    grad_out: Tensor,
+    x: Tensor,
+    kernel_size: int,
+    groups: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    """Gradient of ``forward`` with respect to weight: per tap, Σ over the group's channels of grad_out · x."""
+    n, c = x.shape[:2]
+    h_out, w_out = grad_out.shape[-2:]
+    acc = _accumulation_dtype(x.dtype)
+    x_pad = _pad_grouped(x, groups, padding, acc)
+    grad_out = grad_out.reshape(n, groups, c // groups, h_out, w_out).to(acc)
+    grad_w = x.new_empty((n, groups, kernel_size, kernel_size, h_out, w_out), dtype=acc)
+    for u in range(kernel_size):
+        rows = _tap_slices(u, h_out, stride, dilation)
+        for v in range(kernel_size):
+            cols = _tap_slices(v, w_out, stride, dilation)
+            torch.sum(grad_out * x_pad[..., rows, cols], dim=2, out=grad_w[:, :, u, v])
+    return grad_w.to(x.dtype)
+
+
+def involution_unfold(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    """Reference involution through ``F.unfold``: simple and obviously right, but K² times the input's memory."""
+    n, c = x.shape[:2]
+    groups, kernel_size, _, h_out, w_out = weight.shape[1:]
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    cols = cols.view(n, groups, c // groups, kernel_size, kernel_size, h_out, w_out)
+    return (cols * weight.unsqueeze(2)).sum(dim=(3, 4)).view(n, c, h_out, w_out)
