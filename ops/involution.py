@@ -108,7 +108,8 @@ def _check_arguments(x: Tensor, weight: Tensor, stride: int, padding: int, dilat
 
 @torch.library.custom_op("rednet::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str) -> Tensor:
-    return _backend_module(backend).forward(x, weight, stride, padding, dilation)
+    # Outputs must be contiguous: the fake implementations promise contiguous strides to torch.compile.
+    return _backend_module(backend).forward(x, weight, stride, padding, dilation).contiguous()
 
 
 @_involution_op.register_fake
@@ -122,7 +123,7 @@ def _grad_input_op(
     dilation: int, backend: str,
 ) -> Tensor:  # fmt: skip
     module = _backend_module(backend)
-    return module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation)
+    return module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation).contiguous()
 
 
 @_grad_input_op.register_fake
@@ -136,7 +137,7 @@ def _grad_weight_op(
     backend: str,
 ) -> Tensor:  # fmt: skip
     module = _backend_module(backend)
-    return module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation)
+    return module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation).contiguous()
 
 
 @_grad_weight_op.register_fake
@@ -203,8 +204,9 @@ def involution(
     _check_arguments(x, weight, stride, padding, dilation)
     backend = _resolve_backend(backend, x)
     if backend == "unfold":
-        return torch_backend.involution_unfold(x, weight, stride, padding, dilation)
-    out = _involution_op(x, weight, stride, padding, dilation, backend)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = torch_backend.involution_unfold(x, weight, stride, padding, dilation)
+    else:
+        out = _involution_op(x, weight, stride, padding, dilation, backend)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
