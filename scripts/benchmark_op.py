@@ -1,0 +1,212 @@
+"""Time and memory of the involution backends at RedNet-50's involution shapes.
+
+Prints (and with --out writes) a markdown table: median forward and forward+backward time, peak memory growth of
+forward+backward, and on GPU each time as a multiple of the bandwidth floor (the bytes the op must move divided by
+the bandwidth of a large device-to-device copy measured in the same run).
+
+    python scripts/benchmark_op.py                      # CPU, float32, batch 8
+    python scripts/benchmark_op.py --device cuda --dtypes float32 bfloat16 float16 --out docs/op_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ops  # noqa: E402
+from ops.involution import output_size  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One involution layer of RedNet-50 (G = C / 16)."""
+
+    name: str
+    channels: int
+    size: int
+    kernel_size: int = 7
+    stride: int = 1
+
+    @property
+    def groups(self) -> int:
+        return self.channels // 16
+
+    @property
+    def out_size(self) -> int:
+        k = self.kernel_size
+        return output_size(self.size, k, self.stride, (k - 1) // 2, 1)
+
+
+SHAPES = [
+    Shape("stem K=3", 32, 112, kernel_size=3),
+    Shape("layer1", 64, 56),
+    Shape("layer2", 128, 28),
+    Shape("layer3", 256, 14),
+    Shape("layer4", 512, 7),
+    Shape("layer2.0 s2", 128, 56, stride=2),
+    Shape("layer3.0 s2", 256, 28, stride=2),
+    Shape("layer4.0 s2", 512, 14, stride=2),
+]
+
+
+def make_inputs(shape: Shape, batch: int, dtype: torch.dtype, device: str):
+    k, h_out = shape.kernel_size, shape.out_size
+    x = torch.randn(batch, shape.channels, shape.size, shape.size, device=device, dtype=dtype)
+    weight = torch.randn(batch, shape.groups, k, k, h_out, h_out, device=device, dtype=dtype)
+    grad_out = torch.randn(batch, shape.channels, h_out, h_out, device=device, dtype=dtype)
+    return x.requires_grad_(), weight.requires_grad_(), grad_out
+
+
+def bytes_moved(shape: Shape, batch: int, element_size: int) -> tuple[int, int]:
+    """Bytes the op must move at least: forward, and forward + backward."""
+    x = batch * shape.channels * shape.size**2
+    y = batch * shape.channels * shape.out_size**2
+    w = batch * shape.groups * shape.kernel_size**2 * shape.out_size**2
+    forward = x + w + y
+    backward = (y + w + x) + (y + x + w)  # grad-input: dY, W → dX; grad-weight: dY, X → dW
+    return forward * element_size, (forward + backward) * element_size
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(shape: Shape, backend: str, batch: int, dtype: torch.dtype, device: str, min_run_time: float) -> dict:
+    """Peak memory growth of forward+backward (measured first, on a fresh process or reset CUDA stats) and times."""
+    x, weight, grad_out = make_inputs(shape, batch, dtype, device)
+
+    def step(backward: bool) -> None:
+        out = ops.involution(x, weight, shape.stride, backend=backend)
+        if backward:
+            out.backward(grad_out)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(True)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        # Warm up on one sample first: the first call loads code and thread pools that would count as growth.
+        x_warm, weight_warm, grad_warm = make_inputs(shape, 1, dtype, device)
+        ops.involution(x_warm, weight_warm, shape.stride, backend=backend).backward(grad_warm)
+        del x_warm, weight_warm, grad_warm
+        before = _rss_bytes()
+        step(True)
+        peak = _peak_rss_bytes() - before
+    times = {}
+    for label, backward in (("forward", False), ("forward_backward", True)):
+        timer = Timer("step(backward)", globals={"step": step, "backward": backward})
+        times[label] = timer.blocked_autorange(min_run_time=min_run_time).median
+    return {"peak_bytes": peak, **times}
+
+
+def measure_in_child(shape: Shape, backend: str, batch: int, dtype: str, min_run_time: float) -> dict:
+    """CPU memory is read from the process's peak RSS, so each measurement gets a fresh process."""
+    code = (
+        "import json, sys, torch; sys.argv = ['x']; from scripts.benchmark_op import measure, Shape, DTYPES;"
+        f"torch.manual_seed(0); print(json.dumps(measure(Shape(**{asdict(shape)!r}), {backend!r}, {batch}, "
+        f"DTYPES[{dtype!r}], 'cpu', {min_run_time})))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    source = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    seconds = Timer("target.copy_(source)", globals={"source": source, "target": target}).blocked_autorange().median
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "CPU")
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
+    parser.add_argument("--shapes", nargs="+", default=None, help="layer names to run (default: all)")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1 CPU, 0.3 GPU)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = parser.parse_args()
+
+    on_gpu = args.device == "cuda"
+    batch = args.batch or (64 if on_gpu else 8)
+    dtypes = args.dtypes or (["float32", "bfloat16"] if on_gpu else ["float32"])
+    min_run_time = args.min_run_time or (0.3 if on_gpu else 1.0)
+    backends = args.backends or [b for b in ops.available_backends() if on_gpu or b != "cupy"]
+    shapes = [s for s in SHAPES if args.shapes is None or s.name in args.shapes]
+    bandwidth = copy_bandwidth("cuda") if on_gpu else None
+
+    lines = [
+        f"Device: {device_name(args.device)}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"batch {batch}; median times.",
+    ]
+    if bandwidth:
+        lines.append(f"Device-to-device copy bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s.")
+    lines += [
+        "",
+        "| layer (C, H, K, s) | dtype | backend | forward ms | fwd+bwd ms | peak fwd+bwd MiB |"
+        + (" fwd × floor | fwd+bwd × floor |" if on_gpu else " fwd+bwd vs unfold |"),
+        "|---|---|---|---:|---:|---:|" + ("---:|---:|" if on_gpu else "---:|"),
+    ]
+    print("\n".join(lines), flush=True)
+    for shape in shapes:
+        for dtype in dtypes:
+            rows = {}
+            for backend in backends:
+                if on_gpu:
+                    torch.manual_seed(0)
+                    rows[backend] = measure(shape, backend, batch, DTYPES[dtype], "cuda", min_run_time)
+                    torch.cuda.empty_cache()
+                else:
+                    rows[backend] = measure_in_child(shape, backend, batch, dtype, min_run_time)
+            for backend, row in rows.items():
+                label = f"{shape.name} ({shape.channels}, {shape.size}, {shape.kernel_size}, {shape.stride})"
+                line = (
+                    f"| {label} | {dtype} | {backend} | {row['forward'] * 1e3:.3f} | "
+                    f"{row['forward_backward'] * 1e3:.3f} | {row['peak_bytes'] / 2**20:.1f} |"
+                )
+                if on_gpu:
+                    floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
+                    line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
+                else:
+                    reference = rows.get("unfold")
+                    speedup = reference["forward_backward"] / row["forward_backward"] if reference else float("nan")
+                    line += f" {speedup:.1f}× faster |"
+                lines.append(line)
+                print(line, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
