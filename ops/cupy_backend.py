@@ -1,0 +1,279 @@
+"""The "cupy" backend: the CUDA kernels of ops/kernels/involution.cu, compiled by CuPy (NVRTC) and launched on
+PyTorch's current stream.
+
+CuPy is imported lazily, so this module imports on machines without it. One module is compiled per device and
+dtype (sizes are kernel arguments, so new shapes never recompile); CuPy also caches the binary on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["forward", "grad_input", "grad_weight", "is_available"]
+
+KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "involution.cu"
+# Channels of a group that one thread handles (registers per thread grow with it); RedNet has 16 per group.
+CHANNELS_PER_THREAD = 16
+BLOCK_SIZE = 256
+# Enough blocks to fill any current GPU many times over; the kernels loop over the rest (grid-stride).
+MAX_BLOCKS = 65536
+SCALAR_TYPES = {
+    torch.float32: "float",
+    torch.float64: "double",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+}
+KERNEL_KINDS = ("forward", "grad_input", "grad_weight")
+_INT32_MAX = 2**31 - 1
+_INSTALL_HINT = "pip install cupy-cuda13x (CUDA 13 builds of torch) or cupy-cuda12x (CUDA 12 builds)"
+
+
+class Geometry(NamedTuple):
+    """The sizes every kernel takes, in the order of its int32 arguments (struct Geometry in the .cu file)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    G: int
+    K: int
+    Ho: int
+    Wo: int
+    stride: int
+    pad: int
+    dil: int
+
+
+class Launch(NamedTuple):
+    """One kernel launch: the entry point's name, a 1-D grid and block, and the size arguments."""
+
+    kernel: str
+    grid: int
+    block: int
+    geometry: Geometry
+
+
+def plan_launch(kind: str, geometry: Geometry, max_blocks: int = MAX_BLOCKS, index_bits: int | None = None) -> Launch:
+    """Choose the entry point and launch shape for one kernel; shared by the GPU path and the host-emulation tests.
+
+    Args:
+        kind: "forward", "grad_input" or "grad_weight".
+        geometry: the sizes.
+        max_blocks: grid size cap (the kernels loop over the remaining work).
+        index_bits: force the 32- or 64-bit variant; default: 32 bits whenever every index fits.
+    """
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kernel kind {kind!r} is unknown: choose one of {', '.join(KERNEL_KINDS)}")
+    g = geometry
+    chunks = -(-(g.C // g.G) // CHANNELS_PER_THREAD)
+    if kind == "forward":
+        work = g.N * g.G * chunks * g.Ho * g.Wo
+    elif kind == "grad_input":
+        work = g.N * g.G * chunks * g.H * g.W
+    else:
+        work = g.N * g.G * g.Ho * g.Wo
+    grid = max(1, min(math.ceil(work / BLOCK_SIZE), max_blocks))
+    if index_bits is None:
+        largest = max(g.N * g.C * g.H * g.W, g.N * g.C * g.Ho * g.Wo, g.N * g.G * g.K * g.K * g.Ho * g.Wo, work)
+        # The grid-stride loop steps past the last index by up to one grid: keep that within int32 too.
+        index_bits = 32 if largest + grid * BLOCK_SIZE <= _INT32_MAX else 64
+    if index_bits not in (32, 64):
+        raise ValueError(f"index_bits must be 32 or 64, got {index_bits}")
+    return Launch(f"involution_{kind}_i{index_bits}", grid, BLOCK_SIZE, geometry)
+
+
+@functools.cache
+def kernel_source() -> str:
+    """The CUDA source of the three kernels."""
+    return KERNEL_FILE.read_text()
+
+
+def compile_defines(dtype: torch.dtype) -> tuple[str, ...]:
+    """The -D options that select the element type (and fix the channels per thread) for one compile."""
+    if dtype not in SCALAR_TYPES:
+        supported = ", ".join(str(d) for d in SCALAR_TYPES)
+        raise TypeError(f"involution backend 'cupy' supports {supported}; got {dtype}: cast the tensors")
+    return (f"-DINVOLUTION_SCALAR={SCALAR_TYPES[dtype]}", f"-DINVOLUTION_CHANNELS_PER_THREAD={CHANNELS_PER_THREAD}")
+
+
+def _has_fp16_header(directory: str | os.PathLike | None) -> bool:
+    return bool(directory) and Path(directory, "cuda_fp16.h").is_file()
+
+
+def find_cuda_include_dir() -> str | None:
+    """A CUDA include directory with cuda_fp16.h/cuda_bf16.h, preferring the one of the NVRTC CuPy loads.
+
+    CUDA 13 pip wheels put the headers under site-packages/nvidia/cu13/include, CUDA 12 wheels under
+    nvidia/cuda_runtime/include; a system toolkit has them in $CUDA_PATH/include.
+    """
+    candidates: list[str | None] = []
+    try:  # CuPy's CUDA root is where the NVRTC it loads lives
+        import cupy
+
+        root = cupy.cuda.get_cuda_path()
+        candidates.append(os.path.join(root, "include") if root else None)
+    except Exception:  # any failure just means: look elsewhere
+        pass
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        candidates.append(find_nvidia_header_directory("cudart"))
+    except Exception:
+        pass
+    for site in sys.path:
+        for sub in ("cu13", "cu12", "cuda_runtime"):
+            candidates.append(os.path.join(site, "nvidia", sub, "include"))
+    for variable in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(variable):
+            candidates.append(os.path.join(os.environ[variable], "include"))
+    candidates.append("/usr/local/cuda/include")
+    return next((str(c) for c in candidates if _has_fp16_header(c)), None)
+
+
+@functools.cache
+def compile_options(dtype: torch.dtype) -> tuple[str, ...]:
+    """Options for cupy.RawModule: the defines, plus the CUDA include directory when CuPy does not add one."""
+    options = compile_defines(dtype)
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options  # what CuPy adds itself (CuPy 13 and 14)
+
+        cupy_includes = [o[2:] for o in assemble_cupy_compiler_options(()) if o.startswith("-I")]
+    except Exception:  # private API; without it, add our own directory
+        cupy_includes = []
+    if not any(_has_fp16_header(d) for d in cupy_includes):
+        include_dir = find_cuda_include_dir()
+        if include_dir is not None:
+            options += (f"-I{include_dir}",)
+    return options
+
+
+@functools.cache
+def is_available() -> tuple[bool, str]:
+    """Whether this backend can run here, and if not, why (a message that says what to install)."""
+    if importlib.util.find_spec("cupy") is None:
+        return False, f"CuPy is not installed: {_INSTALL_HINT}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device: torch.cuda.is_available() is False"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # a CuPy built for another CUDA fails in many ways
+        return False, (
+            f"CuPy cannot use the GPU ({type(error).__name__}: {error}); install the CuPy that matches torch's "
+            f"CUDA {torch.version.cuda}: {_INSTALL_HINT}"
+        )
+    if count < 1:
+        return False, "no CUDA device visible to CuPy"
+    return True, ""
+
+
+@functools.cache
+def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
+    """Compile (or load from CuPy's cache) the kernels for one device and dtype: {entry point name: RawKernel}."""
+    import cupy
+
+    names = [f"involution_{kind}_i{bits}" for kind in KERNEL_KINDS for bits in (32, 64)]
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=kernel_source(), options=compile_options(dtype))
+        return {name: module.get_function(name) for name in names}
+
+
+def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """Run one kernel on (a, b) -> out on the current torch stream of their device."""
+    if out.numel() == 0:
+        return out
+    import cupy
+    import numpy as np
+
+    launch = plan_launch(kind, geometry)
+    device_index = out.device.index if out.device.index is not None else torch.cuda.current_device()
+    kernel = _kernels(device_index, out.dtype)[launch.kernel]
+    args = tuple(np.uint64(t.data_ptr()) for t in (a, b, out)) + tuple(np.int32(s) for s in launch.geometry)
+    with cupy.cuda.Device(device_index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device_index).cuda_stream)
+        with stream:
+            kernel((launch.grid,), (launch.block,), args)
+    return out
+
+
+def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if not (a.is_cuda and b.is_cuda) or a.device != b.device:
+        raise ValueError(
+            f"involution backend 'cupy' needs {name_a} and {name_b} on one CUDA device, got {a.device} and "
+            f"{b.device}: move them with .to('cuda')"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(f"involution backend 'cupy': {name_a} is {a.dtype} but {name_b} is {b.dtype}: cast one")
+    compile_defines(a.dtype)  # raises for unsupported dtypes
+
+
+def _output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    """out (N, C, Ho, Wo) from x (N, C, H, W) and weight (N, G, K, K, Ho, Wo); no autograd."""
+    _check_pair("x", x, "weight", weight)
+    x, weight = x.contiguous(), weight.contiguous()
+    n, c, h, w = x.shape
+    _, groups, k, _, h_out, w_out = weight.shape
+    out = torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device)
+    geometry = Geometry(n, c, h, w, groups, k, h_out, w_out, stride, padding, dilation)
+    return _launch("forward", geometry, x, weight, out)
+
+
+def grad_input(
+    grad_out: Tensor,
+    weight: Tensor,
+    input_size: tuple[int, int],
+    channels: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    """grad_x (N, C, H, W) from grad_out (N, C, Ho, Wo) and weight; input_size is (H, W), channels is C."""
+    _check_pair("grad_out", grad_out, "weight", weight)
+    grad_out, weight = grad_out.contiguous(), weight.contiguous()
+    n, _, h_out, w_out = grad_out.shape
+    _, groups, k, _, _, _ = weight.shape
+    h, w = input_size
+    grad_x = torch.empty((n, channels, h, w), dtype=grad_out.dtype, device=grad_out.device)
+    geometry = Geometry(n, channels, h, w, groups, k, h_out, w_out, stride, padding, dilation)
+    return _launch("grad_input", geometry, grad_out, weight, grad_x)
+
+
+def grad_weight(
+    grad_out: Tensor,
+    x: Tensor,
+    kernel_size: int,
+    groups: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    """grad_weight (N, G, K, K, Ho, Wo) from grad_out (N, C, Ho, Wo) and x (N, C, H, W)."""
+    _check_pair("grad_out", grad_out, "x", x)
+    grad_out, x = grad_out.contiguous(), x.contiguous()
+    n, c, h, w = x.shape
+    h_out, w_out = grad_out.shape[2:]
+    expected = (
+        _output_size(h, kernel_size, stride, padding, dilation),
+        _output_size(w, kernel_size, stride, padding, dilation),
+    )
+    if (h_out, w_out) != expected:
+        raise ValueError(
+            f"involution backend 'cupy': grad_out is {h_out}×{w_out} but x of {h}×{w} gives {expected[0]}×{expected[1]}"
+        )
+    grad_w = torch.empty((n, groups, kernel_size, kernel_size, h_out, w_out), dtype=x.dtype, device=x.device)
+    geometry = Geometry(n, c, h, w, groups, kernel_size, h_out, w_out, stride, padding, dilation)
+    return _launch("grad_weight", geometry, grad_out, x, grad_w)
