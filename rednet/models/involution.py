@@ -1,0 +1,118 @@
+"""The involution layer of RedNet: a per-pixel kernel generator followed by the involution operator.
+
+Parameter names follow the official mmcv modules (``conv1.conv``, ``conv1.bn``, ``conv2.conv``), so official
+checkpoints load by a prefix rename only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import ops
+
+__all__ = ["ConvModule", "Involution"]
+
+
+class ConvModule(nn.Module):
+    """Conv → optional BatchNorm → optional ReLU, named like mmcv's ConvModule (``conv``, ``bn``, ``activate``).
+
+    As in mmcv, the convolution has a bias only when there is no norm layer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        norm: bool = True,
+        act: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=not norm
+        )
+        self.bn = nn.BatchNorm2d(out_channels) if norm else None
+        self.activate = nn.ReLU(inplace=True) if act else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.activate is not None:
+            x = self.activate(x)
+        return x
+
+
+class Involution(nn.Module):
+    """Involution (Li et al., CVPR 2021): K×K kernels generated per pixel, shared by the channels of a group.
+
+    Kernel generator: avg-pool s×s (``ceil_mode=True``, so odd sizes work) when s > 1 → ``conv1`` (1×1, C → C/r,
+    BN, ReLU) → ``conv2`` (1×1, C/r → K²·G, bias); the kernels then go to ``ops.involution``.
+
+    Args:
+        channels: input and output channels C.
+        kernel_size: K.
+        stride: s, applied by the operator (and by the generator's pooling).
+        reduction_ratio: r, the generator's bottleneck reduction.
+        group_channels: channels per group (C/G); G = C // group_channels.
+        dilation: d of the operator.
+        memory_efficient: recompute the generated kernels (``conv2`` + the operator) in backward instead of storing
+            the K²·G-channel kernel tensor, which is about 3× the input's size at K=7. Costs one extra 1×1 conv.
+        backend: operator backend ("auto", "cupy", "torch", "unfold"; see ``ops.involution``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        stride: int = 1,
+        reduction_ratio: int = 4,
+        group_channels: int = 16,
+        dilation: int = 1,
+        memory_efficient: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if channels % group_channels != 0:
+            raise ValueError(f"Involution: channels={channels} must be a multiple of group_channels={group_channels}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.groups = channels // group_channels
+        self.memory_efficient = memory_efficient
+        self.backend = backend
+        self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        self.conv1 = ConvModule(channels, channels // reduction_ratio)
+        self.conv2 = ConvModule(channels // reduction_ratio, kernel_size**2 * self.groups, norm=False, act=False)
+
+    def generate_kernels(self, x: Tensor) -> Tensor:
+        """The per-pixel kernels (N, G, K, K, Ho, Wo) for input x."""
+        return self._kernels_from_features(self.conv1(self.avgpool(x)))
+
+    def _kernels_from_features(self, reduced: Tensor) -> Tensor:
+        kernels = self.conv2(reduced)
+        n, _, h, w = kernels.shape
+        # Channel index g·K² + u·K + v, as the official code lays the kernels out; a view even in channels_last.
+        return kernels.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
+
+    def _aggregate(self, x: Tensor, reduced: Tensor) -> Tensor:
+        kernels = self._kernels_from_features(reduced)
+        return ops.involution(x, kernels, stride=self.stride, dilation=self.dilation, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # conv1 (with its BN) runs outside the checkpoint: recomputing it would update BN running stats twice.
+        reduced = self.conv1(self.avgpool(x))
+        if self.memory_efficient and torch.is_grad_enabled():
+            return checkpoint(self._aggregate, x, reduced, use_reentrant=False)
+        return self._aggregate(x, reduced)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}, "
+            f"dilation={self.dilation}, memory_efficient={self.memory_efficient}, backend={self.backend!r}"
+        )

@@ -1,0 +1,350 @@
+"""Pretrained RedNet weights: the registry, downloads through torch.hub with sha256 checks, checkpoint conversion.
+
+Accepted checkpoints: official mmcls files (``{"state_dict", "meta"}``, keys prefixed ``backbone.`` / ``head.``),
+plain state dicts, this project's training checkpoints (``{"model", "model_ema", ...}``), timm training checkpoints
+(``{"state_dict", "state_dict_ema"}``), with DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes; as
+torch files or safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PRETRAINED",
+    "WeightsSpec",
+    "register_weights",
+    "fetch",
+    "read_checkpoint",
+    "to_state_dict",
+    "detect_stem_kernel_size",
+    "load_state_dict",
+    "load_weights",
+    "load_pretrained_state_dict",
+    "sha256_file",
+]
+
+_logger = logging.getLogger(__name__)
+
+# torch.hub's convention: a file named NAME-<first hex digits of its sha256>.ext carries its own check.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
+_PREFIXES_TO_STRIP = ("module.", "_orig_mod.", "backbone.", "head.")
+_STEM_GROUPS = 2  # the stem involution has 32 channels in groups of 16
+_CLASSIFIER = ("fc.weight", "fc.bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSpec:
+    """Where a model's pretrained weights come from.
+
+    Attributes:
+        url: direct download URL ("" when none is published).
+        sha256: full hex digest of the file ("" to rely only on a NAME-<hash prefix>.ext file name).
+        file_name: name in the torch.hub checkpoint cache; defaults to the URL's file name. A file placed there by
+            hand loads without network.
+        source_format: informative ("mmcls", "state_dict", "training"); loading detects the layout itself.
+    """
+
+    url: str = ""
+    sha256: str = ""
+    file_name: str = ""
+    source_format: str = "mmcls"
+
+    def cache_name(self, model_name: str) -> str:
+        return self.file_name or _url_file_name(self.url) or f"{model_name}.pth"
+
+
+# The official ImageNet checkpoints (mmcls format) were published as OneDrive share links, which are dead
+# (d-li14/involution issues #54, #55, #62), so no URL is registered. Users who hold the files put them in the cache
+# under these names, pass a path/URL as `pretrained`, or call register_weights().
+PRETRAINED: dict[str, WeightsSpec] = {
+    f"rednet{depth}": WeightsSpec(file_name=f"rednet{depth}.pth") for depth in (26, 38, 50, 101, 152)
+}
+
+
+def register_weights(
+    model_name: str, url: str, sha256: str = "", file_name: str = "", source_format: str = "mmcls"
+) -> None:
+    """Register (or replace) the weights that ``pretrained=True`` loads for ``model_name``."""
+    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"sha256 {sha256!r} for {model_name} is not a 64-digit lowercase hex digest")
+    PRETRAINED[model_name] = WeightsSpec(url=url, sha256=sha256, file_name=file_name, source_format=source_format)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _url_file_name(url: str) -> str:
+    return os.path.basename(urllib.parse.urlparse(url).path) if url else ""
+
+
+def _checkpoint_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _expected_digest(file_name: str, sha256: str) -> str:
+    """The full digest if known, else the hash prefix in a NAME-<prefix>.ext file name, else ""."""
+    if sha256:
+        return sha256
+    match = _HASH_IN_NAME.search(file_name)
+    return match.group(1) if match else ""
+
+
+def _check_digest(path: Path, expected: str, origin: str) -> None:
+    actual = sha256_file(path)
+    if expected and not actual.startswith(expected):
+        raise RuntimeError(f"sha256 mismatch for {origin}: expected {expected}, got {actual} (file {path})")
+
+
+def download(
+    url: str,
+    sha256: str = "",
+    file_name: str = "",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` into the torch.hub checkpoint cache (once) and check its sha256; return the local path.
+
+    A cached file is used without network. A download whose hash does not match is deleted.
+    """
+    file_name = file_name or _url_file_name(url)
+    if not file_name:
+        raise ValueError(f"cannot name a cache file for {url!r}: give file_name, e.g. 'rednet50.pth'")
+    directory = _checkpoint_dir(cache_dir)
+    destination = directory / file_name
+    expected = _expected_digest(file_name, sha256)
+    if destination.is_file():
+        try:
+            _check_digest(destination, expected, f"cached file {destination}")
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}: delete it to download {url} again, or put the right file there") from None
+        return destination
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        torch.hub.download_url_to_file(url, str(partial), hash_prefix=None, progress=progress)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download {url} ({error}). Download it by hand and save it as {destination}, "
+            f"or pass its local path as pretrained='/path/to/{file_name}'"
+        ) from error
+    actual = sha256_file(partial)
+    if expected and not actual.startswith(expected):
+        partial.unlink()
+        raise RuntimeError(
+            f"sha256 mismatch for {url}: expected {expected}, got {actual}; the download was deleted. "
+            "Check the URL, or register the right sha256 (rednet.weights.register_weights)"
+        )
+    os.replace(partial, destination)
+    return destination
+
+
+def fetch(
+    source: str | os.PathLike,
+    sha256: str = "",
+    file_name: str = "",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """A local path for ``source``: a file path, a file:// URL, or an http(s) URL (downloaded into the cache)."""
+    source = str(source)
+    scheme = urllib.parse.urlparse(source).scheme
+    if scheme in ("http", "https"):
+        return download(source, sha256, file_name, cache_dir, progress)
+    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)) if scheme == "file" else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {source!r} does not exist (expected a file, or an http(s)/file URL)")
+    if sha256:
+        _check_digest(path, sha256, str(path))
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    # A safetensors file starts with an 8-byte little-endian header length, then the JSON header.
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
+    """Read a torch checkpoint (``weights_only=True``) or a safetensors file into a dict, on the CPU."""
+    path = Path(path)
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for non-checkpoints; name the file either way
+        raise RuntimeError(f"{path} is not a readable torch or safetensors checkpoint: {error}") from error
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES_TO_STRIP:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, Tensor]:
+    """The model's state dict, in this package's key names, from any accepted checkpoint layout.
+
+    Args:
+        checkpoint: a loaded checkpoint (see the module docstring for the layouts).
+        use_ema: take the EMA weights when the checkpoint has them (``model_ema`` / ``state_dict_ema``).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    for model_key, ema_key in (("model", "model_ema"), ("state_dict", "state_dict_ema")):
+        if isinstance(checkpoint.get(model_key), Mapping):
+            use = ema_key if use_ema and isinstance(checkpoint.get(ema_key), Mapping) else model_key
+            _logger.info("loading the %r weights of the checkpoint", use)
+            checkpoint = checkpoint[use]
+            break
+    return {_strip_prefixes(key): value for key, value in checkpoint.items() if isinstance(value, Tensor)}
+
+
+def detect_stem_kernel_size(state_dict: Mapping[str, Tensor]) -> int | None:
+    """K of the stem involution from ``stem.1.conv2.conv.weight`` (G·K² rows, G=2: 18 → 3, 98 → 7); None if absent."""
+    weight = state_dict.get("stem.1.conv2.conv.weight")
+    if weight is None:
+        return None
+    rows = weight.shape[0]
+    kernel_size = math.isqrt(rows // _STEM_GROUPS)
+    if kernel_size**2 * _STEM_GROUPS != rows:
+        raise ValueError(f"stem.1.conv2.conv.weight has {rows} rows: not 2·K² for any K (expected 18 or 98)")
+    return kernel_size
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load a converted state dict into a RedNet strictly, except for the classifier when num_classes differs.
+
+    A checkpoint for another num_classes loses its classifier with a warning (the model keeps its fresh one);
+    ``in_chans`` other than the checkpoint's adapts the first conv as timm does; any other missing or unexpected
+    key is an error that lists them.
+    """
+    state_dict = dict(state_dict)
+    stem_kernel_size = detect_stem_kernel_size(state_dict)
+    if stem_kernel_size is not None and stem_kernel_size != model.stem_kernel_size:
+        raise ValueError(
+            f"the checkpoint's stem involution has K={stem_kernel_size} but the model has "
+            f"stem_kernel_size={model.stem_kernel_size}: create the model with stem_kernel_size={stem_kernel_size}"
+        )
+    dropped = []
+    classifier = state_dict.get("fc.weight")
+    if classifier is not None and classifier.shape[0] != model.num_classes:
+        dropped = [key for key in _CLASSIFIER if state_dict.pop(key, None) is not None]
+        warnings.warn(
+            f"checkpoint classifier has {classifier.shape[0]} classes, the model {model.num_classes}: "
+            "the classifier (fc) is left at its fresh initialization",
+            stacklevel=2,
+        )
+    stem_conv = state_dict.get("stem.0.conv.weight")
+    if stem_conv is not None and stem_conv.shape[1] != model.in_chans:
+        from timm.models import adapt_input_conv
+
+        state_dict["stem.0.conv.weight"] = adapt_input_conv(model.in_chans, stem_conv)
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not (dropped and key in _CLASSIFIER)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not match {type(model).__name__}: missing keys {missing}, "
+            f"unexpected keys {result.unexpected_keys}"
+        )
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike,
+    use_ema: bool = True,
+    sha256: str = "",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Load weights into ``model`` from a path or an http(s)/file URL, in any accepted layout; return the model.
+
+    Args:
+        model: a RedNet.
+        source: local path, ``file://`` URL, or http(s) URL (downloaded into $TORCH_HOME/hub/checkpoints).
+        use_ema: prefer EMA weights in training checkpoints.
+        sha256: expected digest (full, or a prefix); URLs named NAME-<hash prefix>.ext are checked anyway.
+        cache_dir: download directory instead of the torch.hub checkpoint cache.
+        progress: show a download progress bar.
+    """
+    path = fetch(source, sha256=sha256, cache_dir=cache_dir, progress=progress)
+    load_state_dict(model, to_state_dict(read_checkpoint(path), use_ema=use_ema))
+    return model
+
+
+def _resolve_pretrained_source(
+    model_name: str,
+    pretrained: bool | str,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+) -> tuple[Any, WeightsSpec]:
+    """Where ``pretrained`` points: a state dict, or a path/URL with its sha256 and cache name."""
+    spec = PRETRAINED.get(model_name, WeightsSpec())
+    if isinstance(pretrained, (str, os.PathLike)):
+        return str(pretrained), WeightsSpec()
+    # timm's overrides first (pretrained_cfg_overlay=dict(file=...) or dict(url=...)), then the registry.
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(model_name, pretrained_cfg, pretrained_cfg_overlay)
+    if cfg.state_dict:
+        return cfg.state_dict, WeightsSpec()
+    if cfg.file:
+        return cfg.file, WeightsSpec()
+    if cfg.url and cfg.url != spec.url:
+        return cfg.url, WeightsSpec(url=cfg.url)
+    return spec.url, spec
+
+
+def load_pretrained_state_dict(
+    model_name: str,
+    pretrained: bool | str = True,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_ema: bool = True,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """The converted state dict that ``create_model(model_name, pretrained=...)`` loads."""
+    source, spec = _resolve_pretrained_source(model_name, pretrained, pretrained_cfg, pretrained_cfg_overlay)
+    if isinstance(source, Mapping):
+        return to_state_dict(source, use_ema=use_ema)
+    if source:
+        path = fetch(source, spec.sha256, spec.file_name, cache_dir, progress)
+    else:
+        cached = _checkpoint_dir(cache_dir) / spec.cache_name(model_name)
+        if not cached.is_file():
+            raise RuntimeError(
+                f"no download URL is registered for {model_name} (the official OneDrive links are dead). "
+                f"Put the checkpoint at {cached}, pass pretrained='/path/or/url', or register one with "
+                f"rednet.weights.register_weights({model_name!r}, url=..., sha256=...)"
+            )
+        path = fetch(cached, _expected_digest(cached.name, spec.sha256))
+    return to_state_dict(read_checkpoint(path), use_ema=use_ema)
