@@ -1,0 +1,88 @@
+"""Compiles ops/kernels/involution.cu with NVRTC, as cupy.RawModule does, for every dtype and several GPUs.
+
+No GPU needed: NVRTC (cuda.bindings.nvrtc, which comes with cupy-cuda13x / torch's CUDA wheels) only compiles.
+The options are CuPy's own (cupy._core.core.assemble_cupy_compiler_options plus the flags its compiler adds),
+with the architecture given explicitly: compute_75 (Turing, the oldest CUDA 13 NVRTC accepts), compute_80
+(A100) and compute_90 (H100), and an sm_90 binary to check that nothing spills to local memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from ops import cupy_backend
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ARCHITECTURES = ["compute_75", "compute_80", "compute_90"]
+DTYPES = list(cupy_backend.SCALAR_TYPES)
+ENTRY_POINTS = [f"involution_{kind}_i{bits}" for kind in cupy_backend.KERNEL_KINDS for bits in (32, 64)]
+
+
+def _missing(message: str) -> None:
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as error:
+        _missing(f"cuda.bindings.nvrtc is unavailable ({error}): pip install -e '.[cuda]' (cuda-bindings)")
+    return nvrtc
+
+
+def _cupy_options(dtype: torch.dtype) -> list[str]:
+    """What cupy.RawModule(code, options=compile_options(dtype)) hands NVRTC, less the architecture."""
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+    except ImportError as error:
+        _missing(f"CuPy is unavailable ({error}): pip install -e '.[cuda]'")
+    options = assemble_cupy_compiler_options(cupy_backend.compile_options(dtype))
+    # cupy.cuda.compiler adds these on the way to NVRTC (with -arch, and --pch only when asked for).
+    return [*options, "-ftz=true", "--device-as-default-execution-space"]
+
+
+def _compile(nvrtc, dtype: torch.dtype, options: list[str]) -> tuple[str, bytes]:
+    """Compile the kernel source; returns (NVRTC's log, PTX). Fails the test with the log on any error."""
+    error, program = nvrtc.nvrtcCreateProgram(cupy_backend.kernel_source().encode(), b"involution.cu", 0, [], [])
+    assert error == nvrtc.nvrtcResult.NVRTC_SUCCESS, error
+    try:
+        (result,) = nvrtc.nvrtcCompileProgram(program, len(options), [o.encode() for o in options])
+        _, size = nvrtc.nvrtcGetProgramLogSize(program)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(program, log)
+        log = log.rstrip(b"\0 ").decode(errors="replace")
+        assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, (
+            f"NVRTC failed for {cupy_backend.SCALAR_TYPES[dtype]} with options {options}:\n{log}"
+        )
+        _, size = nvrtc.nvrtcGetPTXSize(program)
+        ptx = b" " * size
+        nvrtc.nvrtcGetPTX(program, ptx)
+        return log, ptx
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compiles_to_ptx(nvrtc, dtype: torch.dtype, architecture: str) -> None:
+    log, ptx = _compile(nvrtc, dtype, [*_cupy_options(dtype), f"--gpu-architecture={architecture}"])
+    entries = set(re.findall(rb"\.entry\s+(\w+)", ptx))
+    missing = [name for name in ENTRY_POINTS if name.encode() not in entries]
+    assert not missing, f"entry points missing from the PTX: {missing} (found {sorted(entries)})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sm90_binary_does_not_spill(nvrtc, dtype: torch.dtype) -> None:
+    """CuPy compiles straight to a cubin (-arch=sm_XX); register spills would cost memory traffic."""
+    options = [*_cupy_options(dtype), "-arch=sm_90", "--ptxas-options=-v"]
+    log, _ = _compile(nvrtc, dtype, options)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    assert len(spills) == len(ENTRY_POINTS), f"expected ptxas statistics for every kernel:\n{log}"
+    assert not any(spills), f"register spills in the sm_90 build:\n{log}"
