@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command (under 10 minutes): the GPU tests and the op benchmark.
+#   scripts/gpu_check.sh OUTDIR
+# Writes OUTDIR/{versions.txt, nvidia-smi.txt, pytest.log, junit.xml, benchmark_op.md, benchmark_op.log}.
+# Needs torch and cupy; runs from the source tree (PYTHONPATH), so no install step and no hydra-core are needed.
+set -uo pipefail
+
+out=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python}
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+if ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: torch sees no CUDA device; run this on a GPU machine" | tee "$out/pytest.log"
+    exit 2
+fi
+"$python" - <<'PY' 2>&1 | tee "$out/versions.txt"
+import torch, ops
+from ops import cupy_backend
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+try:
+    import cupy
+    print("cupy", cupy.__version__)
+except ImportError as error:
+    print("cupy missing:", error)
+print("cupy backend available:", cupy_backend.is_available())
+print("backends:", ops.available_backends())
+PY
+
+# The GPU tests: every test file that uses the gpu marker (collecting the others may need packages absent here).
+mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+timeout 330 "$python" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$out/junit.xml" "${files[@]}" \
+    2>&1 | tee "$out/pytest.log"
+tests_status=${PIPESTATUS[0]}
+
+timeout 200 "$python" scripts/benchmark_op.py --device cuda --out "$out/benchmark_op.md" 2>&1 \
+    | tee "$out/benchmark_op.log"
+bench_status=${PIPESTATUS[0]}
+
+echo "gpu_check: pytest exit $tests_status, benchmark exit $bench_status (results in $out)"
+exit $((tests_status != 0 || bench_status != 0))

@@ -1,0 +1,188 @@
+"""The "cupy" backend on a GPU: agreement with "unfold" in every dtype, gradcheck, autocast, memory formats,
+streams, 64-bit indexing and torch.compile. Skipped without CUDA; scripts/gpu_check.sh runs these on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ops
+from ops import cupy_backend
+from ops.involution import output_size
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# (N, C, G, H, W, K, stride, dilation): odd sizes, stride 1 and 2, dilation 1 and 2, K = 3, 5, 7, several G,
+# runs of channels per thread that are partial (6/2), full (32/2) and more than one (36/2); two RedNet-50 layers.
+CASES = [
+    (2, 6, 2, 9, 11, 3, 1, 1),
+    (1, 8, 1, 7, 9, 5, 2, 1),
+    (2, 4, 4, 10, 13, 7, 1, 2),
+    (2, 32, 2, 11, 9, 7, 2, 1),
+    (1, 36, 2, 8, 7, 3, 2, 2),
+    (2, 64, 4, 56, 56, 7, 1, 1),
+    (2, 128, 8, 29, 27, 7, 2, 1),
+]
+# Tolerances against a float64 reference computed from the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 5e-3, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 5e-2},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cupy_works() -> None:
+    available, reason = cupy_backend.is_available()
+    assert available, f"a CUDA device is here but the cupy backend is not available: {reason}"
+
+
+def _case_id(case: tuple) -> str:
+    n, c, g, h, w, k, s, d = case
+    return f"N{n}C{c}G{g}-{h}x{w}-K{k}s{s}d{d}"
+
+
+def _inputs(case: tuple, dtype: torch.dtype, seed: int = 0):
+    n, c, g, h, w, k, s, d = case
+    p = d * (k - 1) // 2
+    h_out, w_out = (output_size(size, k, s, p, d) for size in (h, w))
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, c, h, w, device="cuda", generator=generator).to(dtype)
+    weight = torch.randn(n, g, k, k, h_out, w_out, device="cuda", generator=generator).to(dtype)
+    grad_out = torch.randn(n, c, h_out, w_out, device="cuda", generator=generator).to(dtype)
+    return x, weight, grad_out, s, d
+
+
+def _forward_backward(x, weight, grad_out, stride, dilation, backend):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    out = ops.involution(x, weight, stride=stride, dilation=dilation, backend=backend)
+    grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad_out)
+    return out, grad_x, grad_w
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_cupy_matches_unfold(case, dtype) -> None:
+    x, weight, grad_out, stride, dilation = _inputs(case, dtype)
+    results = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    expected = _forward_backward(x.double(), weight.double(), grad_out.double(), stride, dilation, "unfold")
+    for name, result, reference in zip(("out", "grad_x", "grad_weight"), results, expected):
+        assert result.dtype == dtype, name
+        torch.testing.assert_close(result.double(), reference, **TOLERANCES[dtype], msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", [(1, 4, 2, 6, 7, 3, 1, 1), (2, 6, 3, 7, 6, 3, 2, 2), (1, 2, 1, 8, 5, 5, 2, 1)])
+def test_gradcheck_float64(case) -> None:
+    x, weight, _, stride, dilation = _inputs(case, torch.float64)
+    x.requires_grad_()
+    weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.involution(a, b, stride=stride, dilation=dilation, backend="cupy"), (x, weight)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast(dtype) -> None:
+    """Under autocast a conv makes the kernels in low precision while x stays float32: the op runs in dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 15, 15, device="cuda", requires_grad=True)
+    make_weight = nn.Conv2d(32, 2 * 9, 1).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        weight = make_weight(x).view(2, 2, 3, 3, 15, 15)
+        out = ops.involution(x, weight, backend="cupy")
+    assert out.dtype == dtype
+    out.float().square().sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()
+    assert make_weight.weight.grad is not None and make_weight.weight.grad.isfinite().all()
+    reference = ops.involution(x.detach().double(), weight.detach().double(), backend="unfold")
+    torch.testing.assert_close(out.double(), reference, **TOLERANCES[dtype])
+
+
+def test_channels_last_and_non_contiguous_inputs() -> None:
+    x, weight, grad_out, stride, dilation = _inputs((2, 32, 2, 14, 13, 7, 2, 1), torch.float32)
+    expected = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    weight_strided = weight.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    grad_strided = grad_out.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not weight_strided.is_contiguous() and not grad_strided.is_contiguous()
+    results = _forward_backward(x_cl, weight_strided, grad_strided, stride, dilation, "cupy")
+    assert results[0].is_contiguous(memory_format=torch.channels_last)
+    for result, reference in zip(results, expected):
+        torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+def test_runs_on_the_current_stream() -> None:
+    """The kernel must wait for work queued before it on torch's current stream, here a slow copy into x."""
+    x, weight, _, stride, dilation = _inputs((2, 16, 2, 33, 31, 7, 1, 1), torch.float32)
+    expected = ops.involution(x, weight, stride=stride, dilation=dilation, backend="cupy")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        delayed = torch.zeros_like(x)
+        torch.cuda._sleep(100_000_000)  # keeps the side stream busy for tens of milliseconds
+        delayed.copy_(x)
+        out = ops.involution(delayed, weight, stride=stride, dilation=dilation, backend="cupy")
+    side.synchronize()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_64bit_indexing() -> None:
+    """Tensors of more than 2**31 elements take the 64-bit kernels; their last rows must match the torch backend."""
+    n, c, g, size, k = 1, 16, 1, 11600, 3
+    geometry = cupy_backend.Geometry(n, c, size, size, g, k, size, size, 1, 1, 1)
+    for kind in cupy_backend.KERNEL_KINDS:
+        assert cupy_backend.plan_launch(kind, geometry).kernel.endswith("_i64"), kind
+    free, _ = torch.cuda.mem_get_info()
+    if free < 32 * 2**30:
+        pytest.skip(f"needs 32 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x, grad_out = (torch.randn(n, c, size, size, device="cuda", generator=generator).bfloat16() for _ in range(2))
+    weight = torch.randn(n, g, k, k, size, size, device="cuda", generator=generator).bfloat16()
+    results = _forward_backward(x, weight, grad_out, 1, 1, "cupy")
+    # Recompute the last rows from a crop; the crop's first row sees padding that the full image does not have.
+    rows = slice(size - 8, size)
+    expected = _forward_backward(x[..., rows, :], weight[..., rows, :], grad_out[..., rows, :], 1, 1, "torch")
+    for name, result, reference in zip(("out", "grad_x", "grad_weight"), results, expected):
+        torch.testing.assert_close(
+            result[..., rows, :][..., 1:, :].float(),
+            reference[..., 1:, :].float(),
+            **TOLERANCES[torch.bfloat16],
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+
+
+class _TinyInvolutionNet(nn.Module):
+    """A conv that generates kernels, the involution, and a head: enough to exercise torch.compile."""
+
+    def __init__(self, channels: int = 16, groups: int = 2, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.groups, self.kernel_size = groups, kernel_size
+        self.make_kernels = nn.Conv2d(channels, groups * kernel_size**2, 1)
+        self.head = nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        weight = self.make_kernels(x).view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
+        return self.head(ops.involution(x, weight, backend="cupy")).mean(dim=(2, 3))
+
+
+def test_torch_compile_fullgraph() -> None:
+    torch.manual_seed(0)
+    model = _TinyInvolutionNet().cuda()
+    x = torch.randn(2, 16, 11, 11, device="cuda")
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for grad, expected in zip((p.grad for p in model.parameters()), eager_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
