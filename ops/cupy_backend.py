@@ -189,7 +189,9 @@ def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
 
 
 def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """Run one kernel on (a, b) -> out on the current torch stream of their device."""
+    """Run one kernel on (a, b) -> out (all contiguous, one CUDA device) on torch's current stream there."""
+    if not out.is_cuda:
+        raise ValueError(f"involution backend 'cupy' needs CUDA tensors, got {out.device}: move them with .to('cuda')")
     if out.numel() == 0:
         return out
     import cupy
@@ -207,10 +209,9 @@ def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) ->
 
 
 def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
-    if not (a.is_cuda and b.is_cuda) or a.device != b.device:
+    if a.device != b.device:
         raise ValueError(
-            f"involution backend 'cupy' needs {name_a} and {name_b} on one CUDA device, got {a.device} and "
-            f"{b.device}: move them with .to('cuda')"
+            f"involution backend 'cupy': {name_a} is on {a.device} but {name_b} on {b.device}: put both on one GPU"
         )
     if a.dtype != b.dtype:
         raise TypeError(f"involution backend 'cupy': {name_a} is {a.dtype} but {name_b} is {b.dtype}: cast one")

@@ -162,3 +162,27 @@ def test_every_entry_point_is_built(emulated) -> None:
         for bits in (32, 64):
             name = cupy_backend.plan_launch(kind, geometry, index_bits=bits).kernel
             assert hasattr(emulated[torch.float32], f"emulate_{name}"), name
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=_case_id)
+def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case) -> None:
+    """cupy_backend.forward/grad_input/grad_weight end to end, with only the CuPy launch swapped for the emulation:
+    checks the Python side (layouts made contiguous, output shapes, argument order) that a GPU run relies on."""
+
+    def emulated_launch(kind, geometry, a, b, out):
+        assert a.is_contiguous() and b.is_contiguous() and out.is_contiguous()
+        return out.copy_(_run(emulated[out.dtype], kind, geometry, a, b, out.shape))
+
+    monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
+    geometry, x, weight, grad_out = _problem(case, torch.float64, seed=2)
+    expected_out, expected_gx, expected_gw = _reference(geometry, x, weight, grad_out)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    grad_out = grad_out.transpose(-1, -2).contiguous().transpose(-1, -2)
+    conv = (geometry.stride, geometry.pad, geometry.dil)
+
+    out = cupy_backend.forward(x, weight, *conv)
+    grad_x = cupy_backend.grad_input(grad_out, weight, (geometry.H, geometry.W), geometry.C, *conv)
+    grad_w = cupy_backend.grad_weight(grad_out, x, geometry.K, geometry.G, *conv)
+    for result, expected in ((out, expected_out), (grad_x, expected_gx), (grad_w, expected_gw)):
+        torch.testing.assert_close(result, expected, **_tolerances(torch.float64))

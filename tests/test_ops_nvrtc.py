@@ -8,8 +8,10 @@ with the architecture given explicitly: compute_75 (Turing, the oldest CUDA 13 N
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +88,20 @@ def test_sm90_binary_does_not_spill(nvrtc, dtype: torch.dtype) -> None:
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
     assert len(spills) == len(ENTRY_POINTS), f"expected ptxas statistics for every kernel:\n{log}"
     assert not any(spills), f"register spills in the sm_90 build:\n{log}"
+
+
+def test_cuda_headers_are_found() -> None:
+    """cuda_fp16.h / cuda_bf16.h must be reachable: from CuPy's own include options or the backend's search."""
+    if importlib.util.find_spec("cupy") is None:
+        _missing("CuPy is not installed: pip install -e '.[cuda]'")
+    directory = cupy_backend.find_cuda_include_dir()
+    assert directory is not None and Path(directory, "cuda_bf16.h").is_file(), directory
+
+
+def test_is_available_says_what_is_missing(monkeypatch) -> None:
+    if not torch.cuda.is_available():
+        available, reason = cupy_backend.is_available.__wrapped__()
+        assert not available and "no CUDA device" in reason
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    available, reason = cupy_backend.is_available.__wrapped__()
+    assert not available and "pip install cupy-cuda13x" in reason and "cupy-cuda12x" in reason
