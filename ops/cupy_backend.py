@@ -21,8 +21,10 @@ from torch import Tensor
 __all__ = ["forward", "grad_input", "grad_weight", "is_available"]
 
 KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "involution.cu"
-# Channels of a group that one thread handles (registers per thread grow with it); RedNet has 16 per group.
+# Channels of a group and adjacent pixels of a row that one thread handles (registers per thread grow with both);
+# RedNet has 16 channels per group.
 CHANNELS_PER_THREAD = 16
+PIXELS_PER_THREAD = 2
 BLOCK_SIZE = 256
 # Enough blocks to fill any current GPU many times over; the kernels loop over the rest (grid-stride).
 MAX_BLOCKS = 65536
@@ -62,7 +64,14 @@ class Launch(NamedTuple):
     geometry: Geometry
 
 
-def plan_launch(kind: str, geometry: Geometry, max_blocks: int = MAX_BLOCKS, index_bits: int | None = None) -> Launch:
+def plan_launch(
+    kind: str,
+    geometry: Geometry,
+    max_blocks: int = MAX_BLOCKS,
+    index_bits: int | None = None,
+    channels_per_thread: int = CHANNELS_PER_THREAD,
+    pixels_per_thread: int = PIXELS_PER_THREAD,
+) -> Launch:
     """Choose the entry point and launch shape for one kernel; shared by the GPU path and the host-emulation tests.
 
     Args:
@@ -70,17 +79,18 @@ def plan_launch(kind: str, geometry: Geometry, max_blocks: int = MAX_BLOCKS, ind
         geometry: the sizes.
         max_blocks: grid size cap (the kernels loop over the remaining work).
         index_bits: force the 32- or 64-bit variant; default: 32 bits whenever every index fits.
+        channels_per_thread, pixels_per_thread: as compiled (compile_defines).
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kernel kind {kind!r} is unknown: choose one of {', '.join(KERNEL_KINDS)}")
     g = geometry
-    chunks = -(-(g.C // g.G) // CHANNELS_PER_THREAD)
+    chunks = -(-(g.C // g.G) // channels_per_thread)
     if kind == "forward":
-        work = g.N * g.G * chunks * g.Ho * g.Wo
+        work = g.N * g.G * chunks * g.Ho * -(-g.Wo // pixels_per_thread)
     elif kind == "grad_input":
-        work = g.N * g.G * chunks * g.H * g.W
+        work = g.N * g.G * chunks * g.H * -(-g.W // pixels_per_thread)
     else:
-        work = g.N * g.G * g.Ho * g.Wo
+        work = g.N * g.G * g.Ho * -(-g.Wo // pixels_per_thread)
     grid = max(1, min(math.ceil(work / BLOCK_SIZE), max_blocks))
     if index_bits is None:
         largest = max(g.N * g.C * g.H * g.W, g.N * g.C * g.Ho * g.Wo, g.N * g.G * g.K * g.K * g.Ho * g.Wo, work)
@@ -97,12 +107,20 @@ def kernel_source() -> str:
     return KERNEL_FILE.read_text()
 
 
-def compile_defines(dtype: torch.dtype) -> tuple[str, ...]:
-    """The -D options that select the element type (and fix the channels per thread) for one compile."""
+def compile_defines(
+    dtype: torch.dtype,
+    channels_per_thread: int = CHANNELS_PER_THREAD,
+    pixels_per_thread: int = PIXELS_PER_THREAD,
+) -> tuple[str, ...]:
+    """The -D options that select the element type and the work of one thread for one compile."""
     if dtype not in SCALAR_TYPES:
         supported = ", ".join(str(d) for d in SCALAR_TYPES)
         raise TypeError(f"involution backend 'cupy' supports {supported}; got {dtype}: cast the tensors")
-    return (f"-DINVOLUTION_SCALAR={SCALAR_TYPES[dtype]}", f"-DINVOLUTION_CHANNELS_PER_THREAD={CHANNELS_PER_THREAD}")
+    return (
+        f"-DINVOLUTION_SCALAR={SCALAR_TYPES[dtype]}",
+        f"-DINVOLUTION_CHANNELS_PER_THREAD={channels_per_thread}",
+        f"-DINVOLUTION_PIXELS_PER_THREAD={pixels_per_thread}",
+    )
 
 
 def _has_fp16_header(directory: str | os.PathLike | None) -> bool:

@@ -46,53 +46,78 @@ def _case_id(case: tuple) -> str:
     return f"N{n}C{c}G{g}-{h}x{w}-K{k}s{s}d{d}p{p}"
 
 
+class EmulatedKernels:
+    """The kernel file built for the host, one shared library per (dtype, channels and pixels per thread)."""
+
+    def __init__(self, compiler: str, build_dir: Path) -> None:
+        self.compiler, self.build_dir = compiler, build_dir
+        self._libraries: dict[tuple, ctypes.CDLL] = {}
+
+    def library(self, dtype: torch.dtype, channels: int, pixels: int) -> ctypes.CDLL:
+        key = (dtype, channels, pixels)
+        if key not in self._libraries:
+            library = self.build_dir / f"libinvolution_{cupy_backend.SCALAR_TYPES[dtype]}_{channels}x{pixels}.so"
+            command = [
+                self.compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing",
+                "-Wall", "-Wno-unknown-pragmas", "-include", str(SHIM_DIR / "cuda_host_shim.h"),
+                *cupy_backend.compile_defines(dtype, channels, pixels),
+                f'-DINVOLUTION_KERNEL_FILE="{cupy_backend.KERNEL_FILE}"',
+                str(SHIM_DIR / "launcher.cpp"), "-o", str(library),
+            ]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True)
+            assert result.returncode == 0, f"host build failed:\n{' '.join(command)}\n{result.stderr}"
+            self._libraries[key] = ctypes.CDLL(str(library))
+        return self._libraries[key]
+
+    def run(
+        self,
+        kind: str,
+        geometry: Geometry,
+        a: Tensor,
+        b: Tensor,
+        out_shape: tuple[int, ...],
+        channels: int = cupy_backend.CHANNELS_PER_THREAD,
+        pixels: int = cupy_backend.PIXELS_PER_THREAD,
+        misalign: bool = False,
+        **plan,
+    ) -> Tensor:
+        """Launch one kernel on guarded copies of a and b (one element off vector alignment if misalign), as
+        cupy_backend would launch it; check the guard bands; return the output."""
+        offset = GUARD + int(misalign)
+        a, a_buffer = _guarded(a, offset)
+        b, b_buffer = _guarded(b, offset)
+        out, out_buffer = _guarded(torch.full(out_shape, float("nan"), dtype=a.dtype), offset)
+        launch = cupy_backend.plan_launch(
+            kind, geometry, channels_per_thread=channels, pixels_per_thread=pixels, **plan
+        )
+        values = [ctypes.c_void_p(t.data_ptr()) for t in (a, b, out)] + [ctypes.c_int32(s) for s in geometry]
+        args = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        kernel = getattr(self.library(a.dtype, channels, pixels), f"emulate_{launch.kernel}")
+        kernel(ctypes.c_uint(launch.grid), ctypes.c_uint(launch.block), args)
+        for inner, buffer in ((a, a_buffer), (b, b_buffer), (out, out_buffer)):
+            guards = torch.cat([buffer[:offset], buffer[offset + inner.numel() :]])
+            assert guards.isnan().all(), f"{launch.kernel} wrote outside its output"
+        return out
+
+
 @pytest.fixture(scope="session")
-def emulated(tmp_path_factory: pytest.TempPathFactory) -> dict[torch.dtype, ctypes.CDLL]:
-    """The kernels built for the host, one shared library per dtype (built once per test session)."""
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> EmulatedKernels:
+    """Builds on demand, once per test session."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         message = "no host C++ compiler (g++ or $CXX) to build the kernel emulation: apt-get install g++"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    build_dir = tmp_path_factory.mktemp("host_emulation")
-    libraries = {}
-    for dtype in DTYPES:
-        library = build_dir / f"libinvolution_{cupy_backend.SCALAR_TYPES[dtype]}.so"
-        command = [
-            compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-            "-include", str(SHIM_DIR / "cuda_host_shim.h"),
-            *cupy_backend.compile_defines(dtype),
-            f'-DINVOLUTION_KERNEL_FILE="{cupy_backend.KERNEL_FILE}"',
-            str(SHIM_DIR / "launcher.cpp"), "-o", str(library),
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, f"host build failed:\n{' '.join(command)}\n{result.stderr}"
-        libraries[dtype] = ctypes.CDLL(str(library))
-    return libraries
+    return EmulatedKernels(compiler, tmp_path_factory.mktemp("host_emulation"))
 
 
-def _guarded(t: Tensor) -> tuple[Tensor, Tensor]:
-    """A contiguous copy of t inside a NaN-filled buffer; returns (copy, buffer)."""
-    buffer = torch.full((t.numel() + 2 * GUARD,), float("nan"), dtype=t.dtype)
-    inner = buffer[GUARD : GUARD + t.numel()].view(t.shape)
+def _guarded(t: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    """A contiguous copy of t at `offset` elements into a NaN-filled buffer; returns (copy, buffer)."""
+    buffer = torch.full((t.numel() + offset + GUARD,), float("nan"), dtype=t.dtype)
+    inner = buffer[offset : offset + t.numel()].view(t.shape)
     inner.copy_(t)
     return inner, buffer
-
-
-def _run(lib: ctypes.CDLL, kind: str, geometry: Geometry, a: Tensor, b: Tensor, out_shape, **plan) -> Tensor:
-    """Launch one emulated kernel on guarded copies of a, b; check the guards; return the output."""
-    a, a_buffer = _guarded(a)
-    b, b_buffer = _guarded(b)
-    out, out_buffer = _guarded(torch.full(out_shape, float("nan"), dtype=a.dtype))
-    launch = cupy_backend.plan_launch(kind, geometry, **plan)
-    values = [ctypes.c_void_p(t.data_ptr()) for t in (a, b, out)] + [ctypes.c_int32(s) for s in launch.geometry]
-    args = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    getattr(lib, f"emulate_{launch.kernel}")(ctypes.c_uint(launch.grid), ctypes.c_uint(launch.block), args)
-    for buffer in (a_buffer, b_buffer, out_buffer):
-        guards = torch.cat([buffer[:GUARD], buffer[-GUARD:]])
-        assert guards.isnan().all(), f"{launch.kernel} wrote outside its output"
-    return out
 
 
 def _problem(case: tuple, dtype: torch.dtype, seed: int = 0):
@@ -120,29 +145,44 @@ def _tolerances(dtype: torch.dtype) -> dict:
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
 
 
+def _check_all_kernels(emulated: EmulatedKernels, case: tuple, dtype: torch.dtype, seed: int = 0, **options) -> None:
+    """Forward, grad-input and grad-weight of one case against the unfold reference."""
+    geometry, x, weight, grad_out = _problem(case, dtype, seed)
+    expected_out, expected_gx, expected_gw = _reference(geometry, x, weight, grad_out)
+    n, c, h, w, g, k, h_out, w_out = geometry[:8]
+    out = emulated.run("forward", geometry, x, weight, (n, c, h_out, w_out), **options)
+    torch.testing.assert_close(out.double(), expected_out, **_tolerances(dtype), msg=lambda m: f"forward: {m}")
+    grad_x = emulated.run("grad_input", geometry, grad_out, weight, (n, c, h, w), **options)
+    torch.testing.assert_close(grad_x.double(), expected_gx, **_tolerances(dtype), msg=lambda m: f"grad_x: {m}")
+    grad_w = emulated.run("grad_weight", geometry, grad_out, x, (n, g, k, k, h_out, w_out), **options)
+    torch.testing.assert_close(grad_w.double(), expected_gw, **_tolerances(dtype), msg=lambda m: f"grad_w: {m}")
+
+
 @pytest.mark.parametrize("index_bits", [32, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernels_match_unfold(emulated, case, dtype, index_bits) -> None:
-    geometry, x, weight, grad_out = _problem(case, dtype)
-    expected_out, expected_gx, expected_gw = _reference(geometry, x, weight, grad_out)
-    lib = emulated[dtype]
-    plan = {"index_bits": index_bits}
-    n, c, h, w, g, k, h_out, w_out = geometry[:8]
+    _check_all_kernels(emulated, case, dtype, index_bits=index_bits)
 
-    out = _run(lib, "forward", geometry, x, weight, (n, c, h_out, w_out), **plan)
-    torch.testing.assert_close(out.double(), expected_out, **_tolerances(dtype))
-    grad_x = _run(lib, "grad_input", geometry, grad_out, weight, (n, c, h, w), **plan)
-    torch.testing.assert_close(grad_x.double(), expected_gx, **_tolerances(dtype))
-    grad_w = _run(lib, "grad_weight", geometry, grad_out, x, (n, g, k, k, h_out, w_out), **plan)
-    torch.testing.assert_close(grad_w.double(), expected_gw, **_tolerances(dtype))
+
+@pytest.mark.parametrize("case", CASES[:5], ids=_case_id)
+def test_unaligned_tensors(emulated, case) -> None:
+    """Tensors one element off vector alignment take the scalar paths; results must not change."""
+    _check_all_kernels(emulated, case, torch.float32, seed=3, misalign=True)
+
+
+@pytest.mark.parametrize("channels,pixels", [(4, 1), (4, 4), (1, 2)])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[6]], ids=_case_id)
+def test_other_work_splits(emulated, case, channels, pixels) -> None:
+    """The source stays correct for other compile-time splits of the work (groups over several runs of
+    channels, one or four pixels per thread), so they can be tuned on a GPU without rewriting."""
+    _check_all_kernels(emulated, case, torch.float64, seed=4, channels=channels, pixels=pixels)
 
 
 @pytest.mark.parametrize("kind", cupy_backend.KERNEL_KINDS)
 def test_grid_stride_loop_covers_all_work(emulated, kind) -> None:
     """With fewer threads than work items (one block), each thread loops; the result must not change."""
     geometry, x, weight, grad_out = _problem(MANY_BLOCKS_CASE, torch.float64, seed=1)
-    lib = emulated[torch.float64]
     n, c, h, w, g, k, h_out, w_out = geometry[:8]
     inputs, shape = {
         "forward": ((x, weight), (n, c, h_out, w_out)),
@@ -150,18 +190,19 @@ def test_grid_stride_loop_covers_all_work(emulated, kind) -> None:
         "grad_weight": ((grad_out, x), (n, g, k, k, h_out, w_out)),
     }[kind]
     assert cupy_backend.plan_launch(kind, geometry).grid > 1, "pick a case that needs several blocks"
-    full = _run(lib, kind, geometry, *inputs, shape)
-    one_block = _run(lib, kind, geometry, *inputs, shape, max_blocks=1)
+    full = emulated.run(kind, geometry, *inputs, shape)
+    one_block = emulated.run(kind, geometry, *inputs, shape, max_blocks=1)
     torch.testing.assert_close(one_block, full, rtol=0, atol=0)
 
 
 def test_every_entry_point_is_built(emulated) -> None:
     """The names plan_launch can return exist in the compiled source."""
     geometry = _problem(CASES[0], torch.float32)[0]
+    library = emulated.library(torch.float32, cupy_backend.CHANNELS_PER_THREAD, cupy_backend.PIXELS_PER_THREAD)
     for kind in cupy_backend.KERNEL_KINDS:
         for bits in (32, 64):
             name = cupy_backend.plan_launch(kind, geometry, index_bits=bits).kernel
-            assert hasattr(emulated[torch.float32], f"emulate_{name}"), name
+            assert hasattr(library, f"emulate_{name}"), name
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=_case_id)
@@ -171,7 +212,7 @@ def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case) -> 
 
     def emulated_launch(kind, geometry, a, b, out):
         assert a.is_contiguous() and b.is_contiguous() and out.is_contiguous()
-        return out.copy_(_run(emulated[out.dtype], kind, geometry, a, b, out.shape))
+        return out.copy_(emulated.run(kind, geometry, a, b, tuple(out.shape)))
 
     monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
     geometry, x, weight, grad_out = _problem(case, torch.float64, seed=2)

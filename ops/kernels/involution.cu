@@ -6,14 +6,21 @@
 // All tensors are contiguous: x, grad_x (N, C, H, W); weight, grad_weight (N, G, K, K, Ho, Wo); out, grad_out
 // (N, C, Ho, Wo). Sizes are kernel arguments, so one compiled module serves every shape.
 //
-// The element type is chosen when compiling: -DINVOLUTION_SCALAR=float | double | __half | __nv_bfloat16.
-// Sums are accumulated in float (double for double). Each kernel has a 32-bit index variant (_i32), used when
-// every tensor has fewer than 2^31 elements, and a 64-bit one (_i64).
+// Chosen when compiling (ops/cupy_backend.py passes them):
+//   INVOLUTION_SCALAR              float | double | __half | __nv_bfloat16; sums accumulate in float (double
+//                                  for double)
+//   INVOLUTION_CHANNELS_PER_THREAD channels of a group one thread handles (RedNet: 16 per group)
+//   INVOLUTION_PIXELS_PER_THREAD   adjacent pixels of a row one thread handles (a power of two)
+// Each kernel has a 32-bit index variant (_i32), used when every tensor has fewer than 2^31 elements, and a
+// 64-bit one (_i64).
 //
-// The op is memory bound, so the kernels are shaped to move each byte once:
-// - one thread handles up to INVOLUTION_CHANNELS_PER_THREAD channels of a group at one pixel, keeping their
-//   sums in registers, so each generated weight is loaded once per thread instead of once per channel;
-// - consecutive threads take consecutive columns, so loads and stores are coalesced along W;
+// The op is memory bound; the kernels are shaped to load each value as few times as possible:
+// - a thread keeps the sums of several channels of a group in registers, so each generated weight is loaded
+//   once per thread, not once per channel;
+// - it also handles a few adjacent pixels of a row: their weights (and outputs) are loaded (stored) as one
+//   vector when aligned, and when stride == dilation the input a pixel reads at tap v + 1 is the one its right
+//   neighbour read at tap v, so it slides along in registers instead of being loaded again;
+// - consecutive threads take consecutive pixels of a row, so memory accesses are coalesced along W;
 // - no shared memory, atomics or synchronisation: every thread's work is independent of the others', which
 //   also lets the test suite run this same file on the CPU (tests/host_emulation).
 
@@ -25,14 +32,17 @@
 #ifndef INVOLUTION_SCALAR
 #define INVOLUTION_SCALAR float
 #endif
-
-// Registers per thread grow with this; 16 is RedNet's channels per group.
 #ifndef INVOLUTION_CHANNELS_PER_THREAD
 #define INVOLUTION_CHANNELS_PER_THREAD 16
 #endif
+#ifndef INVOLUTION_PIXELS_PER_THREAD
+#define INVOLUTION_PIXELS_PER_THREAD 2
+#endif
 
 typedef INVOLUTION_SCALAR scalar_t;
-constexpr int kChannelsPerThread = INVOLUTION_CHANNELS_PER_THREAD;
+constexpr int kChannels = INVOLUTION_CHANNELS_PER_THREAD;
+constexpr int kPixels = INVOLUTION_PIXELS_PER_THREAD;
+static_assert(kPixels > 0 && (kPixels & (kPixels - 1)) == 0, "INVOLUTION_PIXELS_PER_THREAD must be a power of 2");
 
 // Accumulation type and conversions: float for every storage type but double.
 template <typename T>
@@ -56,96 +66,176 @@ __device__ __forceinline__ void from_acc(float v, __half* out) { *out = __float2
 __device__ __forceinline__ void from_acc(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
 #endif
 
+// kPixels adjacent elements, moved as one vector load or store when their address is aligned.
+struct alignas(kPixels * sizeof(scalar_t)) PixelVector {
+    scalar_t v[kPixels];
+};
+
+__device__ __forceinline__ bool is_vector_aligned(const scalar_t* p) {
+    return reinterpret_cast<unsigned long long>(p) % sizeof(PixelVector) == 0;
+}
+
+// out[q] = row[cols[q]] for the pixels q with cols[q] >= 0, else 0; one vector load when the columns are
+// consecutive, all valid and aligned.
+__device__ __forceinline__ void load_pixels(const scalar_t* row, const int (&cols)[kPixels], acc_t (&out)[kPixels]) {
+    bool consecutive = cols[0] >= 0;
+#pragma unroll
+    for (int q = 1; q < kPixels; ++q) consecutive = consecutive && cols[q] == cols[0] + q;
+    if (consecutive && is_vector_aligned(row + cols[0])) {
+        const PixelVector vec = *reinterpret_cast<const PixelVector*>(row + cols[0]);
+#pragma unroll
+        for (int q = 0; q < kPixels; ++q) out[q] = to_acc(vec.v[q]);
+    } else {
+#pragma unroll
+        for (int q = 0; q < kPixels; ++q) out[q] = cols[q] >= 0 ? to_acc(row[cols[q]]) : acc_t(0);
+    }
+}
+
+// The first `count` of kPixels consecutive elements at p (the rest read as 0).
+__device__ __forceinline__ void load_run(const scalar_t* p, int count, acc_t (&out)[kPixels]) {
+    int cols[kPixels];
+#pragma unroll
+    for (int q = 0; q < kPixels; ++q) cols[q] = q < count ? q : -1;
+    load_pixels(p, cols, out);
+}
+
+// p[q] = values[q] for q < count; one vector store when the run is complete and aligned.
+__device__ __forceinline__ void store_run(scalar_t* p, int count, const acc_t (&values)[kPixels]) {
+    if (count == kPixels && is_vector_aligned(p)) {
+        PixelVector vec;
+#pragma unroll
+        for (int q = 0; q < kPixels; ++q) from_acc(values[q], &vec.v[q]);
+        *reinterpret_cast<PixelVector*>(p) = vec;
+    } else {
+#pragma unroll
+        for (int q = 0; q < kPixels; ++q) {
+            if (q < count) from_acc(values[q], &p[q]);
+        }
+    }
+}
+
+// x[col] if 0 <= col < width, else 0 (zero padding).
+__device__ __forceinline__ acc_t load_padded(const scalar_t* row, int col, int width) {
+    return col >= 0 && col < width ? to_acc(row[col]) : acc_t(0);
+}
+
 // Shapes shared by the three kernels.
 struct Geometry {
     int N, C, H, W, G, K, Ho, Wo, stride, pad, dil;
 };
 
-// Forward. One thread: output pixel (i, j) of sample n for a run of up to kChannelsPerThread channels of group
-// g. Reads the K*K weights weight[n, g, :, :, i, j] once each and x over the K*K window of each of its channels;
-// writes out[n, c, i, j] for its channels.
+// Forward. One thread: kPixels adjacent output pixels (i, j0 ...) of sample n for a run of up to kChannels
+// channels of group g. Reads the weights weight[n, g, :, :, i, j0 ...] once each and x over the K*K windows of
+// its channels; writes out[n, c, i, j0 ...] for its channels.
 template <typename index_t>
 __device__ __forceinline__ void forward_impl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                              scalar_t* __restrict__ out, const Geometry g) {
     const int group_channels = g.C / g.G;
-    const int chunks = (group_channels + kChannelsPerThread - 1) / kChannelsPerThread;
+    const int chunks = (group_channels + kChannels - 1) / kChannels;
+    const int col_tiles = (g.Wo + kPixels - 1) / kPixels;
     const index_t in_plane = (index_t)g.H * g.W;
     const index_t out_plane = (index_t)g.Ho * g.Wo;
-    const index_t total = (index_t)g.N * g.G * chunks * out_plane;
+    const index_t total = (index_t)g.N * g.G * chunks * g.Ho * col_tiles;
     const index_t step = (index_t)blockDim.x * gridDim.x;
+    // Pixel q + 1 at tap v reads the column pixel q reads at tap v + 1.
+    const bool slide = g.stride == g.dil;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int j = (int)(t % g.Wo);
-        index_t rest = t / g.Wo;
+        const int j0 = (int)(t % col_tiles) * kPixels;
+        index_t rest = t / col_tiles;
         const int i = (int)(rest % g.Ho);
         rest /= g.Ho;
         const int chunk = (int)(rest % chunks);
         rest /= chunks;
         const int grp = (int)(rest % g.G);
         const index_t n = rest / g.G;
-        const int c0 = grp * group_channels + chunk * kChannelsPerThread;
-        const int count = group_channels - chunk * kChannelsPerThread;  // channels of this run, clipped below
+        const int c0 = grp * group_channels + chunk * kChannels;
+        const int count = group_channels - chunk * kChannels;  // channels of this run, clipped below
+        const int pixels = g.Wo - j0 < kPixels ? g.Wo - j0 : kPixels;
 
         const scalar_t* x_n = x + (n * g.C + c0) * in_plane;
-        const scalar_t* w_pix = weight + (n * g.G + grp) * g.K * g.K * out_plane + (index_t)i * g.Wo + j;
-        acc_t acc[kChannelsPerThread];
+        const scalar_t* w_pix = weight + (n * g.G + grp) * g.K * g.K * out_plane + (index_t)i * g.Wo + j0;
+        acc_t acc[kChannels][kPixels];
+        acc_t xs[kChannels][kPixels];
 #pragma unroll
-        for (int k = 0; k < kChannelsPerThread; ++k) acc[k] = 0;
+        for (int k = 0; k < kChannels; ++k) {
+#pragma unroll
+            for (int q = 0; q < kPixels; ++q) acc[k][q] = 0;
+        }
 
         const int h0 = i * g.stride - g.pad;
-        const int w0 = j * g.stride - g.pad;
+        const int w0 = j0 * g.stride - g.pad;
         for (int u = 0; u < g.K; ++u) {
             const int h = h0 + u * g.dil;
             if (h < 0 || h >= g.H) continue;
+            const scalar_t* x_row = x_n + (index_t)h * g.W;
             for (int v = 0; v < g.K; ++v) {
-                const int w = w0 + v * g.dil;
-                if (w < 0 || w >= g.W) continue;
-                const acc_t wv = to_acc(w_pix[(index_t)(u * g.K + v) * out_plane]);
-                const scalar_t* x_hw = x_n + (index_t)h * g.W + w;
+                acc_t wv[kPixels];
+                load_run(w_pix + (index_t)(u * g.K + v) * out_plane, pixels, wv);
+                const int col = w0 + v * g.dil;  // input column of pixel 0
 #pragma unroll
-                for (int k = 0; k < kChannelsPerThread; ++k) {
-                    if (k < count) acc[k] += wv * to_acc(x_hw[k * in_plane]);
+                for (int k = 0; k < kChannels; ++k) {
+                    if (k >= count) continue;
+                    const scalar_t* x_k = x_row + k * in_plane;
+                    if (slide && v > 0) {
+#pragma unroll
+                        for (int q = 0; q + 1 < kPixels; ++q) xs[k][q] = xs[k][q + 1];
+                        xs[k][kPixels - 1] = load_padded(x_k, col + (kPixels - 1) * g.stride, g.W);
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < kPixels; ++q) xs[k][q] = load_padded(x_k, col + q * g.stride, g.W);
+                    }
+#pragma unroll
+                    for (int q = 0; q < kPixels; ++q) acc[k][q] += wv[q] * xs[k][q];
                 }
             }
         }
-        scalar_t* out_pix = out + (n * g.C + c0) * out_plane + (index_t)i * g.Wo + j;
+        scalar_t* out_pix = out + (n * g.C + c0) * out_plane + (index_t)i * g.Wo + j0;
 #pragma unroll
-        for (int k = 0; k < kChannelsPerThread; ++k) {
-            if (k < count) from_acc(acc[k], &out_pix[k * out_plane]);
+        for (int k = 0; k < kChannels; ++k) {
+            if (k < count) store_run(out_pix + k * out_plane, pixels, acc[k]);
         }
     }
 }
 
-// Grad-input. One thread: input pixel (h, w) of sample n for a run of up to kChannelsPerThread channels of group
-// g. Gathers over the K*K window positions (u, v) whose output pixel (i, j) read (h, w): reads weight[n, g, u, v,
-// i, j] once each and grad_out[n, c, i, j] of its channels; writes grad_x[n, c, h, w] for its channels (zero for
-// pixels no window reaches).
+// Grad-input. One thread: kPixels adjacent input pixels (h, w0 ...) of sample n for a run of up to kChannels
+// channels of group g. Gathers over the taps (u, v) whose output pixel (i, j) read each of its pixels: reads
+// weight[n, g, u, v, i, j] once each and grad_out[n, c, i, j] of its channels; writes grad_x[n, c, h, w0 ...]
+// for its channels (zero where no window reaches).
 template <typename index_t>
 __device__ __forceinline__ void grad_input_impl(const scalar_t* __restrict__ grad_out,
-                                                const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x,
-                                                const Geometry g) {
+                                                const scalar_t* __restrict__ weight,
+                                                scalar_t* __restrict__ grad_x, const Geometry g) {
     const int group_channels = g.C / g.G;
-    const int chunks = (group_channels + kChannelsPerThread - 1) / kChannelsPerThread;
+    const int chunks = (group_channels + kChannels - 1) / kChannels;
+    const int col_tiles = (g.W + kPixels - 1) / kPixels;
     const index_t in_plane = (index_t)g.H * g.W;
     const index_t out_plane = (index_t)g.Ho * g.Wo;
-    const index_t total = (index_t)g.N * g.G * chunks * in_plane;
+    const index_t total = (index_t)g.N * g.G * chunks * g.H * col_tiles;
     const index_t step = (index_t)blockDim.x * gridDim.x;
+    // With unit stride and dilation, pixel q at tap v + 1 reads the grad_out column pixel q - 1 reads at tap v.
+    const bool slide = g.stride == 1 && g.dil == 1;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int w = (int)(t % g.W);
-        index_t rest = t / g.W;
+        const int w0 = (int)(t % col_tiles) * kPixels;
+        index_t rest = t / col_tiles;
         const int h = (int)(rest % g.H);
         rest /= g.H;
         const int chunk = (int)(rest % chunks);
         rest /= chunks;
         const int grp = (int)(rest % g.G);
         const index_t n = rest / g.G;
-        const int c0 = grp * group_channels + chunk * kChannelsPerThread;
-        const int count = group_channels - chunk * kChannelsPerThread;
+        const int c0 = grp * group_channels + chunk * kChannels;
+        const int count = group_channels - chunk * kChannels;
+        const int pixels = g.W - w0 < kPixels ? g.W - w0 : kPixels;
 
         const scalar_t* gy_n = grad_out + (n * g.C + c0) * out_plane;
         const scalar_t* w_ng = weight + (n * g.G + grp) * g.K * g.K * out_plane;
-        acc_t acc[kChannelsPerThread];
+        acc_t acc[kChannels][kPixels];
+        acc_t gs[kChannels][kPixels];
 #pragma unroll
-        for (int k = 0; k < kChannelsPerThread; ++k) acc[k] = 0;
+        for (int k = 0; k < kChannels; ++k) {
+#pragma unroll
+            for (int q = 0; q < kPixels; ++q) acc[k][q] = 0;
+        }
 
         for (int u = 0; u < g.K; ++u) {
             // Output row i read this row when i * stride = h + pad - u * dil.
@@ -153,85 +243,116 @@ __device__ __forceinline__ void grad_input_impl(const scalar_t* __restrict__ gra
             if (hs < 0 || hs % g.stride != 0) continue;
             const int i = hs / g.stride;
             if (i >= g.Ho) continue;
+            const scalar_t* gy_row = gy_n + (index_t)i * g.Wo;
             for (int v = 0; v < g.K; ++v) {
-                const int ws = w + g.pad - v * g.dil;
-                if (ws < 0 || ws % g.stride != 0) continue;
-                const int j = ws / g.stride;
-                if (j >= g.Wo) continue;
-                const index_t pix = (index_t)i * g.Wo + j;
-                const acc_t wv = to_acc(w_ng[(index_t)(u * g.K + v) * out_plane + pix]);
-                const scalar_t* gy_pix = gy_n + pix;
+                // Output column of pixel q, or -1 when no output pixel read it at this tap.
+                int js[kPixels];
 #pragma unroll
-                for (int k = 0; k < kChannelsPerThread; ++k) {
-                    if (k < count) acc[k] += wv * to_acc(gy_pix[k * out_plane]);
+                for (int q = 0; q < kPixels; ++q) {
+                    const int ws = w0 + q + g.pad - v * g.dil;
+                    js[q] = q < pixels && ws >= 0 && ws % g.stride == 0 && ws / g.stride < g.Wo ? ws / g.stride : -1;
+                }
+                acc_t wv[kPixels];
+                load_pixels(w_ng + (index_t)(u * g.K + v) * out_plane + (index_t)i * g.Wo, js, wv);
+#pragma unroll
+                for (int k = 0; k < kChannels; ++k) {
+                    if (k >= count) continue;
+                    const scalar_t* gy_k = gy_row + k * out_plane;
+                    if (slide && v > 0) {
+#pragma unroll
+                        for (int q = kPixels - 1; q > 0; --q) gs[k][q] = gs[k][q - 1];
+                        gs[k][0] = js[0] >= 0 ? to_acc(gy_k[js[0]]) : acc_t(0);
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < kPixels; ++q) gs[k][q] = js[q] >= 0 ? to_acc(gy_k[js[q]]) : acc_t(0);
+                    }
+#pragma unroll
+                    for (int q = 0; q < kPixels; ++q) acc[k][q] += wv[q] * gs[k][q];
                 }
             }
         }
-        scalar_t* gx_pix = grad_x + (n * g.C + c0) * in_plane + (index_t)h * g.W + w;
+        scalar_t* gx_pix = grad_x + (n * g.C + c0) * in_plane + (index_t)h * g.W + w0;
 #pragma unroll
-        for (int k = 0; k < kChannelsPerThread; ++k) {
-            if (k < count) from_acc(acc[k], &gx_pix[k * in_plane]);
+        for (int k = 0; k < kChannels; ++k) {
+            if (k < count) store_run(gx_pix + k * in_plane, pixels, acc[k]);
         }
     }
 }
 
-// Grad-weight. One thread: output pixel (i, j) of sample n and group g, all K*K weights. Reads grad_out[n, c, i,
-// j] of the group's channels once into registers (per run of kChannelsPerThread channels) and x over the window
-// of each channel; writes grad_weight[n, g, u, v, i, j] for every (u, v), each the sum over the group's channels.
+// Grad-weight. One thread: kPixels adjacent output pixels (i, j0 ...) of sample n and group g, all K*K taps.
+// Reads grad_out[n, c, i, j0 ...] of the group's channels into registers (once, when the group fits in one run
+// of kChannels) and x over the windows of each channel; writes grad_weight[n, g, u, v, i, j0 ...] for every
+// tap, each the sum over the group's channels.
 template <typename index_t>
 __device__ __forceinline__ void grad_weight_impl(const scalar_t* __restrict__ grad_out,
                                                  const scalar_t* __restrict__ x,
                                                  scalar_t* __restrict__ grad_weight, const Geometry g) {
     const int group_channels = g.C / g.G;
-    const int chunks = (group_channels + kChannelsPerThread - 1) / kChannelsPerThread;
+    const int chunks = (group_channels + kChannels - 1) / kChannels;
+    const int col_tiles = (g.Wo + kPixels - 1) / kPixels;
     const index_t in_plane = (index_t)g.H * g.W;
     const index_t out_plane = (index_t)g.Ho * g.Wo;
-    const index_t total = (index_t)g.N * g.G * out_plane;
+    const index_t total = (index_t)g.N * g.G * g.Ho * col_tiles;
     const index_t step = (index_t)blockDim.x * gridDim.x;
+    // As in the forward; the inputs only stay in registers from tap to tap when one run covers the group.
+    const bool slide = g.stride == g.dil && chunks == 1;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int j = (int)(t % g.Wo);
-        index_t rest = t / g.Wo;
+        const int j0 = (int)(t % col_tiles) * kPixels;
+        index_t rest = t / col_tiles;
         const int i = (int)(rest % g.Ho);
         rest /= g.Ho;
         const int grp = (int)(rest % g.G);
         const index_t n = rest / g.G;
-        const index_t pix = (index_t)i * g.Wo + j;
+        const int pixels = g.Wo - j0 < kPixels ? g.Wo - j0 : kPixels;
+        const index_t pix = (index_t)i * g.Wo + j0;
 
         const scalar_t* gy_pix = grad_out + (n * g.C + (index_t)grp * group_channels) * out_plane + pix;
         const scalar_t* x_ng = x + (n * g.C + (index_t)grp * group_channels) * in_plane;
         scalar_t* gw_pix = grad_weight + (n * g.G + grp) * g.K * g.K * out_plane + pix;
 
-        // grad_out of one run of channels; loaded once when the group fits in one run (RedNet: 16 channels).
-        acc_t gy[kChannelsPerThread];
+        acc_t gy[kChannels][kPixels];  // grad_out of one run of channels
+        acc_t xs[kChannels][kPixels];
         if (chunks == 1) {
 #pragma unroll
-            for (int k = 0; k < kChannelsPerThread; ++k) gy[k] = k < group_channels ? to_acc(gy_pix[k * out_plane]) : 0;
+            for (int k = 0; k < kChannels; ++k) load_run(gy_pix + k * out_plane, k < group_channels ? pixels : 0, gy[k]);
         }
 
         const int h0 = i * g.stride - g.pad;
-        const int w0 = j * g.stride - g.pad;
+        const int w0 = j0 * g.stride - g.pad;
         for (int u = 0; u < g.K; ++u) {
             const int h = h0 + u * g.dil;
+            const bool row_inside = h >= 0 && h < g.H;
             for (int v = 0; v < g.K; ++v) {
-                const int w = w0 + v * g.dil;
-                acc_t sum = 0;
-                if (h >= 0 && h < g.H && w >= 0 && w < g.W) {
-                    for (int chunk = 0; chunk < chunks; ++chunk) {
-                        const int c0 = chunk * kChannelsPerThread;
-                        const int count = group_channels - c0;
-                        if (chunks != 1) {
+                const int col = w0 + v * g.dil;  // input column of pixel 0
+                acc_t sum[kPixels];
 #pragma unroll
-                            for (int k = 0; k < kChannelsPerThread; ++k)
-                                gy[k] = k < count ? to_acc(gy_pix[(c0 + k) * out_plane]) : 0;
-                        }
-                        const scalar_t* x_hw = x_ng + c0 * in_plane + (index_t)h * g.W + w;
+                for (int q = 0; q < kPixels; ++q) sum[q] = 0;
+                for (int chunk = 0; row_inside && chunk < chunks; ++chunk) {
+                    const int c0 = chunk * kChannels;
+                    const int count = group_channels - c0;
+                    if (chunks != 1) {
 #pragma unroll
-                        for (int k = 0; k < kChannelsPerThread; ++k) {
-                            if (k < count) sum += gy[k] * to_acc(x_hw[k * in_plane]);
+                        for (int k = 0; k < kChannels; ++k)
+                            load_run(gy_pix + (c0 + k) * out_plane, k < count ? pixels : 0, gy[k]);
+                    }
+                    const scalar_t* x_row = x_ng + c0 * in_plane + (index_t)h * g.W;
+#pragma unroll
+                    for (int k = 0; k < kChannels; ++k) {
+                        if (k >= count) continue;
+                        const scalar_t* x_k = x_row + k * in_plane;
+                        if (slide && v > 0) {
+#pragma unroll
+                            for (int q = 0; q + 1 < kPixels; ++q) xs[k][q] = xs[k][q + 1];
+                            xs[k][kPixels - 1] = load_padded(x_k, col + (kPixels - 1) * g.stride, g.W);
+                        } else {
+#pragma unroll
+                            for (int q = 0; q < kPixels; ++q) xs[k][q] = load_padded(x_k, col + q * g.stride, g.W);
                         }
+#pragma unroll
+                        for (int q = 0; q < kPixels; ++q) sum[q] += gy[k][q] * xs[k][q];
                     }
                 }
-                from_acc(sum, &gw_pix[(index_t)(u * g.K + v) * out_plane]);
+                store_run(gw_pix + (index_t)(u * g.K + v) * out_plane, pixels, sum);
             }
         }
     }
@@ -239,8 +360,7 @@ __device__ __forceinline__ void grad_weight_impl(const scalar_t* __restrict__ gr
 
 // Entry points, looked up by name from ops/cupy_backend.py. Arguments: three pointers, then the eleven sizes of
 // Geometry in order (all int32).
-#define INVOLUTION_SIZE_PARAMS                                                                                   \
-    int N, int C, int H, int W, int G, int K, int Ho, int Wo, int stride, int pad, int dil
+#define INVOLUTION_SIZE_PARAMS int N, int C, int H, int W, int G, int K, int Ho, int Wo, int stride, int pad, int dil
 #define INVOLUTION_GEOMETRY Geometry{N, C, H, W, G, K, Ho, Wo, stride, pad, dil}
 
 extern "C" __global__ void involution_forward_i32(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
