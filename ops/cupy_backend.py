@@ -201,9 +201,17 @@ def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
     import cupy
 
     names = [f"involution_{kind}_i{bits}" for kind in KERNEL_KINDS for bits in (32, 64)]
+    options = compile_options(dtype)
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(), options=compile_options(dtype))
-        return {name: module.get_function(name) for name in names}
+        module = cupy.RawModule(code=kernel_source(), options=options)
+        try:
+            return {name: module.get_function(name) for name in names}
+        except Exception as error:  # CompileException carries NVRTC's log
+            raise RuntimeError(
+                f"NVRTC could not compile {KERNEL_FILE} for {dtype} on cuda:{device_index} with options {options}: "
+                f"{error}\nIf a CUDA header such as cuda_fp16.h is not found, install CuPy's CUDA headers "
+                "(pip install 'cupy-cuda13x[ctk]', or cupy-cuda12x[ctk] for CUDA 12) or set CUDA_PATH to a toolkit."
+            ) from error
 
 
 def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
