@@ -33,7 +33,7 @@ PY
 
 # The GPU tests: every test file that uses the gpu marker (collecting the others may need packages absent here).
 mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
-timeout 330 "$python" -m pytest -m gpu -q -ra -p no:cacheprovider --junitxml="$out/junit.xml" "${files[@]}" \
+timeout 330 "$python" -m pytest -m gpu -q -ra --durations=15 -p no:cacheprovider --junitxml="$out/junit.xml" "${files[@]}" \
     2>&1 | tee "$out/pytest.log"
 tests_status=${PIPESTATUS[0]}
 
