@@ -1,0 +1,61 @@
+"""Turn a RedNet checkpoint into a clean weights file ready to publish: NAME-<sha256[:8]>.pth or .safetensors.
+
+Reads any layout rednet.weights accepts (official mmcls, plain state dict, training checkpoint of train.py, timm,
+safetensors), keeps the model weights only (EMA preferred, optimizer and the rest dropped), in this package's key
+names, and names the file after its own sha256 as torch.hub expects (``pretrained=<URL>`` then checks it).
+
+    python scripts/convert_checkpoint.py outputs/run/checkpoints/best.pt weights/rednet50.pth [--safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rednet import weights
+
+
+def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = True) -> Path:
+    """Write the clean weights of ``source`` next to ``out`` as NAME-<sha256[:8]>.ext; return the path."""
+    state_dict = weights.to_state_dict(weights.read_checkpoint(weights.fetch(source)), use_ema=use_ema)
+    if not state_dict:
+        raise SystemExit(f"{source} holds no tensors: is it a RedNet checkpoint?")
+    # Contiguous copies: safetensors refuses shared or strided storage, and torch.save would keep whole storages.
+    state_dict = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
+    out_path = Path(out)
+    suffix = ".safetensors" if safetensors else ".pth"
+    name = out_path.name.removesuffix(out_path.suffix) if out_path.suffix else out_path.name
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_path.parent, suffix=suffix, delete=False) as file:
+        temporary = Path(file.name)
+    try:
+        if safetensors:
+            from safetensors.torch import save_file
+
+            save_file(state_dict, str(temporary), metadata={"format": "pt"})
+        else:
+            torch.save(state_dict, temporary)
+        final = out_path.parent / f"{name}-{weights.sha256_file(temporary)[:8]}{suffix}"
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="checkpoint: path or http(s)/file URL")
+    parser.add_argument("out", help="output path; the name gets -<sha256[:8]> before the extension")
+    parser.add_argument("--safetensors", action="store_true", help="write .safetensors instead of .pth")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="take the raw weights, not the EMA")
+    args = parser.parse_args()
+    path = convert(args.source, args.out, safetensors=args.safetensors, use_ema=args.use_ema)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

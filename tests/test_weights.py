@@ -1,0 +1,266 @@
+"""Pretrained weights: official-layout checkpoints served from a loopback HTTP server, hashes, cache, conversion."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import importlib.util
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import rednet
+from rednet import weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add synchronization on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """A fresh $TORCH_HOME and a private copy of the registry for each test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.set_dir() would override TORCH_HOME
+    monkeypatch.setattr(weights, "PRETRAINED", dict(weights.PRETRAINED))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def random_model(name: str = "rednet26", **kwargs) -> torch.nn.Module:
+    """A model whose every tensor (BN statistics included) differs from a fresh model's."""
+    torch.manual_seed(123)
+    model = rednet.create_model(name, **kwargs)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.1)
+            else:
+                tensor.fill_(7)
+    return model
+
+
+def official_layout(model: torch.nn.Module) -> dict:
+    """The checkpoint layout of the official mmcls release: backbone./head. prefixes, a meta entry."""
+    state_dict = {("head." if key.startswith("fc.") else "backbone.") + key: value
+                  for key, value in model.state_dict().items()}  # fmt: skip
+    return {"meta": {"epoch": 130, "mmcls_version": "0.8.0"}, "state_dict": state_dict}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_same_weights(model: torch.nn.Module, reference: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
+    expected = reference.state_dict()
+    for key, value in model.state_dict().items():
+        if key not in skip:
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def source():
+    """rednet26 with random weights and its official-layout checkpoint (made once: the file is 37 MB)."""
+    model = random_model()
+    return model, official_layout(model)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A loopback HTTP server over tmp_path/www; yields (directory, base URL, stop function)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    stopped = []
+
+    def stop() -> None:
+        if not stopped:
+            httpd.shutdown()
+            httpd.server_close()
+            stopped.append(True)
+
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", stop
+    stop()
+
+
+def test_pretrained_true_downloads_registered_url_checks_sha256_and_loads_cached_without_network(
+    source, server, isolated_cache
+):
+    reference, checkpoint = source
+    root, base_url, stop = server
+    torch.save(checkpoint, root / "rednet26_official.pth")
+    digest = sha256(root / "rednet26_official.pth")
+    weights.register_weights("rednet26", url=f"{base_url}/rednet26_official.pth", sha256=digest)
+
+    model = timm.create_model("rednet26", pretrained=True)
+    assert_same_weights(model, reference)
+    cached = isolated_cache / "rednet26_official.pth"
+    assert sha256(cached) == digest
+
+    stop()  # no network from here on: the cached file must serve
+    assert_same_weights(rednet.create_model("rednet26", pretrained=True), reference)
+
+
+def test_bad_hash_deletes_download_and_names_both_hashes(source, server, isolated_cache):
+    _, checkpoint = source
+    root, base_url, _ = server
+    torch.save(checkpoint, root / "rednet26.pth")
+    actual = sha256(root / "rednet26.pth")
+    wrong = "0" * 64
+    weights.register_weights("rednet26", url=f"{base_url}/rednet26.pth", sha256=wrong)
+    with pytest.raises(RuntimeError) as error:
+        rednet.create_model("rednet26", pretrained=True)
+    assert wrong in str(error.value) and actual in str(error.value)
+    assert list(isolated_cache.iterdir()) == []
+
+
+def test_hash_prefix_in_file_name_is_checked(source, server, isolated_cache):
+    _, checkpoint = source
+    root, base_url, _ = server
+    torch.save(checkpoint, root / "rednet26-deadbeef.pth")
+    with pytest.raises(RuntimeError, match="expected deadbeef"):
+        rednet.create_model("rednet26", pretrained=f"{base_url}/rednet26-deadbeef.pth")
+    assert not (isolated_cache / "rednet26-deadbeef.pth").exists()
+
+
+def test_failed_download_names_url_and_where_to_put_the_file(isolated_cache):
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/rednet26-abcdef12.pth"
+    weights.register_weights("rednet26", url=url)
+    with pytest.raises(RuntimeError) as error:
+        rednet.create_model("rednet26", pretrained=True)
+    message = str(error.value)
+    assert url in message and str(isolated_cache / "rednet26-abcdef12.pth") in message
+
+
+def test_no_registered_url_points_at_the_cache_file_and_loads_one_placed_by_hand(source, isolated_cache):
+    reference, checkpoint = source
+    with pytest.raises(RuntimeError, match="no download URL is registered for rednet26") as error:
+        rednet.create_model("rednet26", pretrained=True)
+    assert str(isolated_cache / "rednet26.pth") in str(error.value)
+    isolated_cache.mkdir(parents=True)
+    torch.save(checkpoint, isolated_cache / "rednet26.pth")
+    assert_same_weights(timm.create_model("rednet26", pretrained=True), reference)
+
+
+def test_local_path_file_url_and_timm_overlay(source, tmp_path):
+    reference, checkpoint = source
+    path = tmp_path / "official.pth"
+    torch.save(checkpoint, path)
+    assert_same_weights(rednet.create_model("rednet26", pretrained=str(path)), reference)
+    assert_same_weights(rednet.create_model("rednet26", pretrained=path.as_uri()), reference)
+    overlay = dict(file=str(path))
+    assert_same_weights(timm.create_model("rednet26", pretrained=True, pretrained_cfg_overlay=overlay), reference)
+
+
+def test_num_classes_mismatch_drops_classifier_with_warning(source, tmp_path):
+    reference, checkpoint = source
+    path = tmp_path / "official.pth"
+    torch.save(checkpoint, path)
+    with pytest.warns(UserWarning, match="1000 classes, the model 10"):
+        model = rednet.create_model("rednet26", pretrained=str(path), num_classes=10)
+    assert model.fc.weight.shape == (10, 2048)
+    assert_same_weights(model, reference, skip=("fc.weight", "fc.bias"))
+
+
+def test_unexpected_and_missing_keys_are_errors_that_list_them(source):
+    reference, checkpoint = source
+    state_dict = dict(checkpoint["state_dict"], **{"backbone.extra.weight": torch.zeros(1)})
+    del state_dict["backbone.layer2.1.bn2.running_var"]
+    model = rednet.create_model("rednet26")
+    with pytest.raises(RuntimeError, match="extra.weight") as error:
+        weights.load_state_dict(model, weights.to_state_dict({"state_dict": state_dict}))
+    assert "layer2.1.bn2.running_var" in str(error.value)
+
+
+def test_stem_kernel_size_7_is_detected(tmp_path):
+    reference = random_model(stem_kernel_size=7)
+    path = tmp_path / "detection_backbone.pth"
+    torch.save(official_layout(reference), path)
+    assert weights.detect_stem_kernel_size(weights.to_state_dict(torch.load(path))) == 7
+    model = rednet.create_model("rednet26", pretrained=str(path))
+    assert model.stem_kernel_size == 7
+    assert_same_weights(model, reference)
+    with pytest.raises(ValueError, match="stem_kernel_size=7"):
+        weights.load_weights(rednet.create_model("rednet26"), path)
+
+
+def test_training_checkpoint_prefers_ema_and_strips_ddp_and_compile_prefixes(source, tmp_path):
+    reference, _ = source
+    plain = reference.state_dict()
+    ema = {key: value + 1 if value.is_floating_point() else value for key, value in plain.items()}
+    checkpoint = {
+        "model": {f"module._orig_mod.{key}": value for key, value in plain.items()},
+        "model_ema": {f"_orig_mod.{key}": value for key, value in ema.items()},
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 3,
+    }
+    path = tmp_path / "last.pt"
+    torch.save(checkpoint, path)
+    model = weights.load_weights(rednet.create_model("rednet26"), path)
+    torch.testing.assert_close(model.fc.bias, ema["fc.bias"])
+    model = weights.load_weights(rednet.create_model("rednet26"), path, use_ema=False)
+    assert_same_weights(model, reference)
+    assert_same_weights(rednet.create_model("rednet26", pretrained=str(path), use_ema=False), reference)
+
+
+def test_safetensors_and_bad_local_sha256(source, tmp_path):
+    reference, _ = source
+    path = tmp_path / "weights.safetensors"
+    save_file(reference.state_dict(), str(path))
+    assert_same_weights(weights.load_weights(rednet.create_model("rednet26"), path, sha256=sha256(path)), reference)
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        weights.load_weights(rednet.create_model("rednet26"), path, sha256="1" * 64)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        weights.load_weights(rednet.create_model("rednet26"), tmp_path / "missing.pth")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_convert_checkpoint_script(fmt, source, server, tmp_path):
+    reference, _ = source
+    plain = reference.state_dict()
+    ema = {key: value * 2 if value.is_floating_point() else value for key, value in plain.items()}
+    training = {"model": plain, "model_ema": ema, "optimizer": {"state": {}, "param_groups": []}, "epoch": 9}
+    root, base_url, _ = server
+    torch.save(training, tmp_path / "last.pt")
+    if fmt == "safetensors":  # the command line once; the other format in-process, to save an interpreter start
+        command = [sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), str(tmp_path / "last.pt"),
+                   str(root / "rednet26.pth"), "--safetensors"]  # fmt: skip
+        printed = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
+    else:
+        printed = str(load_script("convert_checkpoint").convert(str(tmp_path / "last.pt"), str(root / "rednet26")))
+    (written,) = root.iterdir()
+    digest = sha256(written)
+    assert written.name == f"rednet26-{digest[:8]}.{fmt}"
+    assert str(written) in printed
+    # The published file is clean (EMA weights only, plain key names) and loads through a URL with its hash check.
+    contents = weights.read_checkpoint(written)
+    assert sorted(contents) == sorted(plain)
+    model = rednet.create_model("rednet26", pretrained=f"{base_url}/{written.name}")
+    torch.testing.assert_close(model.state_dict(), ema, rtol=0, atol=0)
