@@ -75,6 +75,7 @@ def _compile(nvrtc, dtype: torch.dtype, options: list[str]) -> tuple[str, bytes]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_compiles_to_ptx(nvrtc, dtype: torch.dtype, architecture: str) -> None:
     log, ptx = _compile(nvrtc, dtype, [*_cupy_options(dtype), f"--gpu-architecture={architecture}"])
+    assert "warning" not in log.lower(), f"NVRTC warnings for {cupy_backend.SCALAR_TYPES[dtype]}:\n{log}"
     entries = set(re.findall(rb"\.entry\s+(\w+)", ptx))
     missing = [name for name in ENTRY_POINTS if name.encode() not in entries]
     assert not missing, f"entry points missing from the PTX: {missing} (found {sorted(entries)})"
