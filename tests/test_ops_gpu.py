@@ -183,6 +183,7 @@ def test_torch_compile_fullgraph() -> None:
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
     out.sum().backward()
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    # Loose enough for cuDNN choosing other (TF32) convolution algorithms in the compiled graph.
+    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-4)
     for grad, expected in zip((p.grad for p in model.parameters()), eager_grads):
-        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-4)
