@@ -89,8 +89,10 @@ def saved_bytes(layer: Involution, x: torch.Tensor) -> int:
 def test_memory_efficient_does_not_store_the_generated_kernels():
     x = torch.randn(2, 64, 16, 16)
     kernel_bytes = 2 * 4 * 7 * 7 * 16 * 16 * 4  # (N, G, K, K, H, W) float32
+    output_bytes = x.numel() * 4  # kept instead, so that backward does not rerun the operator (in a RedNet block,
+    # the next BN keeps this same tensor anyway)
     stored, stored_me = saved_bytes(module(64), x), saved_bytes(module(64, memory_efficient=True), x)
-    assert stored - stored_me >= kernel_bytes
+    assert stored - stored_me >= kernel_bytes - output_bytes
     with torch.no_grad():  # no autograd, nothing to recompute: the plain path
         torch.testing.assert_close(module(64, memory_efficient=True)(x), module(64)(x))
 

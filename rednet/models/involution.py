@@ -6,14 +6,32 @@ checkpoints load by a prefix rename only.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import ops
 
 __all__ = ["ConvModule", "Involution"]
+
+
+def _keep_involution_output(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    # The operator's output is kept (the following BN keeps that same tensor anyway), so backward recomputes only
+    # the cheap 1×1 conv that generates the kernels, not the aggregation itself.
+    if func is torch.ops.rednet.involution.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_RECOMPUTE_KERNELS_ONLY = functools.partial(create_selective_checkpoint_contexts, _keep_involution_output)
+# Let saved-tensor hooks (e.g. torch.autograd.graph.save_on_cpu) see the kept output too, where torch can.
+_CHECKPOINT_OPTIONS = {"use_reentrant": False, "context_fn": _RECOMPUTE_KERNELS_ONLY}
+if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
+    _CHECKPOINT_OPTIONS["respect_saved_tensors_hooks"] = True
 
 
 class ConvModule(nn.Module):
@@ -60,8 +78,9 @@ class Involution(nn.Module):
         reduction_ratio: r, the generator's bottleneck reduction.
         group_channels: channels per group (C/G); G = C // group_channels.
         dilation: d of the operator.
-        memory_efficient: recompute the generated kernels (``conv2`` + the operator) in backward instead of storing
-            the K²·G-channel kernel tensor, which is about 3× the input's size at K=7. Costs one extra 1×1 conv.
+        memory_efficient: recompute the generated kernels in backward instead of storing the K²·G-channel kernel
+            tensor, about 3× the input's size at K=7 (selective activation checkpointing: only ``conv2`` runs again,
+            the operator's output is kept). Costs one extra 1×1 conv per step.
         backend: operator backend ("auto", "cupy", "torch", "unfold"; see ``ops.involution``).
     """
 
@@ -108,7 +127,7 @@ class Involution(nn.Module):
         # conv1 (with its BN) runs outside the checkpoint: recomputing it would update BN running stats twice.
         reduced = self.conv1(self.avgpool(x))
         if self.memory_efficient and torch.is_grad_enabled():
-            return checkpoint(self._aggregate, x, reduced, use_reentrant=False)
+            return checkpoint(self._aggregate, x, reduced, **_CHECKPOINT_OPTIONS)
         return self._aggregate(x, reduced)
 
     def extra_repr(self) -> str:

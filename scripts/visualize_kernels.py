@@ -1,0 +1,112 @@
+"""Show what involution kernels do: per-pixel kernel heat maps of a few RedNet layers over an image.
+
+As in the paper's figure, each pixel's generated K×K kernel is summarized by the sum of its K² values; one heat map
+per kernel group, drawn over the image. Rows: layers; columns: the image, then groups.
+
+    python scripts/visualize_kernels.py --model rednet26 --checkpoint best.pt --image cat.jpg --out kernels.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from timm.data import create_transform, resolve_data_config
+
+import rednet
+from rednet.models.involution import Involution
+
+# A perceptual dark-to-bright colour map (anchors sampled from matplotlib's "inferno").
+_COLORMAP = torch.tensor(
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
+     [252, 255, 164]], dtype=torch.float32,
+)  # fmt: skip
+_LABEL_HEIGHT = 16
+
+
+def colorize(values: torch.Tensor) -> torch.Tensor:
+    """Map values in [0, 1] of shape (H, W) to RGB (H, W, 3) in [0, 255] by linear interpolation of the anchors."""
+    position = values.clamp(0, 1) * (len(_COLORMAP) - 1)
+    low = position.floor().long().clamp(max=len(_COLORMAP) - 2)
+    weight = (position - low).unsqueeze(-1)
+    return _COLORMAP[low] * (1 - weight) + _COLORMAP[low + 1] * weight
+
+
+def kernel_maps(model: torch.nn.Module, image: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Per layer, the kernels' K² sums (G, Ho, Wo) for one image (1, 3, H, W)."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in layers if not isinstance(modules.get(name), Involution)]
+    if unknown:
+        choices = [name for name, module in modules.items() if isinstance(module, Involution)]
+        raise SystemExit(f"not involution layers: {unknown}; choose from {', '.join(choices)}")
+    maps = {}
+
+    def capture(name: str):
+        def hook(module: Involution, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            maps[name] = module.generate_kernels(inputs[0])[0].sum(dim=(1, 2))
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(capture(name)) for name in layers]
+    with torch.no_grad():
+        model(image)
+    for handle in handles:
+        handle.remove()
+    return maps
+
+
+def overlay(picture: Image.Image, values: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+    """The image with the min-max-normalized heat map drawn over it."""
+    values = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-12)
+    heat = Image.fromarray(colorize(values).round().byte().numpy()).resize(picture.size, Image.Resampling.BILINEAR)
+    return Image.blend(picture, heat, alpha)
+
+
+def render(picture: Image.Image, maps: dict[str, torch.Tensor], groups: int, title: str) -> Image.Image:
+    """A grid: one row per layer, the image and then one heat map per group, with labels."""
+    width, height = picture.size
+    columns = 1 + groups
+    sheet = Image.new("RGB", (columns * width, _LABEL_HEIGHT + len(maps) * (height + _LABEL_HEIGHT)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 2), title, fill="black")
+    for row, (name, values) in enumerate(maps.items()):
+        top = _LABEL_HEIGHT + row * (height + _LABEL_HEIGHT)
+        draw.text((4, top + 2), f"{name}  ({values.shape[0]} groups, kernel sum per pixel)", fill="black")
+        sheet.paste(picture, (0, top + _LABEL_HEIGHT))
+        for group in range(min(groups, values.shape[0])):
+            sheet.paste(overlay(picture, values[group]), ((1 + group) * width, top + _LABEL_HEIGHT))
+            draw.text(((1 + group) * width + 4, top + _LABEL_HEIGHT + 2), f"g{group}", fill="white")
+    return sheet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rednet26", choices=rednet.list_models())
+    parser.add_argument("--checkpoint", help="weights: path or URL in any layout rednet.weights reads")
+    parser.add_argument("--image", required=True, help="an RGB image file")
+    parser.add_argument("--out", default="kernels.png", help="output PNG")
+    parser.add_argument("--layers", nargs="+", default=["stem.1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"])
+    parser.add_argument("--groups", type=int, default=4, help="heat maps (kernel groups) per layer")
+    parser.add_argument("--size", type=int, default=224, help="input resolution (center crop)")
+    args = parser.parse_args()
+
+    model = rednet.create_model(args.model, pretrained=args.checkpoint or False).eval()
+    config = resolve_data_config(model=model)
+    config["input_size"] = (3, args.size, args.size)
+    transform = create_transform(**config)  # the official eval transform: resize, center crop, normalize
+    picture = Image.open(args.image).convert("RGB")
+    image = transform(picture).unsqueeze(0)
+    # The cropped image as the network sees it, without normalization, to draw on.
+    shown = create_transform(**dict(config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))(picture)
+    shown = Image.fromarray((shown.permute(1, 2, 0) * 255).round().byte().numpy())
+
+    maps = kernel_maps(model, image, args.layers)
+    title = f"{args.model} involution kernels, {args.checkpoint or 'random init (no --checkpoint)'}"
+    render(shown, maps, args.groups, title).save(args.out)
+    print(Path(args.out).resolve())
+
+
+if __name__ == "__main__":
+    main()
