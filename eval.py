@@ -1,0 +1,69 @@
+"""Evaluate a checkpoint or published weights on an image folder's validation split.
+
+    python eval.py model=rednet50 checkpoint=outputs/train/.../checkpoints/best.pt data.root=/data/imagenet
+    python eval.py model=rednet50 pretrained=true data.root=/data/imagenet
+
+Prints top-1, top-5 (percent) and loss, and writes them to results.json in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rednet import data, distributed, engine, monitor
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Build the model, load `cfg.checkpoint` (or the published weights), evaluate, write results.json."""
+    dist = distributed.init_distributed(cfg.trainer.device)
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    monitor.setup_logging(run_dir / "eval.log", dist.is_main)
+    if cfg.checkpoint is None and not cfg.pretrained:
+        raise ValueError(
+            "nothing to evaluate: set checkpoint=PATH (e.g. a run's checkpoints/best.pt) or pretrained=true"
+        )
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise ValueError("data.root is not set: add data.root=/path/to/images (with a val/<class>/ folder)")
+
+    classes = data.check_image_folder(cfg.data.root, (cfg.data.val_split,))
+    dataset = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
+    loader = data.create_eval_loader(dataset, cfg.data, dist.world_size, dist.rank, dist.device)
+
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    pretrained = bool(cfg.pretrained) and cfg.checkpoint is None
+    model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
+    if cfg.checkpoint is not None:
+        engine.load_model_weights(model, cfg.checkpoint, cfg.model.name, use_ema=cfg.use_ema)
+    model.to(dist.device)
+
+    metrics = engine.evaluate(
+        model, loader, dist.device, cfg.trainer.amp, cfg.trainer.channels_last, show_progress=cfg.trainer.progress_bar
+    )
+    skipped = dataset.take_bad_count()
+    source = cfg.checkpoint or f"pretrained {cfg.model.name}"
+    results = {**metrics, "model": cfg.model.name, "weights": str(source), "skipped_images": skipped}
+    if dist.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log.info("%s on %s: %s (%d images)", source, cfg.data.root, monitor.format_metrics(metrics), metrics["count"])
+        print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}")
+    distributed.cleanup()
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns top-1."""
+    return evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)["top1"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The training loop's pieces: model creation, one training epoch, evaluation with exact counts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
+from torch import nn
+
+import rednet
+from rednet import distributed, monitor
+from rednet.checkpoint import check_arch
+
+_logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands; saved in every checkpoint so a resumed run continues at the same batch.
+
+    Attributes:
+        epoch: the epoch in progress (0-based); after an epoch ends, the next one.
+        step: optimizer updates done since the start of training.
+        epoch_batches: batches of `epoch` consumed by the updates done (0 at an epoch boundary).
+        best_top1: best validation top-1 so far (-1 before the first evaluation).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    epoch_batches: int = 0
+    best_top1: float = -1.0
+
+
+def build_model(name: str, num_classes: int, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    """A RedNet by name (rednet.create_model), or any other timm model; unknown names list the available ones."""
+    if name in rednet.list_models():
+        return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if timm.is_model(name):
+        return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
+    raise ValueError(
+        f"unknown model {name!r}: set model=<one of {', '.join(rednet.list_models())}> "
+        "(any timm model name, e.g. model.name=resnet50, works too)"
+    )
+
+
+def load_model_weights(model: nn.Module, path: str | Path, arch: str, use_ema: bool = True) -> None:
+    """Load a checkpoint for evaluation: this project's training checkpoints or any layout rednet.weights reads."""
+    from rednet import weights
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint={path} does not exist; give the path of a .pt/.pth/.safetensors file")
+    ckpt = weights.read_checkpoint(path)
+    check_arch(ckpt, arch, path)
+    state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
+    if isinstance(model, rednet.RedNet):
+        weights.load_state_dict(model, state_dict)
+    else:
+        model.load_state_dict(state_dict)
+
+
+def amp_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for trainer.amp (none | bf16 | fp16)."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"trainer.amp={amp!r} is not one of {', '.join(AMP_DTYPES)}")
+    if AMP_DTYPES[amp] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers (what checkpoints and EMA hold)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = batch
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    progress: TrainProgress,
+    *,
+    device: torch.device,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
+    grad_accum: int = 1,
+    clip_grad: float | None = None,
+    clip_mode: str = "norm",
+    mixup: Callable | None = None,
+    model_ema: nn.Module | None = None,
+    writer: Any = None,
+    log_interval: int = 50,
+    checkpoint_every: int = 0,
+    save_checkpoint: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Train over `loader` (already positioned at `progress.epoch_batches`), updating `progress` after each update.
+
+    The loss is checked for NaN/inf without a device sync per step: at each log interval and before any checkpoint
+    is written, so a checkpoint never holds weights updated from a non-finite loss.
+
+    Returns:
+        mean training loss, throughput (images/s over all ranks) and whether `should_stop` ended the epoch early.
+    """
+    model.train()
+    num_batches = len(loader) // grad_accum * grad_accum  # a partial accumulation group at the end is dropped
+    world_size = distributed.get_world_size()
+    pending: list[torch.Tensor] = []  # per-update losses not yet checked
+    epoch_loss, epoch_updates, epoch_images = 0.0, 0, 0
+    window_images, window_start, epoch_start = 0, time.perf_counter(), time.perf_counter()
+    accum_loss = torch.zeros((), device=device)
+    stopped = False
+
+    def flush() -> None:
+        # One sync for all pending losses: find the first bad step, else log the window.
+        nonlocal epoch_loss, epoch_updates, window_images, window_start
+        if not pending:
+            return
+        losses = torch.stack(pending).float().cpu()
+        first_step = progress.step - len(pending) + 1
+        pending.clear()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise NonFiniteLossError(
+                f"training loss is {losses[bad[0, 0]].item()} at step {first_step + bad[0, 0].item()} "
+                f"(epoch {progress.epoch}); stopped without saving it: the last checkpoint holds the last good state. "
+                "Lower optim.lr, set trainer.clip_grad, or use trainer.amp=bf16 instead of fp16, then resume"
+            )
+        epoch_loss += losses.sum().item()
+        epoch_updates += len(losses)
+        elapsed = time.perf_counter() - window_start
+        scalars = {
+            "train/loss": losses.mean().item(),
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/throughput": window_images * world_size / max(elapsed, 1e-9),
+        }
+        monitor.log_scalars(writer, scalars, progress.step)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.3g}")
+        window_images, window_start = 0, time.perf_counter()
+
+    bar = monitor.progress(loader, desc=f"train {progress.epoch}", enabled=show_progress, total=num_batches)
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(bar):
+        if i >= num_batches:
+            break
+        images, targets = _to_device(batch, device, channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        is_update = (i + 1) % grad_accum == 0
+        # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
+        sync = contextlib.nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp_autocast(device, amp):
+                loss = loss_fn(model(images), targets)
+            accum_loss += loss.detach() / grad_accum
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        window_images += images.shape[0]
+        epoch_images += images.shape[0]
+        if not is_update:
+            continue
+
+        if scaler is not None:
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if clip_grad:
+                dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.epoch_batches += grad_accum
+        if model_ema is not None:
+            model_ema.update(unwrap(model), step=progress.step)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=progress.step)
+        pending.append(accum_loss)
+        accum_loss = torch.zeros((), device=device)
+
+        if progress.step % log_interval == 0:
+            flush()
+        if checkpoint_every and progress.step % checkpoint_every == 0 and save_checkpoint is not None:
+            flush()
+            save_checkpoint()
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    flush()
+    bar.close()
+    elapsed = time.perf_counter() - epoch_start
+    return {
+        "loss": epoch_loss / max(epoch_updates, 1),
+        "throughput": epoch_images * world_size / max(elapsed, 1e-9),
+        "stopped": stopped,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp: str = "none",
+    channels_last: bool = False,
+    desc: str = "val",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Top-1 / top-5 (percent) and mean cross-entropy over every image of `loader`, summed as counts over ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for batch in monitor.progress(loader, desc=desc, enabled=show_progress):
+        if batch is None:  # every image of the batch was unreadable and skipped
+            continue
+        images, targets = _to_device(batch, device, channels_last)
+        with amp_autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.sum().double(),
+                torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
+            ]
+        )
+    loss_sum, top1, top5, count = distributed.all_reduce_sum(totals).tolist()
+    if count == 0:
+        raise RuntimeError("evaluation saw no images: the validation split is empty or every image was skipped")
+    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss_sum / count, "count": int(count)}

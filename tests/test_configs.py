@@ -1,0 +1,124 @@
+"""Every config group option and experiment composes (Hydra compose API) and instantiates; the paper recipe holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from train_utils import CONFIG_DIR, compose_config
+
+import train
+from rednet import data, distributed, engine
+
+GROUPS = ("model", "data", "optim", "sched", "trainer")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+EXPERIMENTS = _options("experiment")
+
+
+def _instantiate(cfg, num_classes: int = 10) -> dict:
+    """Build what train.py builds from a config, short of reading data: model, optimizer, scheduler, transforms."""
+    kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
+    model = engine.build_model(cfg.model.name, num_classes, **kwargs)
+    lr = train.scaled_lr(cfg.optim, cfg.data.batch_size * cfg.trainer.grad_accum)
+    optimizer = train.create_optimizer(model, cfg.optim, lr)
+    scheduler = train.create_scheduler(optimizer, cfg.sched, lr, cfg.trainer.epochs, updates=10)
+    transforms = [data.create_transforms(cfg.data, is_training) for is_training in (True, False)]
+    return dict(model=model, optimizer=optimizer, scheduler=scheduler, transforms=transforms, lr=lr)
+
+
+def test_config_options_found():
+    assert {"rednet26", "rednet38", "rednet50", "rednet101", "rednet152"} <= set(_options("model"))
+    assert {f"rednet{d}_paper" for d in (26, 38, 50, 101, 152)} | {"quickstart"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g) if g != "model"])
+def test_group_option_composes_and_instantiates(group, option):
+    cfg = compose_config("train", [f"{group}={option}", "data.root=/unused", "trainer.device=cpu"])
+    built = _instantiate(cfg)
+    assert built["optimizer"].param_groups[0]["lr"] > 0
+    assert distributed.resolve_device(cfg.trainer.device.replace("cuda", "cpu")).type == "cpu"
+    image = built["transforms"][1](Image.new("RGB", (300, 260)))
+    assert image.shape == (3, cfg.data.img_size, cfg.data.img_size)
+
+
+@pytest.mark.parametrize("option", _options("model"))
+def test_model_option_builds_its_model(option):
+    cfg = compose_config("train", [f"model={option}", "data.root=/unused"])
+    model = engine.build_model(cfg.model.name, 7, **{k: v for k, v in cfg.model.items() if k != "name"})
+    assert type(model).__name__ == "RedNet"
+    assert model.num_classes == 7
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment):
+    cfg = compose_config("train", [f"experiment={experiment}", "data.root=/unused", "trainer.device=cpu"])
+    built = _instantiate(cfg)
+    assert cfg.model.name in experiment or experiment == "quickstart"
+    assert len(built["transforms"]) == 2
+
+
+@pytest.mark.parametrize("depth", [26, 38, 50, 101, 152])
+def test_paper_experiments_follow_the_official_recipe(depth):
+    cfg = compose_config("train", [f"experiment=rednet{depth}_paper", "data.root=/unused"])
+    assert cfg.model.name == f"rednet{depth}"
+    assert (cfg.optim.opt, cfg.optim.lr, cfg.optim.lr_base_size, cfg.optim.momentum) == ("sgd", 0.8, 2048, 0.9)
+    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.filter_bias_and_bn is False  # decay on all parameters
+    assert (cfg.sched.sched, cfg.sched.warmup_epochs, cfg.sched.warmup_ratio, cfg.sched.min_lr) == (
+        "cosine",
+        5,
+        0.25,
+        0.0,
+    )
+    assert cfg.trainer.epochs == 130 and cfg.trainer.label_smoothing == 0.1 and cfg.trainer.clip_grad is None
+    assert (cfg.data.img_size, cfg.data.crop_pct, tuple(cfg.data.scale), cfg.data.hflip) == (224, 0.875, (0.08, 1), 0.5)
+    optimizer = train.create_optimizer(torch.nn.Linear(2, 2), cfg.optim, lr=0.1)
+    assert optimizer.param_groups[0]["nesterov"] is True
+
+
+def test_lr_scales_linearly_with_the_global_batch():
+    cfg = compose_config("train", ["experiment=rednet50_paper", "data.root=/unused"])
+    assert train.scaled_lr(cfg.optim, 2048) == pytest.approx(0.8)
+    assert train.scaled_lr(cfg.optim, 8 * 32 * 2) == pytest.approx(0.8 * 512 / 2048)
+    cfg = compose_config("train", ["optim.lr_base_size=null", "optim.lr=0.3", "data.root=/unused"])
+    assert train.scaled_lr(cfg.optim, 12345) == 0.3
+
+
+def test_schedule_warms_up_per_iteration_then_decays():
+    cfg = compose_config("train", ["experiment=rednet50_paper", "data.root=/unused"])
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.4)
+    scheduler = train.create_scheduler(optimizer, cfg.sched, lr=0.4, epochs=130, updates=100)
+    lrs = []
+    for step in range(1, 130 * 100 + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step_update(step)
+    assert lrs[0] == pytest.approx(0.25 * 0.4)  # warmup starts at 0.25 x lr
+    assert lrs[1] > lrs[0] and lrs[50] > lrs[49]  # changes inside an epoch, not once per epoch
+    assert lrs.index(max(lrs)) in (499, 500) and max(lrs) == pytest.approx(0.4, rel=1e-2)  # warmup ends after 5 epochs
+    assert lrs[-1] < 1e-4 and all(a >= b for a, b in zip(lrs[500:], lrs[501:]))  # cosine down to ~0
+
+
+def test_eval_config_composes_with_its_keys():
+    cfg = compose_config("eval", ["model=rednet50", "checkpoint=/x/best.pt", "data.root=/data"])
+    assert (cfg.model.name, cfg.checkpoint, cfg.pretrained, cfg.data.root) == ("rednet50", "/x/best.pt", False, "/data")
+    for key in ("device", "amp", "channels_last"):
+        assert key in cfg.trainer
+
+
+def test_documented_key_names_exist():
+    cfg = compose_config("train", ["data.root=/d"])
+    for key in ("img_size", "batch_size", "num_workers", "root", "skip_bad_images"):
+        assert key in cfg.data
+    for key in ("epochs", "device", "amp", "channels_last", "compile", "grad_accum"):
+        assert key in cfg.trainer
+    for key in ("opt", "lr", "weight_decay", "momentum"):
+        assert key in cfg.optim
+    for key in ("sched", "warmup_epochs", "min_lr"):
+        assert key in cfg.sched
+    assert cfg.resume is None and "seed" in cfg and "pretrained" in cfg

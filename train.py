@@ -1,0 +1,254 @@
+"""Train a RedNet (or any timm model) on an image folder.
+
+    python train.py model=rednet50 data.root=/data/imagenet
+    python train.py experiment=rednet50_paper data.root=/data/imagenet trainer=gpu
+    python train.py experiment=quickstart data.root=data/digits
+    torchrun --standalone --nproc-per-node=8 train.py experiment=rednet50_paper data.root=/data/imagenet
+
+Read top to bottom: set-up, data, model, optimizer and schedule, resume, then the epoch loop (train, evaluate,
+checkpoint). The pieces live in rednet/{data,engine,checkpoint,monitor,distributed}.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, random_seed
+from torch.nn.parallel import DistributedDataParallel
+
+from rednet import checkpoint, data, distributed, engine, monitor
+
+log = logging.getLogger(__name__)
+
+
+def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
+    """`optim.lr` is given at global batch `optim.lr_base_size`: scale it linearly to the real global batch."""
+    if optim_cfg.get("lr_base_size") is None:
+        return float(optim_cfg.lr)
+    return float(optim_cfg.lr) * global_batch / optim_cfg.lr_base_size
+
+
+def create_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory, fed the config's keys (timm's names) with the scaled lr."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(optim_cfg).items() if k != "lr_base_size"}
+    return create_optimizer_v2(model, **{**kwargs, "lr": lr})
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: DictConfig, lr: float, epochs: int, updates: int):
+    """timm's scheduler factory, stepped per optimizer update; warmup starts at warmup_ratio x lr."""
+    kwargs = OmegaConf.to_container(sched_cfg)
+    warmup_lr = kwargs.pop("warmup_ratio") * lr
+    scheduler, _ = create_scheduler_v2(
+        optimizer, **kwargs, warmup_lr=warmup_lr, num_epochs=epochs, updates_per_epoch=updates
+    )
+    return scheduler
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Errors for settings that would otherwise fail only after data loading or the first epoch."""
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise ValueError("data.root is not set: add data.root=/path/to/images (folders train/<class>/, val/<class>/)")
+    if cfg.trainer.amp not in engine.AMP_DTYPES:
+        raise ValueError(f"trainer.amp={cfg.trainer.amp!r} is not one of {', '.join(engine.AMP_DTYPES)}")
+    if cfg.trainer.grad_accum < 1:
+        raise ValueError(f"trainer.grad_accum={cfg.trainer.grad_accum} must be >= 1")
+    if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be even with mixup/cutmix")
+
+
+def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from: resume=null (none), auto (this run's newest), or a path."""
+    if cfg.resume is None:
+        if (ckpt_dir / "last.pt").exists():
+            raise FileExistsError(
+                f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "
+                "or choose another hydra.run.dir"
+            )
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint.find_resume_checkpoint(ckpt_dir)
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting a new run", ckpt_dir)
+        return found
+    path = Path(cfg.resume).expanduser()
+    return path, checkpoint.load_checkpoint(path)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run a full training as configured, writing everything into `run_dir`; return the final metrics."""
+    # --- set-up: processes, device, logging, seeds
+    dist = distributed.init_distributed(cfg.trainer.device)
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory for all ranks
+    ckpt_dir = run_dir / "checkpoints"
+    monitor.setup_logging(run_dir / "train.log", dist.is_main)
+    check_config(cfg)
+    random_seed(cfg.seed, dist.rank)
+    device, tcfg = dist.device, cfg.trainer
+
+    # --- data
+    classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    train_set = data.create_image_dataset(cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True)
+    val_set = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
+    train_loader = data.create_train_loader(train_set, cfg.data, dist.world_size, dist.rank, cfg.seed, device)
+    val_loader = data.create_eval_loader(val_set, cfg.data, dist.world_size, dist.rank, device)
+    updates_per_epoch = len(train_loader) // tcfg.grad_accum
+    if updates_per_epoch == 0:
+        raise ValueError(
+            f"trainer.grad_accum={tcfg.grad_accum} exceeds the {len(train_loader)} batches per epoch; lower it"
+        )
+
+    # --- model, EMA, optimizer, schedule, loss
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    model = engine.build_model(cfg.model.name, len(classes), pretrained=cfg.pretrained, **model_kwargs)
+    memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    model_ema = (
+        ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
+    )
+    global_batch = dist.world_size * cfg.data.batch_size * tcfg.grad_accum
+    lr = scaled_lr(cfg.optim, global_batch)
+    optimizer = create_optimizer(model, cfg.optim, lr)
+    scheduler = create_scheduler(optimizer, cfg.sched, lr, tcfg.epochs, updates_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
+    mixup = data.create_mixup(cfg.data, tcfg.label_smoothing, len(classes))
+    loss_fn = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
+
+    # --- resume: everything a checkpoint holds, including the position inside the epoch
+    progress = engine.TrainProgress()
+    resume = load_resume_checkpoint(cfg, ckpt_dir)
+    if resume is not None:
+        path, ckpt = resume
+        checkpoint.check_arch(ckpt, cfg.model.name, path)
+        model.load_state_dict(ckpt["model"])
+        if model_ema is not None and ckpt.get("model_ema") is not None:
+            model_ema.module.load_state_dict(ckpt["model_ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        progress = engine.TrainProgress(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_batches", 0), ckpt["best_top1"])
+        log.info("resumed from %s: epoch %d, step %d", path, progress.epoch, progress.step)
+    if dist.is_main:
+        checkpoint.clean_stale_temp_files(ckpt_dir)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    # --- wrappers for speed and for several processes; checkpoints and EMA keep the plain model
+    eval_model = torch.compile(model) if tcfg.compile else model
+    train_model = eval_model
+    if dist.distributed:
+        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = monitor.create_writer(run_dir, enabled=dist.is_main)
+    resolved_config = OmegaConf.to_container(cfg, resolve=True)
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "epoch_batches": progress.epoch_batches,
+            "best_top1": progress.best_top1,
+            "rng": checkpoint.rng_state(),
+            "config": resolved_config,
+            "arch": cfg.model.name,
+            "num_classes": len(classes),
+            "classes": classes,
+        }
+
+    def save(epoch_end: bool = False, is_best: bool = False) -> None:
+        if dist.is_main:
+            checkpoint.write_checkpoints(
+                state(), ckpt_dir, epoch_end=epoch_end, is_best=is_best, keep_last=tcfg.keep_last
+            )
+
+    log.info(
+        "%s: %d classes, %d train / %d val images, global batch %d, lr %.4g, %d updates/epoch, %s x%d, run dir %s",
+        cfg.model.name, len(classes), len(train_set), len(val_set), global_batch, lr, updates_per_epoch,
+        device, dist.world_size, run_dir,
+    )  # fmt: skip
+
+    # --- the epoch loop
+    metrics: dict[str, Any] | None = None
+    for epoch in range(progress.epoch, tcfg.epochs):
+        progress.epoch = epoch
+        train_loader.sampler.set_epoch(epoch, start_index=progress.epoch_batches * cfg.data.batch_size)
+        epoch_start = time.perf_counter()
+        try:
+            stats = engine.train_one_epoch(
+                train_model, train_loader, optimizer, loss_fn, progress,
+                device=device, scheduler=scheduler, scaler=scaler, amp=tcfg.amp, channels_last=tcfg.channels_last,
+                grad_accum=tcfg.grad_accum, clip_grad=tcfg.clip_grad, clip_mode=tcfg.clip_mode, mixup=mixup,
+                model_ema=model_ema, writer=writer, log_interval=tcfg.log_interval,
+                checkpoint_every=tcfg.ckpt_every_steps, save_checkpoint=save, show_progress=tcfg.progress_bar,
+            )  # fmt: skip
+        except data.BadImageError:
+            save()  # keep the work done up to the last update; resume=auto continues from there
+            log.error("stopped on an unreadable image; %s holds step %d", ckpt_dir / "last.pt", progress.step)
+            raise
+        skipped = train_set.take_bad_count() + val_set.take_bad_count()
+
+        eval_kwargs = dict(
+            device=device, amp=tcfg.amp, channels_last=tcfg.channels_last, show_progress=tcfg.progress_bar
+        )
+        metrics = engine.evaluate(eval_model, val_loader, desc=f"val {epoch}", **eval_kwargs)
+        ema_metrics = (
+            engine.evaluate(model_ema.module, val_loader, desc="val ema", **eval_kwargs) if model_ema else None
+        )
+        primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates
+        epoch_time = time.perf_counter() - epoch_start
+        progress.epoch, progress.epoch_batches = epoch + 1, 0
+        is_best = primary["top1"] > progress.best_top1
+        progress.best_top1 = max(progress.best_top1, primary["top1"])
+        save(epoch_end=True, is_best=is_best)
+
+        scalars = {f"val/{k}": v for k, v in metrics.items() if k != "count"}
+        scalars.update({f"ema/{k}": v for k, v in (ema_metrics or {}).items() if k != "count"})
+        scalars.update({"train/epoch": epoch + 1, "train/epoch_loss": stats["loss"], "train/epoch_time": epoch_time})
+        scalars["train/peak_memory_mb"] = monitor.peak_memory_mb(device)
+        monitor.log_scalars(writer, scalars, progress.step)
+        log.info(
+            "epoch %d/%d | train loss %.4f | val %s%s | %.1f s, %.0f img/s, peak %.0f MB%s%s",
+            epoch + 1, tcfg.epochs, stats["loss"], monitor.format_metrics(metrics),
+            f" | ema {monitor.format_metrics(ema_metrics)}" if ema_metrics else "",
+            epoch_time, stats["throughput"], scalars["train/peak_memory_mb"],
+            " | best" if is_best else "", f" | skipped {skipped} unreadable images" if skipped else "",
+        )  # fmt: skip
+
+    # --- final metrics (a resumed run that had nothing left to train evaluates once)
+    if metrics is None:
+        eval_weights = model_ema.module if model_ema is not None else eval_model
+        primary = engine.evaluate(eval_weights, val_loader, device, tcfg.amp, tcfg.channels_last, show_progress=False)
+    results = {**primary, "epoch": progress.epoch, "step": progress.step, "best_top1": progress.best_top1}
+    results["weights"] = "ema" if model_ema is not None else "model"
+    if dist.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        writer.close()
+        log.info("done: val top-1 %.2f (best %.2f); run dir %s", results["top1"], results["best_top1"], run_dir)
+    distributed.cleanup()
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns val top-1 so that sweeps can optimize it."""
+    return train(cfg, HydraConfig.get().runtime.output_dir)["top1"]
+
+
+if __name__ == "__main__":
+    main()
