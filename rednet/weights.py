@@ -33,6 +33,7 @@ __all__ = [
     "read_checkpoint",
     "to_state_dict",
     "detect_stem_kernel_size",
+    "model_kwargs_from_state_dict",
     "load_state_dict",
     "load_weights",
     "load_pretrained_state_dict",
@@ -238,6 +239,17 @@ def detect_stem_kernel_size(state_dict: Mapping[str, Tensor]) -> int | None:
     if kernel_size**2 * _STEM_GROUPS != rows:
         raise ValueError(f"stem.1.conv2.conv.weight has {rows} rows: not 2·K² for any K (expected 18 or 98)")
     return kernel_size
+
+
+def model_kwargs_from_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+    """The RedNet arguments a checkpoint fixes: ``stem_kernel_size`` and ``num_classes`` (where it has them)."""
+    kwargs = {}
+    stem_kernel_size = detect_stem_kernel_size(state_dict)
+    if stem_kernel_size is not None:
+        kwargs["stem_kernel_size"] = stem_kernel_size
+    if "fc.weight" in state_dict:
+        kwargs["num_classes"] = state_dict["fc.weight"].shape[0]
+    return kwargs
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:

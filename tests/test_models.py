@@ -190,8 +190,9 @@ def test_stem_kernel_size_7():
 
 
 def test_in_chans_global_pool_channels_last_and_features():
-    x = image(channels=1)
-    model = make("rednet26", in_chans=1, global_pool="avgmax", num_classes=5).train()
+    x = image(size=64, channels=1)  # 64×64: see test_compile_fullgraph_matches_eager
+    torch.manual_seed(0)
+    model = rednet.create_model("rednet26", in_chans=1, global_pool="avgmax", num_classes=5, zero_init_last=False)
     with torch.no_grad():
         out = model(x)
         out_cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
@@ -207,7 +208,7 @@ def test_in_chans_global_pool_channels_last_and_features():
 def test_drop_rate_and_drop_path_rate_act_in_training_only():
     x = image()
     model = make("rednet26", drop_path_rate=0.5).train()
-    rates = [block.drop_path.drop_prob for stage in (model.layer1, model.layer4) for block in stage]
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in (model.layer1, model.layer4) for block in stage]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)  # linear rise over the 8 blocks
     with torch.no_grad():
         torch.manual_seed(0)

@@ -264,3 +264,19 @@ def test_convert_checkpoint_script(fmt, source, server, tmp_path):
     assert sorted(contents) == sorted(plain)
     model = rednet.create_model("rednet26", pretrained=f"{base_url}/{written.name}")
     torch.testing.assert_close(model.state_dict(), ema, rtol=0, atol=0)
+
+
+def test_features_only_in_chans_and_num_classes_from_the_checkpoint(source, tmp_path):
+    reference, checkpoint = source
+    path = tmp_path / "official.pth"
+    torch.save(checkpoint, path)
+    backbone = timm.create_model("rednet26", pretrained=str(path), features_only=True, out_indices=(4,))
+    torch.testing.assert_close(backbone.layer4[0].conv3.weight, reference.layer4[0].conv3.weight, rtol=0, atol=0)
+    gray = rednet.create_model("rednet26", pretrained=str(path), in_chans=1)
+    stem = reference.stem[0].conv.weight
+    torch.testing.assert_close(gray.stem[0].conv.weight, stem.sum(dim=1, keepdim=True))  # timm's adapt_input_conv
+    # A fine-tuned checkpoint builds a model of its own class count unless num_classes is given.
+    small = dict(reference.state_dict(), **{"fc.weight": torch.ones(10, 2048), "fc.bias": torch.zeros(10)})
+    torch.save(small, tmp_path / "finetuned.pth")
+    model = rednet.create_model("rednet26", pretrained=str(tmp_path / "finetuned.pth"))
+    assert model.num_classes == 10 and torch.equal(model.fc.weight, torch.ones(10, 2048))

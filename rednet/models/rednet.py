@@ -8,6 +8,7 @@ their ``backbone.`` / ``head.`` prefixes (see ``rednet.weights``). Structure and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -228,15 +229,25 @@ class RedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _rednet_with_weights(state_dict: dict[str, torch.Tensor], **kwargs: Any) -> RedNet:
+    """A RedNet loaded with ``state_dict``: timm's builder calls this in place of the class, before it wraps the
+    model for ``features_only``."""
+    from rednet import weights
+
+    model = RedNet(**kwargs)
+    weights.load_state_dict(model, state_dict)
+    return model
+
+
 def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) -> RedNet:
     """Build a RedNet through timm's builder; weights (True, a path or a URL) load through ``rednet.weights``.
 
-    RedNet loads its own weights rather than through timm's loader: checkpoints come in several layouts (official
+    RedNet reads its own weights rather than through timm's loader: checkpoints come in several layouts (official
     mmcls, plain, this project's training checkpoints, safetensors), downloads are checked against full sha256
-    digests, and the stem kernel size is read from the checkpoint before the model is built.
+    digests, and the stem kernel size and class count are read from the checkpoint unless given.
     """
     use_ema = kwargs.pop("use_ema", True)
-    state_dict = None
+    model_cls = RedNet
     if pretrained:
         from rednet import weights  # deferred: keeps `import rednet` light
 
@@ -248,13 +259,10 @@ def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) 
             cache_dir=kwargs.get("cache_dir"),
             use_ema=use_ema,
         )
-        stem_kernel_size = weights.detect_stem_kernel_size(state_dict)
-        if stem_kernel_size is not None:
-            kwargs.setdefault("stem_kernel_size", stem_kernel_size)
-    model = build_model_with_cfg(RedNet, variant, pretrained=False, **kwargs)
-    if state_dict is not None:
-        weights.load_state_dict(model, state_dict)
-    return model
+        for name, value in weights.model_kwargs_from_state_dict(state_dict).items():
+            kwargs.setdefault(name, value)
+        model_cls = functools.partial(_rednet_with_weights, state_dict)
+    return build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
