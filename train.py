@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,12 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
     return path, checkpoint.load_checkpoint(path)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run a full training as configured, writing everything into `run_dir`; return the final metrics."""
+def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run a full training as configured, writing everything into `run_dir`; return the final metrics.
+
+    `should_stop` is polled after every optimizer step (e.g. a preemption signal was received): when it returns
+    True, last.pt is written at that step and the run returns early with `stopped: True`.
+    """
     # --- set-up: processes, device, logging, seeds
     dist = distributed.init_distributed(cfg.trainer.device)
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory for all ranks
@@ -195,12 +200,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 device=device, scheduler=scheduler, scaler=scaler, amp=tcfg.amp, channels_last=tcfg.channels_last,
                 grad_accum=tcfg.grad_accum, clip_grad=tcfg.clip_grad, clip_mode=tcfg.clip_mode, mixup=mixup,
                 model_ema=model_ema, writer=writer, log_interval=tcfg.log_interval,
-                checkpoint_every=tcfg.ckpt_every_steps, save_checkpoint=save, show_progress=tcfg.progress_bar,
+                checkpoint_every=tcfg.ckpt_every_steps, save_checkpoint=save, should_stop=should_stop,
+                show_progress=tcfg.progress_bar,
             )  # fmt: skip
         except data.BadImageError:
             save()  # keep the work done up to the last update; resume=auto continues from there
             log.error("stopped on an unreadable image; %s holds step %d", ckpt_dir / "last.pt", progress.step)
             raise
+        if stats["stopped"]:
+            save()
+            log.info("stopped at epoch %d, step %d; resume=auto continues from %s", epoch, progress.step, ckpt_dir)
+            if dist.is_main:
+                writer.close()
+            distributed.cleanup()
+            return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count() + val_set.take_bad_count()
 
         eval_kwargs = dict(

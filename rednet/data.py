@@ -45,11 +45,12 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
     layout = "expected <root>/" + "|".join(splits) + "/<class>/<image> (ImageNet layout)"
     if not root.is_dir():
         raise FileNotFoundError(f"data.root '{root}' does not exist; {layout}")
+    for split in splits:
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"data.root '{root}' has no '{split}' folder; {layout}")
     classes: dict[str, list[str]] = {}
     for split in splits:
         split_dir = root / split
-        if not split_dir.is_dir():
-            raise FileNotFoundError(f"data.root '{root}' has no '{split}' folder; {layout}")
         counts = _class_folders(split_dir)
         if not counts:
             raise ValueError(f"data.root '{root}' has no class folders under {split}/: {layout}")
@@ -227,8 +228,15 @@ def create_train_loader(
             f"({len(dataset)} in all); lower data.batch_size"
         )
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+    # Worker seeds come from the loader's own generator, so starting an epoch leaves the global RNG untouched.
+    generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(
-        dataset, batch_size=data_cfg.batch_size, sampler=sampler, drop_last=True, **_loader_kwargs(data_cfg, device)
+        dataset,
+        batch_size=data_cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator,
+        **_loader_kwargs(data_cfg, device),
     )
 
 

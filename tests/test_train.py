@@ -1,0 +1,240 @@
+"""End-to-end training and evaluation on a tiny image folder (CPU): artifacts, TensorBoard, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from train_utils import REPO, TINY, compose_config, make_image_folder
+
+import eval as eval_script
+import train
+from rednet import checkpoint, data, engine
+
+UPDATES_PER_EPOCH = 6  # 3 classes x 8 train images, batch 4
+
+
+def _train_cfg(root, *overrides):
+    return compose_config("train", [*TINY, f"data.root={root}", *overrides])
+
+
+def _scalars(run_dir) -> dict[str, list]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def trained(image_root, tmp_path_factory):
+    """Two epochs with EMA, a checkpoint every 4 steps, one epoch checkpoint kept."""
+    run_dir = tmp_path_factory.mktemp("run")
+    overrides = ("trainer.epochs=2", "trainer.model_ema=true", "trainer.keep_last=1", "trainer.ckpt_every_steps=4")
+    results = train.train(_train_cfg(image_root, *overrides), run_dir)
+    return run_dir, results
+
+
+def test_run_directory_holds_everything(trained, image_root):
+    run_dir, results = trained
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["best.pt", "epoch_0002.pt", "last.pt"]
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 1/2 | train loss" in log and "epoch 2/2" in log and "val top1" in log and "ema top1" in log
+    assert f"root: {image_root}" in (run_dir / "config.yaml").read_text()  # resolved, not ${...}
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == pytest.approx(results)
+    assert 0 <= on_disk["top1"] <= on_disk["top5"] <= 100 and on_disk["loss"] > 0
+    assert on_disk["count"] == 12 and on_disk["step"] == 2 * UPDATES_PER_EPOCH
+
+
+def test_checkpoint_is_a_plain_weights_only_dict(trained):
+    run_dir, _ = trained
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "model_ema", "optimizer", "scheduler", "scaler", "rng", "config"):
+        assert key in ckpt
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"], ckpt["arch"]) == (2, 12, 0, "rednet26")
+    assert ckpt["config"]["trainer"]["epochs"] == 2 and isinstance(ckpt["config"], dict)
+    assert ckpt["model"].keys() == ckpt["model_ema"].keys()
+    assert not torch.equal(ckpt["model"]["fc.weight"], ckpt["model_ema"]["fc.weight"])
+
+
+def test_tensorboard_holds_the_scalars(trained):
+    run_dir, results = trained
+    scalars = _scalars(run_dir)
+    expected = {"train/loss", "train/lr", "train/throughput", "train/epoch_time", "train/peak_memory_mb"}
+    expected |= {f"{p}/{m}" for p in ("val", "ema") for m in ("top1", "top5", "loss")}
+    assert expected <= scalars.keys()
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 13))  # log_interval=1: every step
+    lrs = [v for _, v in scalars["train/lr"]]
+    assert lrs[1] > lrs[0]  # per-step warmup
+    assert all(v > 0 for _, v in scalars["train/throughput"])
+    assert [s for s, _ in scalars["val/top1"]] == [6, 12]
+    assert scalars["ema/top1"][-1][1] == pytest.approx(results["top1"], abs=1e-4)  # EMA weights are primary
+
+
+def test_eval_reproduces_the_logged_top1(trained, image_root, tmp_path):
+    run_dir, results = trained
+    scalars = _scalars(run_dir)
+    eval_overrides = [f"data.root={image_root}", "data=small", "data.batch_size=5", "data.num_workers=0"]
+    eval_overrides += ["trainer.device=cpu", "trainer.progress_bar=false"]
+    best = run_dir / "checkpoints" / "best.pt"
+    cfg = compose_config("eval", [*eval_overrides, f"checkpoint={best}"])
+    ema = eval_script.evaluate_checkpoint(cfg, tmp_path / "ema")
+    assert ema["top1"] == pytest.approx(results["best_top1"], abs=1e-4) and ema["count"] == 12
+    assert json.loads((tmp_path / "ema" / "results.json").read_text())["top1"] == pytest.approx(ema["top1"])
+    last = run_dir / "checkpoints" / "last.pt"
+    cfg = compose_config("eval", [*eval_overrides, f"checkpoint={last}", "use_ema=false"])
+    raw = eval_script.evaluate_checkpoint(cfg, tmp_path / "raw")
+    assert raw["top1"] == pytest.approx(scalars["val/top1"][-1][1], abs=1e-4)
+    assert raw["loss"] == pytest.approx(scalars["val/loss"][-1][1], rel=1e-4)
+
+
+def test_resume_auto_continues_at_the_next_epoch_and_step(trained, image_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    cfg = _train_cfg(image_root, "trainer.epochs=3", "trainer.model_ema=true", "resume=auto")
+    results = train.train(cfg, run_dir)
+    assert (results["epoch"], results["step"]) == (3, 3 * UPDATES_PER_EPOCH)
+    assert (
+        "resumed from" in (run_dir / "train.log").read_text()
+        and "epoch 2, step 12" in (run_dir / "train.log").read_text()
+    )
+    steps = [s for s, _ in _scalars(run_dir)["train/loss"]]
+    assert steps[-6:] == list(range(13, 19))
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (3, 18)
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(image_root, tmp_path, monkeypatch):
+    overrides = ("trainer.epochs=1", "trainer.ckpt_every_steps=2", "trainer.label_smoothing=0.0")
+    reference = train.train(_train_cfg(image_root, *overrides), tmp_path / "ref")
+    original = engine.train_one_epoch
+
+    def killed_at_step_3(*args, **kwargs):
+        def kill() -> bool:
+            if args[4].step >= 3:  # args[4] is the TrainProgress
+                raise KeyboardInterrupt  # killed after step 3, whose checkpoint was never written
+            return False
+
+        return original(*args, **{**kwargs, "should_stop": kill})
+
+    monkeypatch.setattr(engine, "train_one_epoch", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_train_cfg(image_root, *overrides), tmp_path / "cut")
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"]) == (0, 2, 2)
+    resumed = train.train(_train_cfg(image_root, *overrides, "resume=auto"), tmp_path / "cut")
+    assert resumed["step"] == reference["step"] == UPDATES_PER_EPOCH
+    final = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]
+    expected = checkpoint.load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_preemption_hook_saves_and_stops(image_root, tmp_path):
+    results = train.train(_train_cfg(image_root, "trainer.epochs=2"), tmp_path, should_stop=lambda: True)
+    assert results == {"stopped": True, "epoch": 0, "step": 1}
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (["model.name=rednet27"], ValueError, r"unknown model 'rednet27'.*rednet26, rednet38, rednet50"),
+        (["resume=/no/such/last.pt"], checkpoint.CheckpointError, r"'/no/such/last.pt' does not exist"),
+        (["trainer.amp=fp8"], ValueError, r"trainer.amp='fp8' is not one of none, bf16, fp16"),
+        (["trainer.grad_accum=7"], ValueError, r"trainer.grad_accum=7 exceeds the 6 batches"),
+    ],
+)
+def test_bad_settings_fail_before_training(image_root, tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        train.train(_train_cfg(image_root, *overrides), tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_bad_data_root_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.train(_train_cfg(tmp_path / "missing"), tmp_path / "run")
+    with pytest.raises(ValueError, match="data.root is not set"):
+        train.train(compose_config("train", TINY), tmp_path / "run")
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(image_root, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        train.train(_train_cfg(image_root, f"resume={junk}"), tmp_path / "run")
+
+
+def test_checkpoint_of_another_architecture(trained, image_root, tmp_path):
+    last = trained[0] / "checkpoints" / "last.pt"
+    with pytest.raises(checkpoint.CheckpointError, match="holds a rednet26 but the run builds rednet38"):
+        train.train(_train_cfg(image_root, "model=rednet38", f"resume={last}"), tmp_path)
+    cfg = compose_config(
+        "eval", ["model=rednet38", f"data.root={image_root}", f"checkpoint={last}", "data.num_workers=0"]
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="set model=rednet26"):
+        eval_script.evaluate_checkpoint(cfg, tmp_path / "eval")
+
+
+def test_existing_run_directory_needs_resume(trained, image_root):
+    with pytest.raises(FileExistsError, match="set resume=auto"):
+        train.train(_train_cfg(image_root), trained[0])
+
+
+def test_cuda_without_a_gpu(image_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="trainer.device=cuda but no CUDA GPU"):
+        train.train(_train_cfg(image_root, "trainer.device=cuda"), tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_root, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def nan_at_third_step(self, logits, targets):
+        calls["n"] += 1
+        loss = forward(self, logits, targets)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_at_third_step)
+    cfg = _train_cfg(image_root, "trainer.ckpt_every_steps=2", "trainer.log_interval=5")
+    with pytest.raises(engine.NonFiniteLossError, match="training loss is nan at step 3 .*last good state"):
+        train.train(cfg, tmp_path)
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_unreadable_training_image_is_named_and_work_is_kept(image_root, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(image_root, root)
+    bad = root / "train" / "dog" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(data.BadImageError, match=f"cannot read image '{bad}'"):
+        train.train(_train_cfg(root), tmp_path / "run")
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] < UPDATES_PER_EPOCH
+    results = train.train(_train_cfg(root, "trainer.epochs=1", "data.skip_bad_images=true"), tmp_path / "skip")
+    assert results["step"] == UPDATES_PER_EPOCH
+    assert "skipped 1 unreadable images" in (tmp_path / "skip" / "train.log").read_text()
+
+
+def test_command_line_train_then_eval(image_root, tmp_path):
+    """The real entry points: Hydra parses the overrides, picks the run directory, eval.py reads best.pt."""
+    run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
+    cmd = [sys.executable, "train.py", *TINY, f"data.root={image_root}", "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    trained_top1 = json.loads((run_dir / "results.json").read_text())["top1"]
+    cmd = [sys.executable, "eval.py", "data=small", f"data.root={image_root}", "data.num_workers=0"]
+    cmd += [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={eval_dir}", "trainer.device=cpu"]
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert json.loads((eval_dir / "results.json").read_text())["top1"] == pytest.approx(trained_top1, abs=1e-4)
+    assert f"top1 {trained_top1:.2f}" in out
