@@ -104,3 +104,14 @@ def test_channels_last():
         out = layer(x)
         out_cl = layer.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(out_cl, out)
+
+
+def test_memory_efficient_traces_whole_under_torch_compile():
+    # aot_eager: dynamo and AOTAutograd trace the selective checkpoint and the custom op without a graph break,
+    # and without paying for inductor's C++ compile (test_models compiles a whole RedNet with inductor).
+    x = torch.randn(2, 32, 9, 9)
+    layer = module(stride=2, memory_efficient=True)
+    out, grads = run(layer, x)
+    out_compiled, grads_compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
+    torch.testing.assert_close(out_compiled, out)
+    torch.testing.assert_close(grads_compiled, grads)
