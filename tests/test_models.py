@@ -238,3 +238,18 @@ def test_official_initialization():
     conv = model.layer3[0].conv3.weight  # Kaiming normal, fan_out: std = sqrt(2 / (out_channels · 1 · 1))
     assert conv.std().item() == pytest.approx((2 / conv.shape[0]) ** 0.5, rel=0.05)
     assert torch.count_nonzero(rednet.create_model("rednet26", zero_init_last=False).layer1[0].bn3.weight) == 256
+
+
+def test_forward_intermediates_and_prune():
+    x = image()
+    model = make("rednet26").train()
+    with torch.no_grad():
+        final, features = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [f.shape[1] for f in features] == [info["num_chs"] for info in model.feature_info]
+        assert [32 // f.shape[-1] for f in features] == [info["reduction"] for info in model.feature_info]
+        kept = model.prune_intermediate_layers(indices=[1, 2])
+        assert kept == [1, 2] and len(model.layer3) == len(model.layer4) == 0
+        pruned = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    torch.testing.assert_close(pruned, features[1:3])
+    assert model(x).shape == (2, 512, 4, 4)  # the head is gone too: forward ends at layer2's map

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from rednet.models.involution import ConvModule, Involution
 
@@ -209,6 +210,53 @@ class RedNet(nn.Module):
         device = self.stem[0].conv.weight.device
         self.global_pool.to(device)
         self.fc.to(device)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's intermediate features: index 0 is the stem's output, 1–4 the stages' (``feature_info`` order).
+
+        Args:
+            x: input images.
+            indices: the last n features if an int, these indices if a list, all if None.
+            norm: unused (RedNet has no final norm); kept for timm's interface.
+            stop_early: skip the stages after the last requested feature.
+            output_fmt: "NCHW" only.
+            intermediates_only: return the list of features alone.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"RedNet features are NCHW; output_fmt={output_fmt!r} is not supported")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        for index, stage in enumerate(stages[:max_index] if stop_early else stages, start=1):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+            if index in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and the head) after the features ``indices`` select; return the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in ("layer1", "layer2", "layer3", "layer4")[max_index:]:
+            setattr(self, name, nn.Sequential())  # empty, so that forward and checkpoint_seq still iterate it
+        if max_index < 4:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < 4:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.stem(x))
