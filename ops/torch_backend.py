@@ -25,6 +25,17 @@ def _tap_slices(tap: int, size_out: int, stride: int, dilation: int) -> slice:
     return slice(start, start + stride * (size_out - 1) + 1, stride)
 
 
+def _taps(kernel_size: int, size_in: int, size_out: int, stride: int, padding: int, dilation: int):
+    """(tap, slice) for each kernel tap that reads at least one real (non-padding) row; the others add zeros.
+
+    Skipping them matters at RedNet's small late-stage maps, where most of a 7×7 window lies in the padding.
+    """
+    for tap in range(kernel_size):
+        first, last = tap * dilation, tap * dilation + stride * (size_out - 1)
+        if last >= padding and first < padding + size_in:
+            yield tap, _tap_slices(tap, size_out, stride, dilation)
+
+
 def _pad_grouped(x: Tensor, groups: int, padding: int, dtype: torch.dtype) -> Tensor:
     """Zero-padded copy of x in ``dtype``, viewed as (N, G, C/G, H + 2p, W + 2p)."""
     n, c, h, w = x.shape
@@ -40,10 +51,9 @@ def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int)
     acc = _accumulation_dtype(x.dtype)
     x_pad = _pad_grouped(x, groups, padding, acc)
     out = x.new_zeros((n, groups, c // groups, h_out, w_out), dtype=acc)
-    for u in range(kernel_size):
-        rows = _tap_slices(u, h_out, stride, dilation)
-        for v in range(kernel_size):
-            cols = _tap_slices(v, w_out, stride, dilation)
+    conv = (stride, padding, dilation)
+    for u, rows in _taps(kernel_size, x.shape[2], h_out, *conv):
+        for v, cols in _taps(kernel_size, x.shape[3], w_out, *conv):
             out.addcmul_(x_pad[..., rows, cols], weight[:, :, u, v].unsqueeze(2).to(acc))
     return out.view(n, c, h_out, w_out).to(x.dtype)
 
@@ -64,10 +74,9 @@ def grad_input(
     acc = _accumulation_dtype(grad_out.dtype)
     grad_out = grad_out.reshape(n, groups, channels // groups, h_out, w_out).to(acc)
     grad_pad = grad_out.new_zeros((n, groups, channels // groups, height + 2 * padding, width + 2 * padding))
-    for u in range(kernel_size):
-        rows = _tap_slices(u, h_out, stride, dilation)
-        for v in range(kernel_size):
-            cols = _tap_slices(v, w_out, stride, dilation)
+    conv = (stride, padding, dilation)
+    for u, rows in _taps(kernel_size, height, h_out, *conv):
+        for v, cols in _taps(kernel_size, width, w_out, *conv):
             grad_pad[..., rows, cols].addcmul_(grad_out, weight[:, :, u, v].unsqueeze(2).to(acc))
     grad_x = grad_pad[..., padding : padding + height, padding : padding + width]
     return grad_x.reshape(n, channels, height, width).to(weight.dtype)
@@ -88,11 +97,10 @@ def grad_weight(
     acc = _accumulation_dtype(x.dtype)
     x_pad = _pad_grouped(x, groups, padding, acc)
     grad_out = grad_out.reshape(n, groups, c // groups, h_out, w_out).to(acc)
-    grad_w = x.new_empty((n, groups, kernel_size, kernel_size, h_out, w_out), dtype=acc)
-    for u in range(kernel_size):
-        rows = _tap_slices(u, h_out, stride, dilation)
-        for v in range(kernel_size):
-            cols = _tap_slices(v, w_out, stride, dilation)
+    grad_w = x.new_zeros((n, groups, kernel_size, kernel_size, h_out, w_out), dtype=acc)
+    conv = (stride, padding, dilation)
+    for u, rows in _taps(kernel_size, x.shape[2], h_out, *conv):
+        for v, cols in _taps(kernel_size, x.shape[3], w_out, *conv):
             torch.sum(grad_out * x_pad[..., rows, cols], dim=2, out=grad_w[:, :, u, v])
     return grad_w.to(x.dtype)
 

@@ -243,3 +243,18 @@ def test_bad_stride():
     x, weight = make_inputs(1, 8, 2, 7, 7, 3, 1, 1)
     with pytest.raises(ValueError, match="stride=0"):
         ops.involution(x, weight, stride=0)
+
+
+@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (3, 2), (2, 2)])
+def test_maps_smaller_than_the_kernel(size, stride):
+    # Most taps of a 7×7 window then read only padding (the torch backend skips them): late RedNet stages on small
+    # images. Taps that only touch padding must still get a zero weight gradient.
+    x, weight = make_inputs(2, 16, 1, size, size, 7, stride, 1)
+    results = {}
+    for backend in ("torch", "unfold"):
+        xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = ops.involution(xb, wb, stride, backend=backend)
+        out.backward(torch.ones_like(out))
+        results[backend] = (out, xb.grad, wb.grad)
+    for got, expected in zip(results["torch"], results["unfold"]):
+        torch.testing.assert_close(got, expected)
