@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,7 +44,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
     if cfg.checkpoint is not None:
         engine.load_model_weights(model, cfg.checkpoint, cfg.model.name, use_ema=cfg.use_ema)
-    model.to(dist.device)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model.to(device=dist.device, memory_format=memory_format)
 
     metrics = engine.evaluate(
         model, loader, dist.device, cfg.trainer.amp, cfg.trainer.channels_last, show_progress=cfg.trainer.progress_bar

@@ -164,3 +164,33 @@ def test_demo_dataset_is_a_stratified_image_folder(tmp_path):
 
     with Image.open(next((tmp_path / "val" / "3").glob("*.png"))) as img:
         assert img.size == (16, 16) and img.mode == "RGB"
+
+
+def test_prepare_imagenet_sorts_val_into_class_folders(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_imagenet", REPO / "scripts" / "prepare_imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    val = tmp_path / "val"
+    val.mkdir()
+    for i in (1, 2, 3):
+        (val / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(b"jpeg")
+    csv_file = tmp_path / "LOC_val_solution.csv"
+    csv_file.write_text(
+        "ImageId,PredictionString\n"
+        "ILSVRC2012_val_00000001,n01751748 1 2 3 4\n"
+        "ILSVRC2012_val_00000002,n09193705 5 6 7 8 n09193705 1 1 2 2\n"
+        "ILSVRC2012_val_00000003,n01751748 1 2 3 4\n"
+    )
+    labels = module.labels_from_loc_csv(csv_file)
+    assert module.sort_into_class_folders(val, labels) == 3
+    assert sorted(p.relative_to(val).as_posix() for p in val.rglob("*.JPEG")) == [
+        "n01751748/ILSVRC2012_val_00000001.JPEG",
+        "n01751748/ILSVRC2012_val_00000003.JPEG",
+        "n09193705/ILSVRC2012_val_00000002.JPEG",
+    ]
+    assert module.sort_into_class_folders(val, labels) == 0  # a second run has nothing left to move
+    (val / "ILSVRC2012_val_00000009.JPEG").write_bytes(b"jpeg")
+    with pytest.raises(ValueError, match="1 images in .* have no label"):
+        module.sort_into_class_folders(val, labels)

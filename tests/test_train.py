@@ -147,6 +147,17 @@ def test_preemption_hook_saves_and_stops(image_root, tmp_path):
     assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_loop_options_run_together(image_root, tmp_path, amp):
+    """AMP (fp16 adds a GradScaler), channels_last, accumulation, clipping and mixup/cutmix in one short run."""
+    overrides = [f"trainer.amp={amp}", "trainer.channels_last=true", "trainer.grad_accum=2", "trainer.clip_grad=1.0"]
+    overrides += ["data.mixup=0.2", "data.cutmix=1.0", "trainer.epochs=1"]
+    results = train.train(_train_cfg(image_root, *overrides), tmp_path)
+    assert results["step"] == UPDATES_PER_EPOCH // 2 and results["loss"] > 0
+    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+
+
 @pytest.mark.parametrize(
     "overrides,error,match",
     [
