@@ -98,6 +98,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     ckpt_dir = run_dir / "checkpoints"
     monitor.setup_logging(run_dir / "train.log", dist.is_main)
     check_config(cfg)
+    engine.check_model_name(cfg.model.name)
+    resume = load_resume_checkpoint(cfg, ckpt_dir)  # a bad model name or resume path fails before data is read
+    if resume is not None:
+        checkpoint.check_arch(resume[1], cfg.model.name, resume[0])
     random_seed(cfg.seed, dist.rank)
     device, tcfg = dist.device, cfg.trainer
 
@@ -131,10 +135,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
     # --- resume: everything a checkpoint holds, including the position inside the epoch
     progress = engine.TrainProgress()
-    resume = load_resume_checkpoint(cfg, ckpt_dir)
     if resume is not None:
         path, ckpt = resume
-        checkpoint.check_arch(ckpt, cfg.model.name, path)
         model.load_state_dict(ckpt["model"])
         if model_ema is not None and ckpt.get("model_ema") is not None:
             model_ema.module.load_state_dict(ckpt["model_ema"])

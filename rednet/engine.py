@@ -46,16 +46,21 @@ class TrainProgress:
     best_top1: float = -1.0
 
 
+def check_model_name(name: str) -> None:
+    """Fail early on a model name that is neither a RedNet nor a timm model, listing the RedNets."""
+    if name not in rednet.list_models() and not timm.is_model(name):
+        raise ValueError(
+            f"unknown model {name!r}: set model=<one of {', '.join(rednet.list_models())}> "
+            "(any timm model name, e.g. model.name=resnet50, works too)"
+        )
+
+
 def build_model(name: str, num_classes: int, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    """A RedNet by name (rednet.create_model), or any other timm model; unknown names list the available ones."""
+    """A RedNet by name (rednet.create_model), or any other timm model."""
+    check_model_name(name)
     if name in rednet.list_models():
         return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    if timm.is_model(name):
-        return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
-    raise ValueError(
-        f"unknown model {name!r}: set model=<one of {', '.join(rednet.list_models())}> "
-        "(any timm model name, e.g. model.name=resnet50, works too)"
-    )
+    return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
 
 
 def load_model_weights(model: nn.Module, path: str | Path, arch: str, use_ema: bool = True) -> None:

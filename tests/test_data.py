@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from train_utils import REPO, compose_config, make_image_folder
 
 from rednet import data
@@ -76,16 +77,14 @@ def test_unreadable_image_error_names_the_file(tmp_path):
     root = make_image_folder(tmp_path, n_train=2, n_val=2)
     bad = root / "val" / "dog" / "1.png"
     _corrupt(bad)
-    cfg = _data_cfg(root)
+    cfg = _data_cfg(root, "data.num_workers=0")
     val = data.create_image_dataset(cfg, "val", data.check_image_folder(root), is_training=False, replace_bad=False)
-    loader = data.create_eval_loader(val, cfg, world_size=1, rank=0, device=__import__("torch").device("cpu"))
+    loader = data.create_eval_loader(val, cfg, world_size=1, rank=0, device=torch.device("cpu"))
     with pytest.raises(data.BadImageError, match=rf"cannot read image '{bad}'.*data.skip_bad_images=true"):
         list(loader)
 
 
 def test_skip_bad_images_skips_and_counts(tmp_path):
-    import torch
-
     root = make_image_folder(tmp_path, n_train=4, n_val=2)
     _corrupt(root / "val" / "dog" / "1.png")
     _corrupt(root / "train" / "cat" / "2.png")
@@ -131,8 +130,6 @@ def test_eval_shards_cover_every_image_exactly_once(world_size):
 
 
 def test_batch_size_larger_than_the_data(tmp_path):
-    import torch
-
     root = make_image_folder(tmp_path, n_train=1, n_val=1)
     cfg = _data_cfg(root, "data.batch_size=16")
     train = data.create_image_dataset(cfg, "train", data.check_image_folder(root), is_training=True, replace_bad=True)

@@ -147,10 +147,21 @@ def test_preemption_hook_saves_and_stops(image_root, tmp_path):
     assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_loop_options_run_together(image_root, tmp_path, amp):
+def test_any_timm_model_trains_and_evaluates(image_root, tmp_path):
+    results = train.train(_train_cfg(image_root, "model.name=test_resnet", "trainer.epochs=1"), tmp_path / "run")
+    cfg = compose_config(
+        "eval",
+        ["model.name=test_resnet", "data=small", f"data.root={image_root}", "data.num_workers=0", "trainer.device=cpu"]
+        + [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'best.pt'}", "trainer.progress_bar=false"],
+    )
+    assert eval_script.evaluate_checkpoint(cfg, tmp_path / "eval")["top1"] == pytest.approx(results["top1"], abs=1e-4)
+
+
+@pytest.mark.parametrize("amp,model", [("bf16", "rednet26"), ("fp16", "test_resnet")])  # fp16 convs are slow on CPU
+def test_loop_options_run_together(image_root, tmp_path, amp, model):
     """AMP (fp16 adds a GradScaler), channels_last, accumulation, clipping and mixup/cutmix in one short run."""
-    overrides = [f"trainer.amp={amp}", "trainer.channels_last=true", "trainer.grad_accum=2", "trainer.clip_grad=1.0"]
+    overrides = [f"model.name={model}", f"trainer.amp={amp}", "trainer.channels_last=true", "trainer.grad_accum=2"]
+    overrides += ["trainer.clip_grad=1.0"]
     overrides += ["data.mixup=0.2", "data.cutmix=1.0", "trainer.epochs=1"]
     results = train.train(_train_cfg(image_root, *overrides), tmp_path)
     assert results["step"] == UPDATES_PER_EPOCH // 2 and results["loss"] > 0
