@@ -1,18 +1,21 @@
 """Training and inference throughput and peak memory of RedNet-26/50/101 next to timm's ResNet-26/50/101.
 
     python scripts/benchmark_model.py                                    # CUDA if present: bf16 + channels_last
-    python scripts/benchmark_model.py --device cpu --batch-size 16 --img-size 224 --out docs/benchmarks_training.md
+    python scripts/benchmark_model.py --device cpu --threads 1 --batch-size 8 --out docs/benchmarks_training.md
 
-Every model runs in the same process with the same settings: a training step is forward + backward + SGD step,
-inference is a forward under torch.inference_mode. Writes a markdown table (stdout, and --out if given).
+All models run in the same invocation with the same settings, each in a fresh process so that one model's memory
+does not count against the next. A training step is forward + backward + SGD step; inference is a forward under
+torch.inference_mode. Memory: peak CUDA allocation on GPU; on CPU the growth of the peak resident set size over the
+process's size before the model was built. Writes a markdown table (stdout, and --out if given).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
+import json
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -28,31 +31,13 @@ PAIRS = (("rednet26", "resnet26"), ("rednet50", "resnet50"), ("rednet101", "resn
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _cpu_peak_reset() -> None:
-    # Linux resets the process's peak resident size (VmHWM) when 5 is written to clear_refs.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _cpu_peak_mb() -> float:
+def _rss_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (current) of this process in MB, from /proc (Linux)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _cpu_peak_reset()
-
-
-def _peak_mb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _cpu_peak_mb()
 
 
 def _sync(device: torch.device) -> None:
@@ -73,17 +58,23 @@ def _timed(step, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """img/s and peak memory (MB) of one model for training and inference."""
+    """img/s and peak memory (MB) of one model, inference first (its peak is the lower one), then training."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000).to(device)
+    base_mb = _rss_mb("VmRSS")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    model = timm.create_model(name, num_classes=1000).to(device=device, memory_format=memory_format)
     runner = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = (lambda: torch.autocast(device.type, dtype=AMP[args.amp])) if AMP[args.amp] else contextlib.nullcontext
+    dtype = AMP[args.amp]
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast():
+            runner(x)
 
     def train_step() -> None:
         with autocast():
@@ -92,24 +83,23 @@ def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def infer_step() -> None:
-        with torch.inference_mode(), autocast():
-            runner(x)
+    def peak_mb() -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        return _rss_mb("VmHWM") - base_mb
 
-    model.train()
-    _reset_peak(device)
-    train_s = _timed(train_step, device, args.warmup, args.iters)
-    train_mb = _peak_mb(device)
     model.eval()
-    optimizer.state.clear()
-    _reset_peak(device)
     infer_s = _timed(infer_step, device, args.warmup, args.iters)
-    infer_mb = _peak_mb(device)
+    infer_mb = peak_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    train_s = _timed(train_step, device, args.warmup, args.iters)
     return {
-        "params": params,
+        "params": sum(p.numel() for p in model.parameters()) / 1e6,
         "train": args.batch_size / train_s,
         "infer": args.batch_size / infer_s,
-        "train_mb": train_mb,
+        "train_mb": peak_mb(),
         "infer_mb": infer_mb,
     }
 
@@ -117,10 +107,10 @@ def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on GPU, 8 on CPU")
@@ -130,24 +120,38 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10 GPU, 2 CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 30 GPU, 5 CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives stable numbers on a busy host)")
     parser.add_argument("--models", nargs="+", default=[m for pair in PAIRS for m in pair])
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: benchmark one model
     args = parser.parse_args()
-
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
+    gpu = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (64 if gpu else 8)
     args.amp = args.amp or ("bf16" if gpu else "none")
     args.channels_last = gpu if args.channels_last is None else args.channels_last
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     args.iters = args.iters or (30 if gpu else 5)
-    assert rednet.list_models()  # the RedNets are registered
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.worker:
+        print(json.dumps(benchmark(args.worker, args, device)))
+        return
+    assert rednet.list_models(), "the RedNets are not registered"
 
     rows = []
     for name in args.models:
-        result = benchmark(name, args, device)
+        worker = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--worker", name], capture_output=True, text=True, check=True
+        )
+        result = json.loads(worker.stdout.strip().splitlines()[-1])
         print(f"{name}: {result}", file=sys.stderr, flush=True)
         rows.append(
             f"| {name} | {result['params']:.2f} | {result['train']:.1f} | {result['infer']:.1f} "
@@ -157,7 +161,7 @@ def main() -> None:
         f"batch {args.batch_size}, {args.img_size}x{args.img_size}, amp {args.amp}, "
         f"channels_last {args.channels_last}, compile {args.compile}, {args.iters} timed steps after {args.warmup}"
     )
-    memory = "peak CUDA allocation" if gpu else "peak resident set size of the process (includes the framework)"
+    memory = "peak CUDA allocation" if device.type == "cuda" else "peak resident memory above the process before"
     table = "\n".join(
         [
             f"Measured {datetime.now(timezone.utc):%Y-%m-%d} on {device_name(device)} (torch {torch.__version__}, "

@@ -159,9 +159,10 @@ def test_any_timm_model_trains_and_evaluates(image_root, tmp_path):
 
 @pytest.mark.parametrize("amp,model", [("bf16", "rednet26"), ("fp16", "test_resnet")])  # fp16 convs are slow on CPU
 def test_loop_options_run_together(image_root, tmp_path, amp, model):
-    """AMP (fp16 adds a GradScaler), channels_last, accumulation, clipping and mixup/cutmix in one short run."""
+    """AMP (fp16 adds a GradScaler), channels_last, accumulation, clipping, RandAugment, random erasing and
+    mixup/cutmix in one short run."""
     overrides = [f"model.name={model}", f"trainer.amp={amp}", "trainer.channels_last=true", "trainer.grad_accum=2"]
-    overrides += ["trainer.clip_grad=1.0"]
+    overrides += ["trainer.clip_grad=1.0", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.25"]
     overrides += ["data.mixup=0.2", "data.cutmix=1.0", "trainer.epochs=1"]
     results = train.train(_train_cfg(image_root, *overrides), tmp_path)
     assert results["step"] == UPDATES_PER_EPOCH // 2 and results["loss"] > 0
