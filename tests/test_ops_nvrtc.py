@@ -57,16 +57,18 @@ def _compile(nvrtc, dtype: torch.dtype, options: list[str]) -> tuple[str, bytes]
     try:
         (result,) = nvrtc.nvrtcCompileProgram(program, len(options), [o.encode() for o in options])
         _, size = nvrtc.nvrtcGetProgramLogSize(program)
-        log = b" " * size
+        # A mutable buffer: NVRTC writes into it, and writing into `b" " * size` would corrupt CPython's shared
+        # one-byte bytes objects when size is 1 (an empty log), breaking torch.save/torch.load for the whole process.
+        log = bytearray(size)
         nvrtc.nvrtcGetProgramLog(program, log)
-        log = log.rstrip(b"\0 ").decode(errors="replace")
+        log = bytes(log).rstrip(b"\0 ").decode(errors="replace")
         assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, (
             f"NVRTC failed for {cupy_backend.SCALAR_TYPES[dtype]} with options {options}:\n{log}"
         )
         _, size = nvrtc.nvrtcGetPTXSize(program)
-        ptx = b" " * size
+        ptx = bytearray(size)
         nvrtc.nvrtcGetPTX(program, ptx)
-        return log, ptx
+        return log, bytes(ptx)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
 
