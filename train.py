@@ -102,7 +102,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     resume = load_resume_checkpoint(cfg, ckpt_dir)  # a bad model name or resume path fails before data is read
     if resume is not None:
         checkpoint.check_arch(resume[1], cfg.model.name, resume[0])
-    random_seed(cfg.seed, dist.rank)
+    random_seed(cfg.seed)  # the same initial weights on every rank
     device, tcfg = dist.device, cfg.trainer
 
     # --- data
@@ -134,6 +134,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     loss_fn = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
 
     # --- resume: everything a checkpoint holds, including the position inside the epoch
+    random_seed(cfg.seed, dist.rank)  # each rank its own augmentation and dropout draws
     progress = engine.TrainProgress()
     if resume is not None:
         path, ckpt = resume
@@ -218,6 +219,9 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count() + val_set.take_bad_count()
 
+        distributed.broadcast_buffers(model)  # every rank evaluates the weights rank 0 saves
+        if model_ema is not None:
+            distributed.broadcast_buffers(model_ema.module)
         eval_kwargs = dict(
             device=device, amp=tcfg.amp, channels_last=tcfg.channels_last, show_progress=tcfg.progress_bar
         )

@@ -87,6 +87,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank `src`'s buffers (BatchNorm statistics drift apart on each rank's last batches).
+
+    Evaluating with rank 0's buffers on every shard makes the logged metrics those of the checkpoint rank 0 saves.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op for a single process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

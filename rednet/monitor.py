@@ -42,7 +42,6 @@ def setup_logging(log_file: str | Path | None, is_main: bool = True) -> logging.
             handler.setFormatter(formatter)
             logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_main else logging.WARNING)
-        logger.propagate = False
     return logging.getLogger("rednet")
 
 
