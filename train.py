@@ -266,7 +266,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns val top-1 so that sweeps can optimize it."""
-    return train(cfg, HydraConfig.get().runtime.output_dir)["top1"]
+    results = train(cfg, HydraConfig.get().runtime.output_dir)
+    return results.get("top1", float("nan"))  # a stopped (preempted) run has no final metrics
 
 
 if __name__ == "__main__":
