@@ -4,7 +4,7 @@ Each mode runs in its own process, so that its peak resident memory (ru_maxrss) 
 activations kept for backward (distinct storages seen by autograd's saved-tensor hooks), the rise of peak RSS over
 the process's memory before the step, and the time of a second step (forward, backward, SGD).
 
-    python scripts/benchmark_memory_efficient.py --model rednet50 --batch 32 --size 224 --out docs/benchmarks_models.md
+    python scripts/benchmark_memory_efficient.py --model rednet50 --batch 32 --size 224 --out docs/benchmarks.md
 """
 
 from __future__ import annotations

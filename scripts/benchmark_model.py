@@ -1,7 +1,7 @@
 """Training and inference throughput and peak memory of RedNet-26/50/101 next to timm's ResNet-26/50/101.
 
     python scripts/benchmark_model.py                                    # CUDA if present: bf16 + channels_last
-    python scripts/benchmark_model.py --device cpu --threads 1 --batch-size 8 --out docs/benchmarks_training.md
+    python scripts/benchmark_model.py --device cpu --threads 1 --batch-size 8 --out model.md  # for docs/benchmarks.md
 
 All models run in the same invocation with the same settings, each in a fresh process so that one model's memory
 does not count against the next. A training step is forward + backward + SGD step; inference is a forward under
