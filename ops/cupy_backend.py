@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ops.involution import output_size
+
 __all__ = ["forward", "grad_input", "grad_weight", "is_available"]
 
 KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "involution.cu"
@@ -217,7 +219,9 @@ def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
 def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """Run one kernel on (a, b) -> out (all contiguous, one CUDA device) on torch's current stream there."""
     if not out.is_cuda:
-        raise ValueError(f"involution backend 'cupy' needs CUDA tensors, got {out.device}: move them with .to('cuda')")
+        raise RuntimeError(
+            f"involution backend 'cupy' needs CUDA tensors, got {out.device}: move them with .to('cuda')"
+        )
     if out.numel() == 0:
         return out
     import cupy
@@ -242,10 +246,6 @@ def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     if a.dtype != b.dtype:
         raise TypeError(f"involution backend 'cupy': {name_a} is {a.dtype} but {name_b} is {b.dtype}: cast one")
     compile_defines(a.dtype)  # raises for unsupported dtypes
-
-
-def _output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
 def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
@@ -294,8 +294,8 @@ def grad_weight(
     n, c, h, w = x.shape
     h_out, w_out = grad_out.shape[2:]
     expected = (
-        _output_size(h, kernel_size, stride, padding, dilation),
-        _output_size(w, kernel_size, stride, padding, dilation),
+        output_size(h, kernel_size, stride, padding, dilation),
+        output_size(w, kernel_size, stride, padding, dilation),
     )
     if (h_out, w_out) != expected:
         raise ValueError(

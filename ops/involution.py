@@ -166,12 +166,14 @@ _involution_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _autocast_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Under torch.autocast, run in the autocast dtype, as convolutions do."""
+    """Under torch.autocast, run in the autocast dtype, as convolutions do (float64 stays float64, as for conv)."""
     device_type = x.device.type
-    if x.dtype != weight.dtype and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return x.to(dtype), weight.to(dtype)
-    return x, weight
+    if not torch.is_autocast_enabled(device_type) or not (x.is_floating_point() and weight.is_floating_point()):
+        return x, weight
+    if x.dtype == torch.float64 or weight.dtype == torch.float64:
+        return x, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype)
 
 
 def involution(

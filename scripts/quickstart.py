@@ -49,13 +49,15 @@ def main() -> None:
 
     best = run_dir / "checkpoints" / "best.pt"
     eval_dir = run_dir / "eval"
-    # data=small holds every data setting of experiment=quickstart, so evaluation preprocesses as training did.
-    run(["eval.py", "model=rednet26", "data=small", f"data.root={data_root}", f"checkpoint={best}",
+    # data=small holds every data setting of experiment=quickstart, so evaluation preprocesses as training did;
+    # model and data overrides given to training apply to evaluation too.
+    shared = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") == "model" or o.startswith("data.")]
+    run(["eval.py", "model=rednet26", "data=small", f"data.root={data_root}", *shared, f"checkpoint={best}",
          f"hydra.run.dir={eval_dir}"])  # fmt: skip
     results = json.loads((eval_dir / "results.json").read_text())
 
     print()
-    print(f"RedNet-26 on {data_root}: val top-1 {results['top1']:.2f}% (top-5 {results['top5']:.2f}%, "
+    print(f"{results['model']} on {data_root}: val top-1 {results['top1']:.2f}% (top-5 {results['top5']:.2f}%, "
           f"{results['count']} images), trained in {train_seconds / 60:.1f} min")  # fmt: skip
     print(f"run directory: {run_dir}")
     print(f"TensorBoard:   tensorboard --logdir {out}")

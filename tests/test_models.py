@@ -253,3 +253,13 @@ def test_forward_intermediates_and_prune():
         pruned = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
     torch.testing.assert_close(pruned, features[1:3])
     assert model(x).shape == (2, 512, 4, 4)  # the head is gone too: forward ends at layer2's map
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "catavgmax"])
+def test_head_hidden_size_matches_pre_logits(global_pool):
+    model = rednet.create_model("rednet26", global_pool=global_pool, num_classes=3).eval()
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(image(size=32)), pre_logits=True)
+    assert pre_logits.shape[-1] == model.head_hidden_size
+    model.reset_classifier(4)
+    assert pre_logits.shape[-1] == model.head_hidden_size

@@ -97,11 +97,14 @@ def test_low_precision_accumulates_in_float32(dtype):
     assert error < tolerance
 
 
-def test_autocast_runs_in_the_autocast_dtype():
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_in_the_autocast_dtype(weight_dtype):
     x, weight = make_inputs(1, 16, 1, 8, 8, 3, 1, 1, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.involution(x, weight.bfloat16(), backend="torch")
+        out = ops.involution(x, weight.to(weight_dtype), backend="torch")
+        out_fp64 = ops.involution(x.double(), weight.double(), backend="torch")
     assert out.dtype == torch.bfloat16
+    assert out_fp64.dtype == torch.float64  # as convolutions: autocast leaves float64 alone
     torch.testing.assert_close(out.float(), ops.involution(x, weight, backend="unfold"), atol=0.1, rtol=0.05)
 
 

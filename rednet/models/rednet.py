@@ -157,8 +157,9 @@ class RedNet(nn.Module):
             in_channels = mid_channels * Bottleneck.expansion
             self.feature_info.append(dict(num_chs=in_channels, reduction=4 * 2**stage, module=f"layer{stage + 1}"))
 
-        self.num_features = self.head_hidden_size = in_channels
+        self.num_features = in_channels
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore
@@ -198,6 +199,7 @@ class RedNet(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        """The classifier module (or its name, "fc")."""
         return "fc" if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
