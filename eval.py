@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build the model, load `cfg.checkpoint` (or the published weights), evaluate, write results.json."""
     dist = distributed.init_distributed(cfg.trainer.device)
-    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    run_dir = distributed.shared_run_dir(run_dir)  # rank 0's directory for all ranks
     monitor.setup_logging(run_dir / "eval.log", dist.is_main)
     if cfg.checkpoint is None and not cfg.pretrained:
         raise ValueError(

@@ -4,9 +4,11 @@
     python train.py experiment=rednet50_paper data.root=/data/imagenet trainer=gpu
     python train.py experiment=quickstart data.root=data/digits
     torchrun --standalone --nproc-per-node=8 train.py experiment=rednet50_paper data.root=/data/imagenet
+    python train.py -m hydra/launcher=submitit_slurm hydra.launcher.nodes=2 experiment=rednet50_paper resume=auto ...
 
 Read top to bottom: set-up, data, model, optimizer and schedule, resume, then the epoch loop (train, evaluate,
-checkpoint). The pieces live in rednet/{data,engine,checkpoint,monitor,distributed}.py.
+checkpoint). The pieces live in rednet/{data,engine,checkpoint,monitor,distributed,preemption}.py. SIGTERM and
+SIGUSR1 stop the run after the current step with last.pt written (see rednet/preemption.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,15 +25,18 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from timm.layers import convert_sync_batchnorm
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
-from rednet import checkpoint, data, distributed, engine, monitor
+from rednet import checkpoint, data, distributed, engine, monitor, preemption
 
 log = logging.getLogger(__name__)
+# configs/hydra/launcher/submitit_*.yaml replace the plugin's configs of the same name on purpose (DDP defaults).
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore schema")
 
 
 def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
@@ -68,8 +74,21 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be even with mixup/cutmix")
 
 
+def out_of_memory_advice(cfg: DictConfig) -> str:
+    """What to change after a CUDA out-of-memory error, keeping the global batch (and so the scaled lr)."""
+    batch, accum = cfg.data.batch_size, cfg.trainer.grad_accum
+    if batch == 1:
+        return "data.batch_size is 1 already: use trainer.amp=bf16, a smaller data.img_size or a smaller model"
+    smaller = max(d for d in range(1, batch // 2 + 1) if batch % d == 0)
+    return (
+        f"CUDA ran out of memory with data.batch_size={batch} per process: set data.batch_size={smaller} "
+        f"trainer.grad_accum={accum * batch // smaller} (the same global batch and learning rate); "
+        "trainer.amp=bf16 and trainer.channels_last=true save memory too"
+    )
+
+
 def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to continue from: resume=null (none), auto (this run's newest), or a path."""
+    """The checkpoint to continue from: resume=null (none), auto (this run's newest, chosen by rank 0), or a path."""
     if cfg.resume is None:
         if (ckpt_dir / "last.pt").exists():
             raise FileExistsError(
@@ -78,10 +97,12 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
             )
         return None
     if cfg.resume == "auto":
-        found = checkpoint.find_resume_checkpoint(ckpt_dir)
-        if found is None:
+        found = checkpoint.find_resume_checkpoint(ckpt_dir)  # on every rank: an error stops them all
+        chosen = distributed.broadcast_object(found[0] if found else None)  # and every rank loads rank 0's choice
+        if chosen is None:
             log.info("resume=auto: no checkpoint in %s yet, starting a new run", ckpt_dir)
-        return found
+            return None
+        return found if found and found[0] == chosen else (chosen, checkpoint.load_checkpoint(chosen))
     path = Path(cfg.resume).expanduser()
     return path, checkpoint.load_checkpoint(path)
 
@@ -89,12 +110,12 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
 def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run a full training as configured, writing everything into `run_dir`; return the final metrics.
 
-    `should_stop` is polled after every optimizer step (e.g. a preemption signal was received): when it returns
-    True, last.pt is written at that step and the run returns early with `stopped: True`.
+    `should_stop` is polled after every optimizer step on every rank (e.g. `preemption.StopOnSignal`, which makes
+    the ranks agree): when it returns True, last.pt is written at that step and the run returns `stopped: True`.
     """
-    # --- set-up: processes, device, logging, seeds
+    # --- set-up: processes, run directory, logging, early checks
     dist = distributed.init_distributed(cfg.trainer.device)
-    run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's directory for all ranks
+    run_dir = distributed.shared_run_dir(run_dir)  # rank 0's directory for all ranks
     ckpt_dir = run_dir / "checkpoints"
     monitor.setup_logging(run_dir / "train.log", dist.is_main)
     check_config(cfg)
@@ -104,10 +125,14 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         checkpoint.check_arch(resume[1], cfg.model.name, resume[0])
     random_seed(cfg.seed)  # the same initial weights on every rank
     device, tcfg = dist.device, cfg.trainer
+    if tcfg.sync_bn and device.type != "cuda":
+        raise ValueError(f"trainer.sync_bn=true needs CUDA GPUs (NCCL), the run is on {device}: set it to false")
 
     # --- data
     classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
-    train_set = data.create_image_dataset(cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True)
+    train_set = data.create_image_dataset(
+        cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed
+    )
     val_set = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
     train_loader = data.create_train_loader(train_set, cfg.data, dist.world_size, dist.rank, cfg.seed, device)
     val_loader = data.create_eval_loader(val_set, cfg.data, dist.world_size, dist.rank, device)
@@ -120,6 +145,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     # --- model, EMA, optimizer, schedule, loss
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
     model = engine.build_model(cfg.model.name, len(classes), pretrained=cfg.pretrained, **model_kwargs)
+    if tcfg.sync_bn:
+        model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     model_ema = (
@@ -145,7 +172,9 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        rng = checkpoint.rank_rng_state(ckpt["rng"], dist.rank, dist.world_size)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
         progress = engine.TrainProgress(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_batches", 0), ckpt["best_top1"])
         log.info("resumed from %s: epoch %d, step %d", path, progress.epoch, progress.step)
     if dist.is_main:
@@ -172,7 +201,6 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             "step": progress.step,
             "epoch_batches": progress.epoch_batches,
             "best_top1": progress.best_top1,
-            "rng": checkpoint.rng_state(),
             "config": resolved_config,
             "arch": cfg.model.name,
             "num_classes": len(classes),
@@ -180,9 +208,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         }
 
     def save(epoch_end: bool = False, is_best: bool = False) -> None:
+        rng = distributed.all_gather_object(checkpoint.rng_state())  # every rank's, for an exact resume
         if dist.is_main:
             checkpoint.write_checkpoints(
-                state(), ckpt_dir, epoch_end=epoch_end, is_best=is_best, keep_last=tcfg.keep_last
+                {**state(), "rng": rng}, ckpt_dir, epoch_end=epoch_end, is_best=is_best, keep_last=tcfg.keep_last
             )
 
     log.info(
@@ -196,6 +225,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     for epoch in range(progress.epoch, tcfg.epochs):
         progress.epoch = epoch
         train_loader.sampler.set_epoch(epoch, start_index=progress.epoch_batches * cfg.data.batch_size)
+        train_set.set_epoch(epoch)
         epoch_start = time.perf_counter()
         try:
             stats = engine.train_one_epoch(
@@ -207,9 +237,12 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
                 show_progress=tcfg.progress_bar,
             )  # fmt: skip
         except data.BadImageError:
-            save()  # keep the work done up to the last update; resume=auto continues from there
-            log.error("stopped on an unreadable image; %s holds step %d", ckpt_dir / "last.pt", progress.step)
+            if not dist.distributed:  # (other ranks wait in a collective: the last periodic checkpoint stays)
+                save()  # keep the work done up to the last update; resume=auto continues from there
+            log.error("stopped on an unreadable image; %s holds the last saved step", ckpt_dir / "last.pt")
             raise
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
         if stats["stopped"]:
             save()
             log.info("stopped at epoch %d, step %d; resume=auto continues from %s", epoch, progress.step, ckpt_dir)
@@ -265,8 +298,11 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns val top-1 so that sweeps can optimize it."""
-    results = train(cfg, HydraConfig.get().runtime.output_dir)
+    """Hydra entry point; returns val top-1 so that sweeps can optimize it (nan when a signal stopped the run)."""
+    with preemption.StopOnSignal() as stop:
+        results = train(cfg, HydraConfig.get().runtime.output_dir, should_stop=stop)
+    if results.get("stopped"):
+        preemption.requeue_under_submitit(stop.received)  # a time-limit warning under submitit: requeue the job
     return results.get("top1", float("nan"))  # a stopped (preempted) run has no final metrics
 
 

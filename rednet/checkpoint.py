@@ -1,7 +1,8 @@
 """Training checkpoints: plain dicts written atomically, loaded with torch.load(weights_only=True), resumed.
 
-Layout of a run's `checkpoints/` folder: `last.pt` (newest state, each epoch and every N steps), `best.pt` (best val
-top-1), `epoch_NNNN.pt` (the last k epoch ends, also the fallbacks when last.pt is damaged).
+Layout of a run's `checkpoints/` folder: `last.pt` (newest state, each epoch and every N steps), `last_prev.pt` (the
+one before it), `best.pt` (best val top-1), `epoch_NNNN.pt` (the last k epoch ends). When last.pt is damaged, resume
+falls back to last_prev.pt, then to the newest epoch_NNNN.pt.
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def write_checkpoints(
     state: dict[str, Any], ckpt_dir: str | Path, *, epoch_end: bool, is_best: bool, keep_last: int
 ) -> Path:
-    """Write last.pt, and at an epoch end also epoch_NNNN.pt (keeping the newest `keep_last`) and best.pt."""
+    """Write last.pt (the old one becomes last_prev.pt), and at an epoch end also epoch_NNNN.pt (keeping the newest
+    `keep_last`) and best.pt."""
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / "last.pt"
+    if last.is_file():
+        _link_or_copy(last, ckpt_dir / "last_prev.pt")
     save_checkpoint(state, last)
     if epoch_end and keep_last > 0:
         _link_or_copy(last, ckpt_dir / f"epoch_{state['epoch']:04d}.pt")
@@ -95,18 +99,18 @@ def check_arch(ckpt: dict[str, Any], arch: str, path: str | Path) -> None:
 
 
 def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest loadable checkpoint of a run (last.pt, else the newest epoch_NNNN.pt), or None for a fresh run.
+    """The newest loadable checkpoint of a run (last.pt, last_prev.pt, the newest epoch_NNNN.pt), or None if none.
 
     A damaged last.pt (e.g. the disk filled up) falls back to an older one with a warning, never silently to scratch.
     """
     ckpt_dir = Path(ckpt_dir)
-    candidates = [ckpt_dir / "last.pt"] + sorted(ckpt_dir.glob("epoch_*.pt"), reverse=True)
+    candidates = [ckpt_dir / "last.pt", ckpt_dir / "last_prev.pt"] + sorted(ckpt_dir.glob("epoch_*.pt"), reverse=True)
     existing = [p for p in candidates if p.is_file()]
     for path in existing:
         try:
             return path, load_checkpoint(path)
         except CheckpointError as e:
-            _logger.warning("skipping damaged checkpoint: %s", e)
+            _logger.warning("skipping damaged checkpoint, trying an older one: %s", e)
     if existing:
         raise CheckpointError(f"no loadable checkpoint in '{ckpt_dir}' (tried {[str(p) for p in existing]})")
     return None
@@ -127,6 +131,21 @@ def rng_state() -> dict[str, Any]:
         },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
     }
+
+
+def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's entry of a checkpoint's RNG states (one per rank), or None when the world size changed."""
+    if isinstance(saved, dict):  # a single process's state
+        saved = [saved]
+    if len(saved) != world_size:
+        _logger.warning(
+            "the checkpoint holds RNG states of %d processes, this run has %d: random augmentation continues from "
+            "fresh per-rank seeds (the run is not bit-exact with an uninterrupted one)",
+            len(saved),
+            world_size,
+        )
+        return None
+    return saved[rank]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, create_dataset, create_transform
@@ -78,14 +80,30 @@ class CheckedImageFolder(Dataset):
     Skipped training images are replaced by the next readable one (batches keep their size, mixup needs even
     ones); skipped evaluation images come back as None and are dropped by `collate_skip_none`, so nothing is
     counted twice.
+
+    With a `seed`, the random augmentation of image i in epoch e depends only on (seed, e, i): not on the loader
+    worker that reads it, nor on where a resumed run restarted, so a resumed run sees the same images.
     """
 
-    def __init__(self, dataset: Any, skip_bad_images: bool, replace_bad: bool) -> None:
+    def __init__(self, dataset: Any, skip_bad_images: bool, replace_bad: bool, seed: int | None = None) -> None:
         self.dataset = dataset
         self.samples: list[tuple[str, int]] = dataset.reader.samples
         self.skip_bad_images = skip_bad_images
         self.replace_bad = replace_bad
+        self.seed = seed
         self.bad_count = multiprocessing.Value("i", 0)  # shared with loader workers
+        self.epoch = multiprocessing.Value("i", 0)  # shared, so persistent workers see set_epoch too
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation the next samples get (with a `seed`)."""
+        self.epoch.value = epoch
+
+    def _seed_augmentation(self, index: int) -> None:
+        # timm/torchvision transforms draw from Python's, NumPy's and torch's (CPU) global generators.
+        seed = int(np.random.SeedSequence([self.seed, self.epoch.value, index]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,6 +125,8 @@ class CheckedImageFolder(Dataset):
             return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        if self.seed is not None:
+            self._seed_augmentation(index)
         for offset in range(len(self.samples) if self.replace_bad else 1):
             i = (index + offset) % len(self.samples)
             img = self._load(i)
@@ -192,9 +212,12 @@ def create_transforms(data_cfg: Any, is_training: bool) -> Any:
 
 
 def create_image_dataset(
-    data_cfg: Any, split: str, classes: list[str], is_training: bool, replace_bad: bool
+    data_cfg: Any, split: str, classes: list[str], is_training: bool, replace_bad: bool, seed: int | None = None
 ) -> CheckedImageFolder:
-    """timm folder dataset of `<root>/<split>` with the class order fixed by `classes` (same indices every split)."""
+    """timm folder dataset of `<root>/<split>` with the class order fixed by `classes` (same indices every split).
+
+    `seed` makes each image's augmentation a function of (seed, epoch, index) (see `CheckedImageFolder`).
+    """
     dataset = create_dataset(
         "",
         root=str(Path(data_cfg.root).expanduser()),
@@ -204,7 +227,7 @@ def create_image_dataset(
         is_training=is_training,
     )
     dataset.transform = create_transforms(data_cfg, is_training)
-    return CheckedImageFolder(dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad)
+    return CheckedImageFolder(dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad, seed=seed)
 
 
 def _loader_kwargs(data_cfg: Any, device: torch.device) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""torch.distributed glue: process group set-up from torchrun's environment, rank helpers, reductions.
+"""torch.distributed glue: process group set-up from torchrun's or SLURM's environment, rank helpers, reductions.
 
 A single process is the world-size-1 case of the same code, so train.py has one path.
 """
@@ -6,11 +6,17 @@ A single process is the world-size-1 case of the same code, so train.py has one 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Small CPU collectives (stop flags, picked objects) go through gloo even when the default group is NCCL, so
+# polling a flag every step costs no GPU synchronization.
+_cpu_group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,25 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def export_submitit_env() -> None:
+    """Inside a submitit job (hydra-submitit-launcher), set torchrun's variables from the job's environment.
+
+    submitit reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first host of SLURM_JOB_NODELIST (or its local
+    executor's equivalents) and derives MASTER_PORT from the job id, so every task of the job agrees.
+    """
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment  # present whenever submitit runs this process
+
+    # Each task sees all of its node's GPUs and takes cuda:LOCAL_RANK, as under torchrun. (overwrite: a MASTER_PORT
+    # already set is kept by submitit, the other variables must be this task's.)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set), else run as a single process."""
+    """Join the process group when started by torchrun or submitit (RANK/WORLD_SIZE), else run as one process."""
+    global _cpu_group
+    export_submitit_env()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -57,13 +80,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        _cpu_group = dist.new_group(backend="gloo") if dev.type == "cuda" else None
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
 def cleanup() -> None:
     """Leave the process group (no-op for a single process)."""
+    global _cpu_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
+
+
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
 def get_world_size() -> int:
@@ -73,17 +103,26 @@ def get_world_size() -> int:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks in place (counts, not means, so uneven shards stay exact)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' `value`, on every rank (e.g. the stop signal one of them received, or 0)."""
+    if not _active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return int(tensor.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s value of `obj` on every rank (e.g. the run directory rank 0 chose)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _active():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=_cpu_group)
     return holder[0]
 
 
@@ -92,12 +131,34 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
     Evaluating with rank 0's buffers on every shard makes the logged metrics those of the checkpoint rank 0 saves.
     """
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=src)
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (e.g. the ranks' RNG states for a checkpoint)."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj, group=_cpu_group)
+    return gathered
+
+
 def barrier() -> None:
     """Wait for every rank (no-op for a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if _active():
+        dist.barrier(group=_cpu_group)
+
+
+def shared_run_dir(own_dir: str | Path) -> Path:
+    """Rank 0's run directory, for every rank.
+
+    Hydra names the directory from each process's own clock, so ranks started in different seconds get different
+    ones: rank 0 decides, and a rank whose Hydra made another directory removes it if it holds only Hydra's files.
+    """
+    own_dir = Path(own_dir)
+    run_dir = Path(broadcast_object(str(own_dir)))
+    if run_dir != own_dir and own_dir.is_dir() and {p.name for p in own_dir.iterdir()} <= {".hydra"}:
+        shutil.rmtree(own_dir, ignore_errors=True)
+    return run_dir

@@ -144,11 +144,12 @@ def train_one_epoch(
     stopped = False
 
     def flush() -> None:
-        # One sync for all pending losses: find the first bad step, else log the window.
+        # One sync for all pending losses: find the first bad step, else log the window. The losses are averaged
+        # over ranks first, so that every rank stops at the same step when one rank's loss is not finite.
         nonlocal epoch_loss, epoch_updates, window_images, window_start
         if not pending:
             return
-        losses = torch.stack(pending).float().cpu()
+        losses = (distributed.all_reduce_sum(torch.stack(pending).float()) / world_size).cpu()
         first_step = progress.step - len(pending) + 1
         pending.clear()
         bad = (~torch.isfinite(losses)).nonzero()

@@ -53,7 +53,7 @@ def test_write_checkpoints_keeps_last_k_and_best(tmp_path):
     for epoch, best in ((1, True), (2, False), (3, True), (4, False)):
         checkpoint.write_checkpoints(_state(epoch), tmp_path, epoch_end=True, is_best=best, keep_last=2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["best.pt", "epoch_0003.pt", "epoch_0004.pt", "last.pt"]
+    assert names == ["best.pt", "epoch_0003.pt", "epoch_0004.pt", "last.pt", "last_prev.pt"]
     assert checkpoint.load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
     assert checkpoint.load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
     checkpoint.write_checkpoints(_state(5), tmp_path, epoch_end=False, is_best=False, keep_last=2)
@@ -90,8 +90,12 @@ def test_resume_falls_back_from_a_truncated_last(tmp_path, caplog):
     last.write_bytes(last.read_bytes()[:100])
     with caplog.at_level("WARNING"):
         path, ckpt = checkpoint.find_resume_checkpoint(tmp_path)
-    assert path.name == "epoch_0002.pt" and ckpt["epoch"] == 2
+    assert path.name == "last_prev.pt" and ckpt["epoch"] == 2  # the last.pt before the newest write
     assert "skipping damaged checkpoint" in caplog.text
+    (tmp_path / "last_prev.pt").unlink()  # (a damaged copy in its place; truncating it in place would also
+    (tmp_path / "last_prev.pt").write_bytes(b"")  # truncate epoch_0002.pt, a hard link to the same bytes)
+    path, ckpt = checkpoint.find_resume_checkpoint(tmp_path)
+    assert path.name == "epoch_0002.pt" and ckpt["epoch"] == 2
     for p in tmp_path.glob("epoch_*.pt"):
         p.write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match="no loadable checkpoint"):

@@ -46,7 +46,7 @@ def trained(image_root, tmp_path_factory):
 def test_run_directory_holds_everything(trained, image_root):
     run_dir, results = trained
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["best.pt", "epoch_0002.pt", "last.pt"]
+    assert ckpts == ["best.pt", "epoch_0002.pt", "last.pt", "last_prev.pt"]
     log = (run_dir / "train.log").read_text()
     assert "epoch 1/2 | train loss" in log and "epoch 2/2" in log and "val top1" in log and "ema top1" in log
     assert f"root: {image_root}" in (run_dir / "config.yaml").read_text()  # resolved, not ${...}

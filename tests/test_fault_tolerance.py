@@ -1,0 +1,264 @@
+"""Fault tolerance on the CPU: stop signals, kill -9 in the middle of a checkpoint write, a damaged last.pt, and the
+exact resume (to 1e-6) after each of them; CUDA out-of-memory advice; SyncBatchNorm on the CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_utils import REPO, TINY, compose_config, make_image_folder
+
+import train
+from rednet import checkpoint, data, preemption
+from rednet.models.rednet import RedNet
+
+UPDATES = 6  # 3 classes x 8 training images, batch 4
+# One epoch with EMA on (it must be restored too) and the lr changing every step. Runs that are to be killed also
+# write last.pt after every step (writes cost ~0.5 s each: 115 MB with EMA and AdamW state).
+RUN = ("trainer.epochs=1", "trainer.model_ema=true", "trainer.model_ema_decay=0.9")
+EVERY_STEP = "trainer.ckpt_every_steps=1"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread here as in the subprocesses: summation order depends on the thread count, and AdamW's first steps
+    (g / |g|) turn last-bit differences of near-zero gradients into visible ones. (Also, two threads per process
+    wait on each other when a 2-core machine is busy.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(root, *overrides):
+    return compose_config("train", [*TINY, f"data.root={root}", *RUN, *overrides])
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def reference(image_root, tmp_path_factory):
+    """The uninterrupted run's final checkpoint."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train.train(_cfg(image_root), run_dir)
+    return checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def _resume_and_compare(image_root, run_dir, reference) -> str:
+    """Continue `run_dir` with resume=auto; the final weights (model and EMA) must be the uninterrupted run's."""
+    results = train.train(_cfg(image_root, "resume=auto"), run_dir)
+    assert results["step"] == UPDATES and results["epoch"] == 1
+    final = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    for part in ("model", "model_ema"):
+        for key, value in reference[part].items():
+            torch.testing.assert_close(final[part][key], value, rtol=0, atol=1e-6, msg=f"{part}.{key}")
+    assert final["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+    return (run_dir / "train.log").read_text()
+
+
+# --- kill -9 in the middle of writing a checkpoint
+
+KILL_AT_WRITE = 4  # last.pt after steps 1-3 are written; the write of step 4 dies half-way
+
+DRIVER = """
+import io, os, signal, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import torch
+import train
+from train_utils import compose_config
+
+real_save, calls = torch.save, [0]
+
+def save_then_die(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {kill_at}:  # half of the checkpoint reaches the disk, then kill -9
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die
+train.train(compose_config("train", {overrides!r}), {run_dir!r})
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_mid_write(image_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("killed")
+    overrides = [*TINY, f"data.root={image_root}", *RUN, EVERY_STEP]
+    code = DRIVER.format(
+        repo=str(REPO), tests=str(REPO / "tests"), kill_at=KILL_AT_WRITE, overrides=overrides, run_dir=str(run_dir)
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return run_dir
+
+
+def test_kill_mid_checkpoint_write_leaves_a_loadable_checkpoint(killed_mid_write):
+    ckpt_dir = killed_mid_write / "checkpoints"
+    (torn,) = ckpt_dir.glob(".last.pt.*.tmp")  # the write that was killed
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load_checkpoint(torn)
+    last = checkpoint.load_checkpoint(ckpt_dir / "last.pt")
+    assert (last["epoch"], last["step"], last["epoch_batches"]) == (0, KILL_AT_WRITE - 1, KILL_AT_WRITE - 1)
+    # last.pt became last_prev.pt just before the write began: a copy of it survives whatever happens to last.pt
+    assert checkpoint.load_checkpoint(ckpt_dir / "last_prev.pt")["step"] == KILL_AT_WRITE - 1
+
+
+def test_resume_after_kill_mid_write_matches_an_uninterrupted_run(killed_mid_write, image_root, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_mid_write, run_dir)
+    log = _resume_and_compare(image_root, run_dir, reference)
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'}: epoch 0, step {KILL_AT_WRITE - 1}" in log
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # the torn temp file is cleaned up
+
+
+def test_truncated_last_pt_falls_back_to_the_previous_one(killed_mid_write, image_root, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_mid_write, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    log = _resume_and_compare(image_root, run_dir, reference)
+    assert "skipping damaged checkpoint" in log and str(last) in log
+    assert f"resumed from {last.with_name('last_prev.pt')}: epoch 0, step {KILL_AT_WRITE - 1}" in log
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(image_root, tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    for name in ("last.pt", "last_prev.pt", "epoch_0001.pt"):
+        (ckpt_dir / name).write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(checkpoint.CheckpointError, match="no loadable checkpoint in"):
+        train.train(_cfg(image_root, "resume=auto"), tmp_path)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch_0001.pt", "last.pt", "last_prev.pt"]
+
+
+def test_each_write_keeps_the_previous_last_pt(tmp_path):
+    state = {"model": {"w": torch.zeros(2)}, "optimizer": {}, "epoch": 0, "step": 1, "arch": "rednet26"}
+    checkpoint.write_checkpoints(state, tmp_path, epoch_end=False, is_best=False, keep_last=1)
+    assert not (tmp_path / "last_prev.pt").exists()
+    checkpoint.write_checkpoints({**state, "step": 2}, tmp_path, epoch_end=False, is_best=False, keep_last=1)
+    assert checkpoint.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / "last_prev.pt")["step"] == 1
+
+
+# --- stop signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_finishes_the_step_writes_last_pt_and_resumes_exactly(sig, image_root, reference, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def signal_during_step_3(self, logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), sig)  # arrives in the middle of step 3
+        return forward(self, logits, targets)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", signal_during_step_3)
+    with preemption.StopOnSignal() as stop:
+        results = train.train(_cfg(image_root), tmp_path, should_stop=stop)
+    assert signal.getsignal(sig) is signal.SIG_DFL  # the handlers are put back
+    assert stop.received == sig
+    assert results == {"stopped": True, "epoch": 0, "step": 3}  # step 3 was finished, not dropped
+    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"]) == (0, 3, 3)
+    assert f"{sig.name}: stopping after this step" in (tmp_path / "train.log").read_text()
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+    _resume_and_compare(image_root, tmp_path, reference)
+
+
+def test_sigterm_to_the_command_line_run_exits_cleanly_mid_epoch(image_root, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, f"data.root={image_root}", *RUN, EVERY_STEP, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert 1 <= ckpt["step"] < UPDATES and ckpt["epoch_batches"] == ckpt["step"] and ckpt["epoch"] == 0
+    assert "SIGTERM: stopping after this step" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "results.json").exists()
+    _resume_and_compare(image_root, run_dir, reference)
+
+
+# --- data order and augmentation do not depend on workers or on where a run restarted
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(image_root):
+    cfg = compose_config("train", [*TINY, f"data.root={image_root}"]).data
+    classes = data.check_image_folder(image_root)
+    dataset = data.create_image_dataset(cfg, "train", classes, is_training=True, replace_bad=True, seed=7)
+
+    def epoch_batches(workers: int, epoch: int, start_batch: int = 0) -> list[torch.Tensor]:
+        cfg.num_workers = workers
+        loader = data.create_train_loader(dataset, cfg, 1, 0, seed=7, device=torch.device("cpu"))
+        loader.sampler.set_epoch(epoch, start_index=start_batch * cfg.batch_size)
+        dataset.set_epoch(epoch)
+        return [images for images, _ in loader]
+
+    torch.manual_seed(0)
+    in_process = epoch_batches(0, epoch=1)
+    torch.manual_seed(1)  # the global RNG does not matter either
+    with_workers = epoch_batches(2, epoch=1)
+    resumed = epoch_batches(2, epoch=1, start_batch=2)
+    for a, b in zip(in_process, with_workers, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(in_process[2:], resumed, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(epoch_batches(0, epoch=2)[0], in_process[0])
+
+
+# --- CUDA out of memory, SyncBatchNorm
+
+
+def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(image_root, tmp_path, monkeypatch):
+    def out_of_memory(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(RedNet, "forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        train.train(_cfg(image_root, "data.batch_size=4", "trainer.grad_accum=3"), tmp_path)
+    message = str(info.value)
+    assert "data.batch_size=4 per process: set data.batch_size=2 trainer.grad_accum=6" in message
+    assert "Tried to allocate 2.00 GiB" in message
+
+
+def test_sync_bn_needs_cuda(image_root, tmp_path):
+    with pytest.raises(ValueError, match=r"trainer.sync_bn=true needs CUDA GPUs .* on cpu: set it to false"):
+        train.train(_cfg(image_root, "trainer.sync_bn=true"), tmp_path)
+
+
+def test_per_rank_rng_states_are_restored_only_for_the_same_world_size():
+    states = [{"rank": 0}, {"rank": 1}]
+    assert checkpoint.rank_rng_state(states, rank=1, world_size=2) == {"rank": 1}
+    assert checkpoint.rank_rng_state({"rank": 0}, rank=0, world_size=1) == {"rank": 0}  # one process's state
+    assert checkpoint.rank_rng_state(states, rank=0, world_size=4) is None
+
+
+def test_lr_scales_with_batch_and_accumulation(image_root, tmp_path):
+    overrides = ("optim.lr=1e-3", "optim.lr_base_size=4", "data.batch_size=4", "trainer.grad_accum=2")
+    train.train(_cfg(image_root, *overrides), tmp_path, should_stop=lambda: True)
+    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 4 * 2 / 4)
+    assert "global batch 8, lr 0.002" in (tmp_path / "train.log").read_text()
