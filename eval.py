@@ -42,8 +42,13 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
     pretrained = bool(cfg.pretrained) and cfg.checkpoint is None
     model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
+    if pretrained and len(classes) != model.pretrained_cfg.get("num_classes", len(classes)):
+        raise ValueError(
+            f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "
+            f"{cfg.data.root} has {len(classes)} val class folders: evaluate published weights on their data set"
+        )
     if cfg.checkpoint is not None:
-        engine.load_model_weights(model, cfg.checkpoint, cfg.model.name, use_ema=cfg.use_ema)
+        engine.load_model_weights(model, cfg.checkpoint, cfg.model.name, use_ema=cfg.use_ema, classes=classes)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device=dist.device, memory_format=memory_format)
 

@@ -63,8 +63,14 @@ def build_model(name: str, num_classes: int, pretrained: bool | str = False, **k
     return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
 
 
-def load_model_weights(model: nn.Module, path: str | Path, arch: str, use_ema: bool = True) -> None:
-    """Load a checkpoint for evaluation: this project's training checkpoints or any layout rednet.weights reads."""
+def load_model_weights(
+    model: nn.Module, path: str | Path, arch: str, use_ema: bool = True, classes: list[str] | None = None
+) -> None:
+    """Load a checkpoint for evaluation: this project's training checkpoints or any layout rednet.weights reads.
+
+    With ``classes`` (the evaluation folder's), the checkpoint must predict exactly those classes in that order:
+    evaluating with a dropped classifier, or with shifted labels, would report meaningless numbers.
+    """
     from rednet import weights
 
     path = Path(path).expanduser()
@@ -73,10 +79,34 @@ def load_model_weights(model: nn.Module, path: str | Path, arch: str, use_ema: b
     ckpt = weights.read_checkpoint(path)
     check_arch(ckpt, arch, path)
     state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
+    if classes is not None:
+        check_checkpoint_classes(ckpt, state_dict, model, classes, path)
     if isinstance(model, rednet.RedNet):
         weights.load_state_dict(model, state_dict)
     else:
         model.load_state_dict(state_dict)
+
+
+def check_checkpoint_classes(
+    ckpt: dict[str, Any], state_dict: dict[str, torch.Tensor], model: nn.Module, classes: list[str], path: Path
+) -> None:
+    """Refuse to evaluate a checkpoint on class folders other than the ones it was trained on."""
+    trained = ckpt.get("classes")
+    if trained is not None and list(trained) != list(classes):
+        missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+        raise ValueError(
+            f"checkpoint '{path}' was trained on {len(trained)} classes but the val folder has {len(classes)} "
+            f"(missing: {missing[:5]}, not in the checkpoint: {extra[:5]}"
+            f"{', same names in another order' if not missing and not extra else ''}): evaluate on the data it "
+            "was trained on"
+        )
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    weight = state_dict.get(f"{classifier}.weight") if classifier else None
+    if weight is not None and weight.shape[0] != len(classes):
+        raise ValueError(
+            f"checkpoint '{path}' has a {weight.shape[0]}-class classifier but the val folder has {len(classes)} "
+            "class folders: evaluate on the data it was trained on"
+        )
 
 
 def amp_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -261,3 +261,18 @@ def test_command_line_train_then_eval(image_root, tmp_path):
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     assert json.loads((eval_dir / "results.json").read_text())["top1"] == pytest.approx(trained_top1, abs=1e-4)
     assert f"top1 {trained_top1:.2f}" in out
+
+
+def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
+    # A val folder with a class missing would shift every label (and a plain state dict of another class count
+    # would lose its classifier): both are errors, not a warning and meaningless numbers.
+    other = make_image_folder(tmp_path / "other", classes=("cat", "dog"), n_train=1, n_val=1)
+    last = trained[0] / "checkpoints" / "last.pt"
+    overrides = [f"data.root={other}", "data=small", f"checkpoint={last}", "data.num_workers=0", "trainer.device=cpu"]
+    with pytest.raises(ValueError, match=r"trained on 3 classes but the val folder has 2 \(missing: \['fox'\]"):
+        eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval")
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(last, weights_only=True)["model"], plain)
+    overrides[2] = f"checkpoint={plain}"
+    with pytest.raises(ValueError, match="has a 3-class classifier but the val folder has 2 class folders"):
+        eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval2")
