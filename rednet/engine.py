@@ -19,6 +19,7 @@ from torch import nn
 import rednet
 from rednet import distributed, monitor
 from rednet.checkpoint import check_arch
+from rednet.data import BadImageError
 
 _logger = logging.getLogger(__name__)
 
@@ -203,9 +204,13 @@ def train_one_epoch(
 
     bar = monitor.progress(loader, desc=f"train {progress.epoch}", enabled=show_progress, total=num_batches)
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(bar):
-        if i >= num_batches:
-            break
+    batches = iter(bar)
+    for i in range(num_batches):
+        try:
+            batch = next(batches)
+        except BadImageError:
+            flush()  # the caller saves the state on this error: its pending losses must be checked first
+            raise
         images, targets = _to_device(batch, device, channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
