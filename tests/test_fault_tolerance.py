@@ -26,15 +26,9 @@ EVERY_STEP = "trainer.ckpt_every_steps=1"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread here as in the subprocesses: summation order depends on the thread count, and AdamW's first steps
-    (g / |g|) turn last-bit differences of near-zero gradients into visible ones. (Also, two threads per process
-    wait on each other when a 2-core machine is busy.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread here as in the subprocesses: summation order depends on the thread count, and AdamW's first
+# steps (g / |g|) turn last-bit differences of near-zero gradients into visible ones.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _cfg(root, *overrides):

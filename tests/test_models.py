@@ -20,13 +20,7 @@ OFFICIAL_KEYS = {"rednet26": 251, "rednet38": 351, "rednet50": 451, "rednet101":
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: at these tiny shapes threads only add synchronization, and a busy machine stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def official_state_dict_keys(layers: tuple[int, ...]) -> list[str]:

@@ -1,0 +1,16 @@
+"""Fixtures shared by several test modules (torch only: the GPU machine runs some modules without hydra)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module: at tiny shapes threads only add synchronization (and stall on a busy
+    2-core machine), and results that must match a 1-thread subprocess need the same summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
