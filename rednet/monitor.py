@@ -63,12 +63,23 @@ def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | N
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process so far: CUDA allocations on GPU, resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    return peak_rss_bytes() / 2**20
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

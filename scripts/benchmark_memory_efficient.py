@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,18 +24,10 @@ MODES = ("plain", "memory_efficient")
 SECTION_START, SECTION_END = "<!-- memory_efficient:start -->", "<!-- memory_efficient:end -->"
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
 def measure(model_name: str, batch: int, size: int, memory_efficient: bool) -> dict[str, float]:
     """One process's numbers for one mode: saved activations, peak RSS rise in step 1, time of step 2."""
     import rednet
+    from rednet.monitor import current_rss_bytes, peak_rss_bytes
 
     torch.manual_seed(0)
     model = rednet.create_model(model_name, memory_efficient=memory_efficient).train()

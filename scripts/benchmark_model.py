@@ -26,18 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rednet  # noqa: E402  (registers the RedNets with timm)
+from rednet import monitor  # noqa: E402
 
 PAIRS = (("rednet26", "resnet26"), ("rednet50", "resnet50"), ("rednet101", "resnet101"))
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _rss_mb(field: str) -> float:
-    """VmHWM (peak) or VmRSS (current) of this process in MB, from /proc (Linux)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +52,7 @@ def _timed(step, device: torch.device, warmup: int, iters: int) -> float:
 def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """img/s and peak memory (MB) of one model, inference first (its peak is the lower one), then training."""
     torch.manual_seed(0)
-    base_mb = _rss_mb("VmRSS")
+    base_mb = monitor.current_rss_bytes() / 2**20
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = timm.create_model(name, num_classes=1000).to(device=device, memory_format=memory_format)
     runner = torch.compile(model) if args.compile else model
@@ -86,7 +78,7 @@ def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict
     def peak_mb() -> float:
         if device.type == "cuda":
             return torch.cuda.max_memory_allocated(device) / 2**20
-        return _rss_mb("VmHWM") - base_mb
+        return monitor.peak_rss_bytes() / 2**20 - base_mb
 
     model.eval()
     infer_s = _timed(infer_step, device, args.warmup, args.iters)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ops  # noqa: E402
 from ops.involution import output_size  # noqa: E402
+from rednet import monitor  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -79,15 +79,6 @@ def bytes_moved(shape: Shape, batch: int, element_size: int) -> tuple[int, int]:
     return forward * element_size, (forward + backward) * element_size
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure(shape: Shape, backend: str, batch: int, dtype: torch.dtype, device: str, min_run_time: float) -> dict:
     """Peak memory growth of forward+backward (measured first, on a fresh process or reset CUDA stats) and times."""
     x, weight, grad_out = make_inputs(shape, batch, dtype, device)
@@ -109,9 +100,9 @@ def measure(shape: Shape, backend: str, batch: int, dtype: torch.dtype, device: 
         x_warm, weight_warm, grad_warm = make_inputs(shape, 1, dtype, device)
         ops.involution(x_warm, weight_warm, shape.stride, backend=backend).backward(grad_warm)
         del x_warm, weight_warm, grad_warm
-        before = _rss_bytes()
+        before = monitor.current_rss_bytes()
         step(True)
-        peak = _peak_rss_bytes() - before
+        peak = monitor.peak_rss_bytes() - before
     times = {}
     for label, backward in (("forward", False), ("forward_backward", True)):
         timer = Timer("step(backward)", globals={"step": step, "backward": backward})
