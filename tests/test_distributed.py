@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.layers import convert_sync_batchnorm
-from train_utils import REPO, TINY, compose_config, make_image_folder
+from train_utils import REPO, TINY, compose_config, make_image_folder, sigterm_after_first_checkpoint
 
 import eval as eval_script
 import rednet
@@ -116,15 +116,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(image_root, tmp_p
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "train.py", *RUN]
     cmd += [f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    _, stderr = sigterm_after_first_checkpoint(cmd, run_dir, ENV, timeout=120)
     assert "got signal: 15" in stderr  # torchrun's own exit (status 1) after its workers ended
     log = (run_dir / "train.log").read_text()
     assert "SIGTERM: stopping after this step" in log and "stopped at epoch 0" in log

@@ -8,11 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from train_utils import REPO, TINY, compose_config, make_image_folder
+from train_utils import REPO, TINY, compose_config, make_image_folder, sigterm_after_first_checkpoint
 
 import train
 from rednet import checkpoint, data, preemption
@@ -179,16 +178,8 @@ def test_signal_finishes_the_step_writes_last_pt_and_resumes_exactly(sig, image_
 def test_sigterm_to_the_command_line_run_exits_cleanly_mid_epoch(image_root, reference, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "train.py", *TINY, f"data.root={image_root}", *RUN, EVERY_STEP, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr[-2000:]
+    returncode, stderr = sigterm_after_first_checkpoint(cmd, run_dir, ENV, timeout=60)
+    assert returncode == 0, stderr[-2000:]
     ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert 1 <= ckpt["step"] < UPDATES and ckpt["epoch_batches"] == ckpt["step"] and ckpt["epoch"] == 0
     assert "SIGTERM: stopping after this step" in (run_dir / "train.log").read_text()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +56,19 @@ def compose_config(name: str = "train", overrides: list[str] | None = None) -> D
     """The config that `python <name>.py <overrides>` would run with."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
+
+
+def sigterm_after_first_checkpoint(
+    cmd: list[str], run_dir: Path, env: dict[str, str], timeout: float
+) -> tuple[int, str]:
+    """Start `cmd`, send SIGTERM as soon as run_dir holds checkpoints/last.pt; return (exit status, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
