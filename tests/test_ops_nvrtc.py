@@ -95,6 +95,33 @@ def test_sm90_binary_does_not_spill(nvrtc, dtype: torch.dtype) -> None:
     assert not any(spills), f"register spills in the sm_90 build:\n{log}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cupy_compiler_builds_every_entry_point(monkeypatch, dtype: torch.dtype) -> None:
+    """Through CuPy's own compile_using_nvrtc, the path RawModule takes, with whatever CuPy is installed.
+
+    CuPy 13 and 14 add different options (13 adds --std=c++11, for one); scripts/check_cupy13.sh runs this test
+    under CuPy 13. CuPy asks the current GPU for its architecture; without one, it is given here.
+    """
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+        from cupy.cuda import compiler
+    except ImportError as error:
+        _missing(f"CuPy is unavailable ({error}): pip install -e '.[cuda]'")
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=compute_{arch}", "ptx"))
+    options = assemble_cupy_compiler_options(cupy_backend.compile_options(dtype))
+    ptx, _ = compiler.compile_using_nvrtc(cupy_backend.kernel_source(), options=options, arch="75")
+    ptx = ptx if isinstance(ptx, bytes) else ptx.encode()
+    entries = set(re.findall(rb"\.entry\s+(\w+)", ptx))
+    missing = [name for name in ENTRY_POINTS if name.encode() not in entries]
+    assert not missing, f"CuPy {_cupy_version()} built no {missing} (found {sorted(entries)})"
+
+
+def _cupy_version() -> str:
+    import cupy
+
+    return cupy.__version__
+
+
 def test_cuda_headers_are_found() -> None:
     """cuda_fp16.h / cuda_bf16.h must be reachable: from CuPy's own include options or the backend's search."""
     if importlib.util.find_spec("cupy") is None:
