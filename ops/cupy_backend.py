@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ops import layout
 from ops.involution import output_size
 
 __all__ = ["forward", "grad_input", "grad_weight", "is_available"]
@@ -37,6 +38,9 @@ SCALAR_TYPES = {
     torch.bfloat16: "__nv_bfloat16",
 }
 KERNEL_KINDS = ("forward", "grad_input", "grad_weight")
+LAYOUTS = ("nchw", "nhwc")
+# channels_last tensors go to the NHWC kernels; False sends them through NCHW copies instead (for comparisons).
+USE_NHWC_KERNELS = True
 _INT32_MAX = 2**31 - 1
 _INSTALL_HINT = "pip install cupy-cuda13x (CUDA 13 builds of torch) or cupy-cuda12x (CUDA 12 builds)"
 
@@ -66,6 +70,16 @@ class Launch(NamedTuple):
     geometry: Geometry
 
 
+def kernel_names() -> list[str]:
+    """Every entry point of the kernel file."""
+    return [
+        f"involution_{kind}{'_nhwc' if memory == 'nhwc' else ''}_i{bits}"
+        for memory in LAYOUTS
+        for kind in KERNEL_KINDS
+        for bits in (32, 64)
+    ]
+
+
 def plan_launch(
     kind: str,
     geometry: Geometry,
@@ -73,6 +87,7 @@ def plan_launch(
     index_bits: int | None = None,
     channels_per_thread: int = CHANNELS_PER_THREAD,
     pixels_per_thread: int = PIXELS_PER_THREAD,
+    memory: str = "nchw",
 ) -> Launch:
     """Choose the entry point and launch shape for one kernel; shared by the GPU path and the host-emulation tests.
 
@@ -81,13 +96,19 @@ def plan_launch(
         geometry: the sizes.
         max_blocks: grid size cap (the kernels loop over the remaining work).
         index_bits: force the 32- or 64-bit variant; default: 32 bits whenever every index fits.
-        channels_per_thread, pixels_per_thread: as compiled (compile_defines).
+        channels_per_thread, pixels_per_thread: as compiled (compile_defines); the NHWC kernels take one pixel.
+        memory: "nchw" or "nhwc" (channels_last x, pixel-major weight; see ops/layout.py).
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kernel kind {kind!r} is unknown: choose one of {', '.join(KERNEL_KINDS)}")
+    if memory not in LAYOUTS:
+        raise ValueError(f"memory layout {memory!r} is unknown: choose one of {', '.join(LAYOUTS)}")
     g = geometry
     chunks = -(-(g.C // g.G) // channels_per_thread)
-    if kind == "forward":
+    if memory == "nhwc":
+        pixels = {"forward": g.Ho * g.Wo, "grad_input": g.H * g.W, "grad_weight": g.Ho * g.Wo}[kind]
+        work = g.N * g.G * pixels * (1 if kind == "grad_weight" else chunks)
+    elif kind == "forward":
         work = g.N * g.G * chunks * g.Ho * -(-g.Wo // pixels_per_thread)
     elif kind == "grad_input":
         work = g.N * g.G * chunks * g.H * -(-g.W // pixels_per_thread)
@@ -100,7 +121,8 @@ def plan_launch(
         index_bits = 32 if largest + grid * BLOCK_SIZE <= _INT32_MAX else 64
     if index_bits not in (32, 64):
         raise ValueError(f"index_bits must be 32 or 64, got {index_bits}")
-    return Launch(f"involution_{kind}_i{index_bits}", grid, BLOCK_SIZE, geometry)
+    suffix = "_nhwc" if memory == "nhwc" else ""
+    return Launch(f"involution_{kind}{suffix}_i{index_bits}", grid, BLOCK_SIZE, geometry)
 
 
 @functools.cache
@@ -202,7 +224,7 @@ def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
     """Compile (or load from CuPy's cache) the kernels for one device and dtype: {entry point name: RawKernel}."""
     import cupy
 
-    names = [f"involution_{kind}_i{bits}" for kind in KERNEL_KINDS for bits in (32, 64)]
+    names = kernel_names()
     options = compile_options(dtype)
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=kernel_source(), options=options)
@@ -216,8 +238,8 @@ def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
             ) from error
 
 
-def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    """Run one kernel on (a, b) -> out (all contiguous, one CUDA device) on torch's current stream there."""
+def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor, memory: str) -> Tensor:
+    """Run one kernel on (a, b) -> out (all in `memory` layout, one CUDA device) on torch's current stream there."""
     if not out.is_cuda:
         raise RuntimeError(
             f"involution backend 'cupy' needs CUDA tensors, got {out.device}: move them with .to('cuda')"
@@ -227,7 +249,7 @@ def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor) ->
     import cupy
     import numpy as np
 
-    launch = plan_launch(kind, geometry)
+    launch = plan_launch(kind, geometry, memory=memory)
     device_index = out.device.index if out.device.index is not None else torch.cuda.current_device()
     kernel = _kernels(device_index, out.dtype)[launch.kernel]
     args = tuple(np.uint64(t.data_ptr()) for t in (a, b, out)) + tuple(np.int32(s) for s in launch.geometry)
@@ -248,15 +270,22 @@ def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     compile_defines(a.dtype)  # raises for unsupported dtypes
 
 
+def _memory(t: Tensor) -> str:
+    """The kernels for t's layout: "nhwc" for channels_last, else "nchw"."""
+    return "nhwc" if USE_NHWC_KERNELS and layout.is_channels_last(t) else "nchw"
+
+
 def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    """out (N, C, Ho, Wo) from x (N, C, H, W) and weight (N, G, K, K, Ho, Wo); no autograd."""
+    """out (N, C, Ho, Wo) in x's layout from x (N, C, H, W) and weight (N, G, K, K, Ho, Wo); no autograd."""
     _check_pair("x", x, "weight", weight)
-    x, weight = x.contiguous(), weight.contiguous()
+    memory = _memory(x)
+    channels_last = memory == "nhwc"
+    x, weight = layout.to_layout(x, channels_last), layout.weight_to_layout(weight, channels_last)
     n, c, h, w = x.shape
     _, groups, k, _, h_out, w_out = weight.shape
-    out = torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device)
+    out = layout.to_layout(x.new_empty((n, c, h_out, w_out)), channels_last)
     geometry = Geometry(n, c, h, w, groups, k, h_out, w_out, stride, padding, dilation)
-    return _launch("forward", geometry, x, weight, out)
+    return _launch("forward", geometry, x, weight, out, memory)
 
 
 def grad_input(
@@ -268,15 +297,19 @@ def grad_input(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    """grad_x (N, C, H, W) from grad_out (N, C, Ho, Wo) and weight; input_size is (H, W), channels is C."""
+    """grad_x (N, C, H, W) in grad_out's layout from grad_out (N, C, Ho, Wo) and weight; input_size is (H, W),
+    channels is C."""
     _check_pair("grad_out", grad_out, "weight", weight)
-    grad_out, weight = grad_out.contiguous(), weight.contiguous()
+    memory = _memory(grad_out)
+    channels_last = memory == "nhwc"
+    grad_out = layout.to_layout(grad_out, channels_last)
+    weight = layout.weight_to_layout(weight, channels_last)
     n, _, h_out, w_out = grad_out.shape
     _, groups, k, _, _, _ = weight.shape
     h, w = input_size
-    grad_x = torch.empty((n, channels, h, w), dtype=grad_out.dtype, device=grad_out.device)
+    grad_x = layout.to_layout(grad_out.new_empty((n, channels, h, w)), channels_last)
     geometry = Geometry(n, channels, h, w, groups, k, h_out, w_out, stride, padding, dilation)
-    return _launch("grad_input", geometry, grad_out, weight, grad_x)
+    return _launch("grad_input", geometry, grad_out, weight, grad_x, memory)
 
 
 def grad_weight(
@@ -288,9 +321,12 @@ def grad_weight(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    """grad_weight (N, G, K, K, Ho, Wo) from grad_out (N, C, Ho, Wo) and x (N, C, H, W)."""
+    """grad_weight (N, G, K, K, Ho, Wo) from grad_out (N, C, Ho, Wo) and x (N, C, H, W); pixel-major when x is
+    channels_last."""
     _check_pair("grad_out", grad_out, "x", x)
-    grad_out, x = grad_out.contiguous(), x.contiguous()
+    memory = _memory(x)
+    channels_last = memory == "nhwc"
+    grad_out, x = layout.to_layout(grad_out, channels_last), layout.to_layout(x, channels_last)
     n, c, h, w = x.shape
     h_out, w_out = grad_out.shape[2:]
     expected = (
@@ -301,6 +337,7 @@ def grad_weight(
         raise ValueError(
             f"involution backend 'cupy': grad_out is {h_out}×{w_out} but x of {h}×{w} gives {expected[0]}×{expected[1]}"
         )
-    grad_w = torch.empty((n, groups, kernel_size, kernel_size, h_out, w_out), dtype=x.dtype, device=x.device)
+    shape = (n, groups, kernel_size, kernel_size, h_out, w_out)
+    grad_w = layout.empty_weight(x, shape, channels_last)
     geometry = Geometry(n, c, h, w, groups, kernel_size, h_out, w_out, stride, padding, dilation)
-    return _launch("grad_weight", geometry, grad_out, x, grad_w)
+    return _launch("grad_weight", geometry, grad_out, x, grad_w, memory)

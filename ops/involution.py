@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ops import torch_backend
+from ops import layout, torch_backend
 
 __all__ = ["involution", "available_backends", "BACKENDS"]
 
@@ -106,29 +106,36 @@ def _check_arguments(x: Tensor, weight: Tensor, stride: int, padding: int, dilat
         )
 
 
+# Each op's output follows x's layout (ops/layout.py): NCHW, or channels_last with pixel-major kernels. The real and
+# fake implementations apply the same rule, because torch.compile trusts the fake's strides.
+
+
 @torch.library.custom_op("rednet::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str) -> Tensor:
-    # Outputs must be contiguous: the fake implementations promise contiguous strides to torch.compile.
-    return _backend_module(backend).forward(x, weight, stride, padding, dilation).contiguous()
+    out = _backend_module(backend).forward(x, weight, stride, padding, dilation)
+    return layout.to_layout(out, layout.is_channels_last(x))
 
 
 @_involution_op.register_fake
 def _(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[1], weight.shape[-2], weight.shape[-1]))
+    out = x.new_empty((x.shape[0], x.shape[1], weight.shape[-2], weight.shape[-1]))
+    return layout.to_layout(out, layout.is_channels_last(x))
 
 
 @torch.library.custom_op("rednet::involution_grad_input", mutates_args=())
 def _grad_input_op(
     grad_out: Tensor, weight: Tensor, height: int, width: int, channels: int, stride: int, padding: int,
-    dilation: int, backend: str,
+    dilation: int, backend: str, channels_last: bool,
 ) -> Tensor:  # fmt: skip
+    grad_out = layout.to_layout(grad_out, channels_last)
     module = _backend_module(backend)
-    return module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation).contiguous()
+    grad_x = module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation)
+    return layout.to_layout(grad_x, channels_last)
 
 
 @_grad_input_op.register_fake
-def _(grad_out, weight, height, width, channels, stride, padding, dilation, backend) -> Tensor:
-    return grad_out.new_empty((grad_out.shape[0], channels, height, width))
+def _(grad_out, weight, height, width, channels, stride, padding, dilation, backend, channels_last) -> Tensor:
+    return layout.to_layout(grad_out.new_empty((grad_out.shape[0], channels, height, width)), channels_last)
 
 
 @torch.library.custom_op("rednet::involution_grad_weight", mutates_args=())
@@ -136,14 +143,18 @@ def _grad_weight_op(
     grad_out: Tensor, x: Tensor, kernel_size: int, groups: int, stride: int, padding: int, dilation: int,
     backend: str,
 ) -> Tensor:  # fmt: skip
+    channels_last = layout.is_channels_last(x)
+    grad_out = layout.to_layout(grad_out, channels_last)
     module = _backend_module(backend)
-    return module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation).contiguous()
+    grad_w = module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation)
+    return layout.weight_to_layout(grad_w, channels_last)
 
 
 @_grad_weight_op.register_fake
 def _(grad_out, x, kernel_size, groups, stride, padding, dilation, backend) -> Tensor:
     n, _, h_out, w_out = grad_out.shape
-    return grad_out.new_empty((n, groups, kernel_size, kernel_size, h_out, w_out))
+    shape = (n, groups, kernel_size, kernel_size, h_out, w_out)
+    return layout.empty_weight(grad_out, shape, layout.is_channels_last(x))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -156,7 +167,8 @@ def _backward(ctx, grad_out: Tensor):
     conv = (ctx.stride, ctx.padding, ctx.dilation, ctx.backend)
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_x = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], x.shape[1], *conv)
+        height, width, channels = x.shape[2], x.shape[3], x.shape[1]
+        grad_x = _grad_input_op(grad_out, weight, height, width, channels, *conv, layout.is_channels_last(x))
     if ctx.needs_input_grad[1]:
         grad_w = _grad_weight_op(grad_out, x, weight.shape[2], weight.shape[1], *conv)
     return grad_x, grad_w, None, None, None, None
@@ -207,8 +219,5 @@ def involution(
     backend = _resolve_backend(backend, x)
     if backend == "unfold":
         out = torch_backend.involution_unfold(x, weight, stride, padding, dilation)
-    else:
-        out = _involution_op(x, weight, stride, padding, dilation, backend)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        return layout.to_layout(out, layout.is_channels_last(x))
+    return _involution_op(x, weight, stride, padding, dilation, backend)

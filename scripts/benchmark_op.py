@@ -6,11 +6,16 @@ the bandwidth of a large device-to-device copy measured in the same run).
 
     python scripts/benchmark_op.py                      # CPU, float32, batch 8
     python scripts/benchmark_op.py --device cuda --dtypes float32 bfloat16 float16 --out docs/op_h100.md
+
+On GPU the tensors are also laid out as a channels_last model hands them over (NHWC images, pixel-major kernels),
+which the "cupy" backend runs with its NHWC kernels; the row "cupy-nchw-copies" runs the same inputs through copies
+to NCHW and the NCHW kernels instead, the comparison that decides whether channels_last pays for RedNet.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import subprocess
@@ -23,10 +28,14 @@ from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ops  # noqa: E402
+from ops import cupy_backend, layout  # noqa: E402
 from ops.involution import output_size  # noqa: E402
 from rednet import monitor  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+LAYOUTS = ("nchw", "channels_last")
+# Pseudo-backend: "cupy" with the NHWC kernels turned off, so channels_last inputs go through NCHW copies.
+NCHW_COPIES = "cupy-nchw-copies"
 
 
 @dataclass(frozen=True)
@@ -61,11 +70,13 @@ SHAPES = [
 ]
 
 
-def make_inputs(shape: Shape, batch: int, dtype: torch.dtype, device: str):
+def make_inputs(shape: Shape, batch: int, dtype: torch.dtype, device: str, channels_last: bool = False):
     k, h_out = shape.kernel_size, shape.out_size
     x = torch.randn(batch, shape.channels, shape.size, shape.size, device=device, dtype=dtype)
     weight = torch.randn(batch, shape.groups, k, k, h_out, h_out, device=device, dtype=dtype)
     grad_out = torch.randn(batch, shape.channels, h_out, h_out, device=device, dtype=dtype)
+    x, grad_out = layout.to_layout(x, channels_last), layout.to_layout(grad_out, channels_last)
+    weight = layout.weight_to_layout(weight, channels_last)
     return x.requires_grad_(), weight.requires_grad_(), grad_out
 
 
@@ -79,9 +90,23 @@ def bytes_moved(shape: Shape, batch: int, element_size: int) -> tuple[int, int]:
     return forward * element_size, (forward + backward) * element_size
 
 
-def measure(shape: Shape, backend: str, batch: int, dtype: torch.dtype, device: str, min_run_time: float) -> dict:
+def measure(
+    shape: Shape,
+    backend: str,
+    batch: int,
+    dtype: torch.dtype,
+    device: str,
+    min_run_time: float,
+    channels_last: bool = False,
+) -> dict:
     """Peak memory growth of forward+backward (measured first, on a fresh process or reset CUDA stats) and times."""
-    x, weight, grad_out = make_inputs(shape, batch, dtype, device)
+    if backend == NCHW_COPIES:
+        cupy_backend.USE_NHWC_KERNELS = False
+        try:
+            return measure(shape, "cupy", batch, dtype, device, min_run_time, channels_last)
+        finally:
+            cupy_backend.USE_NHWC_KERNELS = True
+    x, weight, grad_out = make_inputs(shape, batch, dtype, device, channels_last)
 
     def step(backward: bool) -> None:
         out = ops.involution(x, weight, shape.stride, backend=backend)
@@ -110,12 +135,14 @@ def measure(shape: Shape, backend: str, batch: int, dtype: torch.dtype, device: 
     return {"peak_bytes": peak, **times}
 
 
-def measure_in_child(shape: Shape, backend: str, batch: int, dtype: str, min_run_time: float) -> dict:
+def measure_in_child(
+    shape: Shape, backend: str, batch: int, dtype: str, min_run_time: float, channels_last: bool = False
+) -> dict:
     """CPU memory is read from the process's peak RSS, so each measurement gets a fresh process."""
     code = (
         "import json, sys, torch; sys.argv = ['x']; from scripts.benchmark_op import measure, Shape, DTYPES;"
         f"torch.manual_seed(0); print(json.dumps(measure(Shape(**{asdict(shape)!r}), {backend!r}, {batch}, "
-        f"DTYPES[{dtype!r}], 'cpu', {min_run_time})))"
+        f"DTYPES[{dtype!r}], 'cpu', {min_run_time}, {channels_last})))"
     )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
@@ -144,6 +171,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
     parser.add_argument("--shapes", nargs="+", default=None, help="layer names to run (default: all)")
+    parser.add_argument("--layouts", nargs="+", default=None, choices=LAYOUTS, help="default: both on GPU, nchw on CPU")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1 CPU, 0.3 GPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args()
@@ -153,6 +181,7 @@ def main() -> None:
     dtypes = args.dtypes or (["float32", "bfloat16"] if on_gpu else ["float32"])
     min_run_time = args.min_run_time or (0.3 if on_gpu else 1.0)
     backends = args.backends or [b for b in ops.available_backends() if on_gpu or b != "cupy"]
+    layouts = args.layouts or (list(LAYOUTS) if on_gpu else ["nchw"])
     shapes = [s for s in SHAPES if args.shapes is None or s.name in args.shapes]
     bandwidth = copy_bandwidth("cuda") if on_gpu else None
 
@@ -164,36 +193,36 @@ def main() -> None:
         lines.append(f"Device-to-device copy bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s.")
     lines += [
         "",
-        "| layer (C, H, K, s) | dtype | backend | forward ms | fwd+bwd ms | peak fwd+bwd MiB |"
+        "| layer (C, H, K, s) | dtype | layout | backend | forward ms | fwd+bwd ms | peak fwd+bwd MiB |"
         + (" fwd × floor | fwd+bwd × floor |" if on_gpu else " fwd+bwd vs unfold |"),
-        "|---|---|---|---:|---:|---:|" + ("---:|---:|" if on_gpu else "---:|"),
+        "|---|---|---|---|---:|---:|---:|" + ("---:|---:|" if on_gpu else "---:|"),
     ]
     print("\n".join(lines), flush=True)
-    for shape in shapes:
-        for dtype in dtypes:
-            rows = {}
-            for backend in backends:
-                if on_gpu:
-                    torch.manual_seed(0)
-                    rows[backend] = measure(shape, backend, batch, DTYPES[dtype], "cuda", min_run_time)
-                    torch.cuda.empty_cache()
-                else:
-                    rows[backend] = measure_in_child(shape, backend, batch, dtype, min_run_time)
-            for backend, row in rows.items():
-                label = f"{shape.name} ({shape.channels}, {shape.size}, {shape.kernel_size}, {shape.stride})"
-                line = (
-                    f"| {label} | {dtype} | {backend} | {row['forward'] * 1e3:.3f} | "
-                    f"{row['forward_backward'] * 1e3:.3f} | {row['peak_bytes'] / 2**20:.1f} |"
-                )
-                if on_gpu:
-                    floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
-                    line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
-                else:
-                    reference = rows.get("unfold")
-                    speedup = reference["forward_backward"] / row["forward_backward"] if reference else float("nan")
-                    line += f" {speedup:.1f}× faster |"
-                lines.append(line)
-                print(line, flush=True)
+    for shape, dtype, memory in itertools.product(shapes, dtypes, layouts):
+        channels_last = memory == "channels_last"
+        rows = {}
+        for backend in backends + ([NCHW_COPIES] if channels_last and "cupy" in backends else []):
+            if on_gpu:
+                torch.manual_seed(0)
+                rows[backend] = measure(shape, backend, batch, DTYPES[dtype], "cuda", min_run_time, channels_last)
+                torch.cuda.empty_cache()
+            else:
+                rows[backend] = measure_in_child(shape, backend, batch, dtype, min_run_time, channels_last)
+        for backend, row in rows.items():
+            label = f"{shape.name} ({shape.channels}, {shape.size}, {shape.kernel_size}, {shape.stride})"
+            line = (
+                f"| {label} | {dtype} | {memory} | {backend} | {row['forward'] * 1e3:.3f} | "
+                f"{row['forward_backward'] * 1e3:.3f} | {row['peak_bytes'] / 2**20:.1f} |"
+            )
+            if on_gpu:
+                floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
+                line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
+            else:
+                reference = rows.get("unfold")
+                speedup = reference["forward_backward"] / row["forward_backward"] if reference else float("nan")
+                line += f" {speedup:.1f}× faster |"
+            lines.append(line)
+            print(line, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

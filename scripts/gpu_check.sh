@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (under 10 minutes): the GPU tests and the op benchmark.
 #   scripts/gpu_check.sh OUTDIR
-# Writes OUTDIR/{versions.txt, nvidia-smi.txt, pytest.log, junit.xml, benchmark_op.md, benchmark_model.md, *.log}.
+# Writes OUTDIR/{versions.txt, nvidia-smi.txt, pytest.log, junit.xml, benchmark_op.md, benchmark_model*.md, *.log}.
 # Needs torch and cupy; runs from the source tree (PYTHONPATH), so no install step and no hydra-core are needed.
 set -uo pipefail
 
@@ -33,18 +33,22 @@ PY
 
 # The GPU tests: every test file that uses the gpu marker (collecting the others may need packages absent here).
 mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py)
-timeout 250 "$python" -m pytest -m gpu -q -ra --durations=15 -p no:cacheprovider --junitxml="$out/junit.xml" "${files[@]}" \
+timeout 220 "$python" -m pytest -m gpu -q -ra --durations=15 -p no:cacheprovider --junitxml="$out/junit.xml" "${files[@]}" \
     2>&1 | tee "$out/pytest.log"
 tests_status=${PIPESTATUS[0]}
 
-timeout 160 "$python" scripts/benchmark_op.py --device cuda --out "$out/benchmark_op.md" 2>&1 \
+# Both layouts: NCHW, and channels_last (the NHWC kernels, and the same inputs through NCHW copies).
+timeout 170 "$python" scripts/benchmark_op.py --device cuda --min-run-time 0.2 --out "$out/benchmark_op.md" 2>&1 \
     | tee "$out/benchmark_op.log"
 bench_status=${PIPESTATUS[0]}
 
-# RedNet vs ResNet throughput (bf16 + channels_last, batch 64). The timeouts add up to under 9 minutes.
-timeout 110 "$python" scripts/benchmark_model.py --models rednet26 resnet26 rednet50 resnet50 --iters 20 \
+# RedNet vs ResNet throughput (bf16 + channels_last, batch 64), then RedNet-50 in NCHW: does channels_last pay?
+# The timeouts add up to under 9 minutes.
+timeout 90 "$python" scripts/benchmark_model.py --models rednet26 resnet26 rednet50 resnet50 --iters 20 \
     --out "$out/benchmark_model.md" 2>&1 | tee "$out/benchmark_model.log"
 model_status=${PIPESTATUS[0]}
+timeout 40 "$python" scripts/benchmark_model.py --models rednet50 --no-channels-last --iters 20 \
+    --out "$out/benchmark_model_nchw.md" 2>&1 | tee "$out/benchmark_model_nchw.log"
 
 echo "gpu_check: pytest exit $tests_status, op benchmark exit $bench_status, model benchmark exit $model_status"
 echo "(results in $out)"

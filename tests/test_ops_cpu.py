@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ops
+from ops import layout
 from ops.involution import output_size
 
 # (N, C, G, H, W, K, stride, dilation): odd sizes, stride 1 and 2, dilation 1 and 2, K = 3, 5, 7, several G.
@@ -149,10 +150,29 @@ class TinyInvolutionNet(torch.nn.Module):
         return ops.involution(x, weight, backend="torch").relu()
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_outputs_and_gradients_follow_the_layout_of_x():
+    """As for convolutions: channels_last in, channels_last out (and gradients), so a channels_last model never
+    converts; the kernels' gradient is pixel-major, the layout a channels_last conv produced them in."""
+    x, weight = make_inputs(2, 16, 2, 9, 9, 3, 1, 1)
+    for channels_last in (False, True):
+        xb = layout.to_layout(x.detach(), channels_last).requires_grad_()
+        wb = layout.weight_to_layout(weight.detach(), channels_last).requires_grad_()
+        out = ops.involution(xb, wb, backend="torch")
+        out.square().sum().backward()
+        assert layout.is_channels_last(out) == layout.is_channels_last(xb.grad) == channels_last
+        assert layout.is_pixel_major(wb.grad) == channels_last
+        assert wb.grad.is_contiguous() != channels_last
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_compile_fullgraph_matches_eager(channels_last):
     torch.manual_seed(0)
     model = TinyInvolutionNet()
-    x = torch.randn(2, 16, 10, 10, requires_grad=True)
+    x = torch.randn(2, 16, 10, 10)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     eager = model(x)
     eager.sum().backward()
     eager_grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
@@ -166,13 +186,23 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(got, expected)
 
 
-def test_torch_library_op_passes_opcheck():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_library_op_passes_opcheck(channels_last):
+    """Includes the fake implementation's strides, which follow x's layout."""
     x, weight = make_inputs(1, 8, 2, 6, 6, 3, 1, 1)
+    x, weight = layout.to_layout(x.detach(), channels_last), layout.weight_to_layout(weight.detach(), channels_last)
     torch.library.opcheck(
         torch.ops.rednet.involution.default,
         (x.requires_grad_(), weight.requires_grad_(), 1, 1, 1, "torch"),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+    grad_out = layout.to_layout(torch.randn(1, 8, 6, 6, dtype=x.dtype), channels_last)
+    conv = (1, 1, 1, "torch")
+    for op, args in (
+        (torch.ops.rednet.involution_grad_input.default, (grad_out, weight.detach(), 6, 6, 8, *conv, channels_last)),
+        (torch.ops.rednet.involution_grad_weight.default, (grad_out, x.detach(), 3, 2, *conv)),
+    ):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_available_backends_lists_cpu_paths():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ops
-from ops import cupy_backend
+from ops import cupy_backend, layout
 from ops.involution import output_size
 
 pytestmark = [
@@ -67,12 +67,19 @@ def _forward_backward(x, weight, grad_out, stride, dilation, backend):
     return out, grad_x, grad_w
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_cupy_matches_unfold(case, dtype) -> None:
+def test_cupy_matches_unfold(case, dtype, channels_last) -> None:
+    """NCHW, and channels_last as a channels_last model hands it over (NHWC images, pixel-major kernels): the NHWC
+    kernels, with outputs and gradients in the same layouts."""
     x, weight, grad_out, stride, dilation = _inputs(case, dtype)
-    results = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
     expected = _forward_backward(x.double(), weight.double(), grad_out.double(), stride, dilation, "unfold")
+    x, grad_out = layout.to_layout(x, channels_last), layout.to_layout(grad_out, channels_last)
+    weight = layout.weight_to_layout(weight, channels_last)
+    results = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    assert layout.is_channels_last(results[0]) == layout.is_channels_last(results[1]) == channels_last
+    assert layout.is_pixel_major(results[2]) == channels_last
     for name, result, reference in zip(("out", "grad_x", "grad_weight"), results, expected):
         assert result.dtype == dtype, name
         torch.testing.assert_close(result.double(), reference, **TOLERANCES[dtype], msg=lambda m, n=name: f"{n}: {m}")
@@ -105,17 +112,26 @@ def test_autocast(dtype) -> None:
     torch.testing.assert_close(out.double(), reference, **TOLERANCES[dtype])
 
 
-def test_channels_last_and_non_contiguous_inputs() -> None:
+@pytest.mark.parametrize("nhwc_kernels", [True, False], ids=["nhwc_kernels", "nchw_copies"])
+def test_channels_last_and_non_contiguous_inputs(monkeypatch, nhwc_kernels) -> None:
+    """Mixed layouts (channels_last x with NCHW-strided kernels and gradients, and the reverse) are converted to x's
+    layout; with USE_NHWC_KERNELS off, channels_last goes through NCHW copies. All agree with plain NCHW."""
+    monkeypatch.setattr(cupy_backend, "USE_NHWC_KERNELS", nhwc_kernels)
     x, weight, grad_out, stride, dilation = _inputs((2, 32, 2, 14, 13, 7, 2, 1), torch.float32)
     expected = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
     x_cl = x.contiguous(memory_format=torch.channels_last)
     weight_strided = weight.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
     grad_strided = grad_out.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not weight_strided.is_contiguous() and not grad_strided.is_contiguous()
-    results = _forward_backward(x_cl, weight_strided, grad_strided, stride, dilation, "cupy")
-    assert results[0].is_contiguous(memory_format=torch.channels_last)
-    for result, reference in zip(results, expected):
-        torch.testing.assert_close(result, reference, rtol=0, atol=0)
+    weight_pixel_major = layout.weight_to_layout(weight, channels_last=True)
+    for inputs in (
+        (x_cl, weight_strided, grad_strided),
+        (x, weight_pixel_major, grad_out.contiguous(memory_format=torch.channels_last)),
+    ):
+        results = _forward_backward(*inputs, stride, dilation, "cupy")
+        assert layout.is_channels_last(results[0]) == layout.is_channels_last(inputs[0])
+        for result, reference in zip(results, expected):
+            torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_runs_on_the_current_stream() -> None:
@@ -137,7 +153,8 @@ def test_64bit_indexing() -> None:
     n, c, g, size, k = 1, 16, 1, 11600, 3
     geometry = cupy_backend.Geometry(n, c, size, size, g, k, size, size, 1, 1, 1)
     for kind in cupy_backend.KERNEL_KINDS:
-        assert cupy_backend.plan_launch(kind, geometry).kernel.endswith("_i64"), kind
+        for memory in cupy_backend.LAYOUTS:
+            assert cupy_backend.plan_launch(kind, geometry, memory=memory).kernel.endswith("_i64"), (kind, memory)
     free, _ = torch.cuda.mem_get_info()
     if free < 32 * 2**30:
         pytest.skip(f"needs 32 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
@@ -172,10 +189,12 @@ class _TinyInvolutionNet(nn.Module):
         return self.head(ops.involution(x, weight, backend="cupy")).mean(dim=(2, 3))
 
 
-def test_torch_compile_fullgraph() -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_compile_fullgraph(channels_last) -> None:
     torch.manual_seed(0)
-    model = _TinyInvolutionNet().cuda()
-    x = torch.randn(2, 16, 11, 11, device="cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = _TinyInvolutionNet().cuda().to(memory_format=memory_format)
+    x = torch.randn(2, 16, 11, 11, device="cuda").contiguous(memory_format=memory_format)
     eager = model(x)
     eager.sum().backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]

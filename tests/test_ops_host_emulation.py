@@ -2,9 +2,9 @@
 
 The unchanged .cu file is compiled by the host C++ compiler through tests/host_emulation/cuda_host_shim.h, and
 tests/host_emulation/launcher.cpp runs each grid block by block, thread by thread, with the launch shape the GPU
-path uses (cupy_backend.plan_launch). Inputs sit between NaN guard bands, so a read out of bounds shows up as
-NaN, and outputs start as NaN, so an element no thread writes shows up too. float32 and float64 only: the
-half types need CUDA's headers.
+path uses (cupy_backend.plan_launch), in both memory layouts (NCHW, and NHWC for channels_last). Inputs sit
+between NaN guard bands, so a read out of bounds shows up as NaN, and outputs start as NaN, so an element no thread
+writes shows up too. float32 and float64 only: the half types need CUDA's headers.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 import ops
-from ops import cupy_backend
+from ops import cupy_backend, layout
 from ops.cupy_backend import Geometry
 
 SHIM_DIR = Path(__file__).resolve().parent / "host_emulation"
@@ -79,16 +80,18 @@ class EmulatedKernels:
         channels: int = cupy_backend.CHANNELS_PER_THREAD,
         pixels: int = cupy_backend.PIXELS_PER_THREAD,
         misalign: bool = False,
+        memory: str = "nchw",
         **plan,
     ) -> Tensor:
         """Launch one kernel on guarded copies of a and b (one element off vector alignment if misalign), as
-        cupy_backend would launch it; check the guard bands; return the output."""
+        cupy_backend would launch it; check the guard bands; return the output. Tensors and out_shape are in
+        memory order (see _to_memory)."""
         offset = GUARD + int(misalign)
         a, a_buffer = _guarded(a, offset)
         b, b_buffer = _guarded(b, offset)
         out, out_buffer = _guarded(torch.full(out_shape, float("nan"), dtype=a.dtype), offset)
         launch = cupy_backend.plan_launch(
-            kind, geometry, channels_per_thread=channels, pixels_per_thread=pixels, **plan
+            kind, geometry, channels_per_thread=channels, pixels_per_thread=pixels, memory=memory, **plan
         )
         values = [ctypes.c_void_p(t.data_ptr()) for t in (a, b, out)] + [ctypes.c_int32(s) for s in geometry]
         args = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
@@ -145,42 +148,78 @@ def _tolerances(dtype: torch.dtype) -> dict:
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
 
 
-def _check_all_kernels(emulated: EmulatedKernels, case: tuple, dtype: torch.dtype, seed: int = 0, **options) -> None:
+def _to_memory(t: Tensor, memory: str) -> Tensor:
+    """t in the order the kernels of `memory` read it: NHWC images, (N, Ho, Wo, G, K, K) weights."""
+    if memory == "nchw":
+        return t
+    return t.permute(0, 2, 3, 1).contiguous() if t.dim() == 4 else t.permute(0, 4, 5, 1, 2, 3).contiguous()
+
+
+def _from_memory(t: Tensor, memory: str) -> Tensor:
+    """The logical (N, C, H, W) or (N, G, K, K, Ho, Wo) view of a kernel's output."""
+    if memory == "nchw":
+        return t
+    return t.permute(0, 3, 1, 2) if t.dim() == 4 else t.permute(0, 3, 4, 5, 1, 2)
+
+
+def _memory_shape(shape: tuple[int, ...], memory: str) -> tuple[int, ...]:
+    if memory == "nchw":
+        return shape
+    order = (0, 2, 3, 1) if len(shape) == 4 else (0, 4, 5, 1, 2, 3)
+    return tuple(shape[i] for i in order)
+
+
+def _run_logical(emulated, kind, geometry, a, b, shape, memory="nchw", **options) -> Tensor:
+    """emulated.run on logical tensors and shape, laid out for `memory` and back."""
+    a, b = _to_memory(a, memory), _to_memory(b, memory)
+    out = emulated.run(kind, geometry, a, b, _memory_shape(shape, memory), memory=memory, **options)
+    return _from_memory(out, memory)
+
+
+def _check_all_kernels(
+    emulated: EmulatedKernels, case: tuple, dtype: torch.dtype, seed: int = 0, memory: str = "nchw", **options
+) -> None:
     """Forward, grad-input and grad-weight of one case against the unfold reference."""
     geometry, x, weight, grad_out = _problem(case, dtype, seed)
     expected_out, expected_gx, expected_gw = _reference(geometry, x, weight, grad_out)
     n, c, h, w, g, k, h_out, w_out = geometry[:8]
-    out = emulated.run("forward", geometry, x, weight, (n, c, h_out, w_out), **options)
-    torch.testing.assert_close(out.double(), expected_out, **_tolerances(dtype), msg=lambda m: f"forward: {m}")
-    grad_x = emulated.run("grad_input", geometry, grad_out, weight, (n, c, h, w), **options)
-    torch.testing.assert_close(grad_x.double(), expected_gx, **_tolerances(dtype), msg=lambda m: f"grad_x: {m}")
-    grad_w = emulated.run("grad_weight", geometry, grad_out, x, (n, g, k, k, h_out, w_out), **options)
-    torch.testing.assert_close(grad_w.double(), expected_gw, **_tolerances(dtype), msg=lambda m: f"grad_w: {m}")
+    tolerances = _tolerances(dtype)
+    out = _run_logical(emulated, "forward", geometry, x, weight, (n, c, h_out, w_out), memory, **options)
+    torch.testing.assert_close(out.double(), expected_out, **tolerances, msg=lambda m: f"{memory} forward: {m}")
+    grad_x = _run_logical(emulated, "grad_input", geometry, grad_out, weight, (n, c, h, w), memory, **options)
+    torch.testing.assert_close(grad_x.double(), expected_gx, **tolerances, msg=lambda m: f"{memory} grad_x: {m}")
+    shape = (n, g, k, k, h_out, w_out)
+    grad_w = _run_logical(emulated, "grad_weight", geometry, grad_out, x, shape, memory, **options)
+    torch.testing.assert_close(grad_w.double(), expected_gw, **tolerances, msg=lambda m: f"{memory} grad_w: {m}")
 
 
+@pytest.mark.parametrize("memory", cupy_backend.LAYOUTS)
 @pytest.mark.parametrize("index_bits", [32, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_kernels_match_unfold(emulated, case, dtype, index_bits) -> None:
-    _check_all_kernels(emulated, case, dtype, index_bits=index_bits)
+def test_kernels_match_unfold(emulated, case, dtype, index_bits, memory) -> None:
+    _check_all_kernels(emulated, case, dtype, index_bits=index_bits, memory=memory)
 
 
+@pytest.mark.parametrize("memory", cupy_backend.LAYOUTS)
 @pytest.mark.parametrize("case", CASES[:5], ids=_case_id)
-def test_unaligned_tensors(emulated, case) -> None:
+def test_unaligned_tensors(emulated, case, memory) -> None:
     """Tensors one element off vector alignment take the scalar paths; results must not change."""
-    _check_all_kernels(emulated, case, torch.float32, seed=3, misalign=True)
+    _check_all_kernels(emulated, case, torch.float32, seed=3, misalign=True, memory=memory)
 
 
+@pytest.mark.parametrize("memory", cupy_backend.LAYOUTS)
 @pytest.mark.parametrize("channels,pixels", [(4, 1), (4, 4), (1, 2)])
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[6]], ids=_case_id)
-def test_other_work_splits(emulated, case, channels, pixels) -> None:
+def test_other_work_splits(emulated, case, channels, pixels, memory) -> None:
     """The source stays correct for other compile-time splits of the work (groups over several runs of
     channels, one or four pixels per thread), so they can be tuned on a GPU without rewriting."""
-    _check_all_kernels(emulated, case, torch.float64, seed=4, channels=channels, pixels=pixels)
+    _check_all_kernels(emulated, case, torch.float64, seed=4, channels=channels, pixels=pixels, memory=memory)
 
 
+@pytest.mark.parametrize("memory", cupy_backend.LAYOUTS)
 @pytest.mark.parametrize("kind", cupy_backend.KERNEL_KINDS)
-def test_grid_stride_loop_covers_all_work(emulated, kind) -> None:
+def test_grid_stride_loop_covers_all_work(emulated, kind, memory) -> None:
     """With fewer threads than work items (one block), each thread loops; the result must not change."""
     geometry, x, weight, grad_out = _problem(MANY_BLOCKS_CASE, torch.float64, seed=1)
     n, c, h, w, g, k, h_out, w_out = geometry[:8]
@@ -189,9 +228,9 @@ def test_grid_stride_loop_covers_all_work(emulated, kind) -> None:
         "grad_input": ((grad_out, weight), (n, c, h, w)),
         "grad_weight": ((grad_out, x), (n, g, k, k, h_out, w_out)),
     }[kind]
-    assert cupy_backend.plan_launch(kind, geometry).grid > 1, "pick a case that needs several blocks"
-    full = emulated.run(kind, geometry, *inputs, shape)
-    one_block = emulated.run(kind, geometry, *inputs, shape, max_blocks=1)
+    assert cupy_backend.plan_launch(kind, geometry, memory=memory).grid > 1, "pick a case that needs several blocks"
+    full = _run_logical(emulated, kind, geometry, *inputs, shape, memory)
+    one_block = _run_logical(emulated, kind, geometry, *inputs, shape, memory, max_blocks=1)
     torch.testing.assert_close(one_block, full, rtol=0, atol=0)
 
 
@@ -199,31 +238,84 @@ def test_every_entry_point_is_built(emulated) -> None:
     """The names plan_launch can return exist in the compiled source."""
     geometry = _problem(CASES[0], torch.float32)[0]
     library = emulated.library(torch.float32, cupy_backend.CHANNELS_PER_THREAD, cupy_backend.PIXELS_PER_THREAD)
-    for kind in cupy_backend.KERNEL_KINDS:
-        for bits in (32, 64):
-            name = cupy_backend.plan_launch(kind, geometry, index_bits=bits).kernel
-            assert hasattr(library, f"emulate_{name}"), name
+    planned = {
+        cupy_backend.plan_launch(kind, geometry, index_bits=bits, memory=memory).kernel
+        for kind in cupy_backend.KERNEL_KINDS
+        for bits in (32, 64)
+        for memory in cupy_backend.LAYOUTS
+    }
+    assert planned == set(cupy_backend.kernel_names())
+    for name in planned:
+        assert hasattr(library, f"emulate_{name}"), name
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=_case_id)
-def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case) -> None:
+def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case, channels_last) -> None:
     """cupy_backend.forward/grad_input/grad_weight end to end, with only the CuPy launch swapped for the emulation:
-    checks the Python side (layouts made contiguous, output shapes, argument order) that a GPU run relies on."""
+    checks the Python side (layouts, output shapes and strides, argument order) that a GPU run relies on."""
+    launched = []
 
-    def emulated_launch(kind, geometry, a, b, out):
-        assert a.is_contiguous() and b.is_contiguous() and out.is_contiguous()
-        return out.copy_(emulated.run(kind, geometry, a, b, tuple(out.shape)))
+    def emulated_launch(kind, geometry, a, b, out, memory):
+        launched.append(memory)
+        as_memory = [_to_memory(t, memory) for t in (a, b, out)]
+        # The kernels read raw memory: each tensor must already lie in the layout's order, without a copy.
+        for t, m in zip((a, b, out), as_memory):
+            assert t.data_ptr() == m.data_ptr() and m.is_contiguous(), (kind, memory, t.shape, t.stride())
+        result = emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory)
+        as_memory[2].copy_(result)
+        return out
 
     monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
     geometry, x, weight, grad_out = _problem(case, torch.float64, seed=2)
     expected_out, expected_gx, expected_gw = _reference(geometry, x, weight, grad_out)
-    x = x.contiguous(memory_format=torch.channels_last)
-    weight = weight.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
-    grad_out = grad_out.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if channels_last:  # as in a channels_last model: NHWC images, pixel-major kernels
+        x, grad_out = (
+            x.contiguous(memory_format=torch.channels_last),
+            grad_out.contiguous(memory_format=torch.channels_last),
+        )
+        weight = weight.permute(0, 4, 5, 1, 2, 3).contiguous().permute(0, 3, 4, 5, 1, 2)
+    else:  # same values, other strides: the backend makes them contiguous
+        weight = weight.transpose(-1, -2).contiguous().transpose(-1, -2)
+        grad_out = grad_out.transpose(-1, -2).contiguous().transpose(-1, -2)
     conv = (geometry.stride, geometry.pad, geometry.dil)
 
     out = cupy_backend.forward(x, weight, *conv)
     grad_x = cupy_backend.grad_input(grad_out, weight, (geometry.H, geometry.W), geometry.C, *conv)
     grad_w = cupy_backend.grad_weight(grad_out, x, geometry.K, geometry.G, *conv)
+    assert launched == ["nhwc" if channels_last else "nchw"] * 3
     for result, expected in ((out, expected_out), (grad_x, expected_gx), (grad_w, expected_gw)):
         torch.testing.assert_close(result, expected, **_tolerances(torch.float64))
+    assert layout.is_channels_last(out) == layout.is_channels_last(grad_x) == channels_last
+    assert layout.is_pixel_major(grad_w) == channels_last
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_op_with_autograd_on_emulated_kernels(emulated, monkeypatch, channels_last) -> None:
+    """ops.involution with backend "cupy" through the custom ops and autograd, the kernels emulated: a channels_last
+    model's tensors go to the NHWC kernels without conversions, and gradients come back in the same layouts."""
+    launched = []
+
+    def emulated_launch(kind, geometry, a, b, out, memory):
+        launched.append((kind, memory))
+        as_memory = [_to_memory(t, memory) for t in (a, b, out)]
+        assert all(t.data_ptr() == m.data_ptr() for t, m in zip((a, b, out), as_memory)), (kind, memory)
+        as_memory[2].copy_(emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory))
+        return out
+
+    monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
+    geometry, x, weight, grad_out = _problem(CASES[3], torch.float64, seed=5)
+    expected = _reference(geometry, x, weight, grad_out)
+    # After the reference: from here on, every backend resolves to "cupy" (CPU tensors included).
+    monkeypatch.setattr(sys.modules["ops.involution"], "_resolve_backend", lambda backend, x: "cupy")
+    x = layout.to_layout(x.detach(), channels_last).requires_grad_()
+    weight = layout.weight_to_layout(weight.detach(), channels_last).requires_grad_()
+    grad_out = layout.to_layout(grad_out, channels_last)
+    out = ops.involution(x, weight, geometry.stride, geometry.pad, geometry.dil, backend="cupy")
+    out.backward(grad_out)
+    memory = "nhwc" if channels_last else "nchw"
+    assert sorted(launched) == [(kind, memory) for kind in sorted(cupy_backend.KERNEL_KINDS)]
+    for result, reference in zip((out, x.grad, weight.grad), expected):
+        torch.testing.assert_close(result.detach(), reference, **_tolerances(torch.float64))
+    assert layout.is_channels_last(out) == layout.is_channels_last(x.grad) == channels_last
+    assert layout.is_pixel_major(weight.grad) == channels_last

@@ -21,7 +21,7 @@ from ops import cupy_backend
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ARCHITECTURES = ["compute_75", "compute_80", "compute_90"]
 DTYPES = list(cupy_backend.SCALAR_TYPES)
-ENTRY_POINTS = [f"involution_{kind}_i{bits}" for kind in cupy_backend.KERNEL_KINDS for bits in (32, 64)]
+ENTRY_POINTS = cupy_backend.kernel_names()
 
 
 def _missing(message: str) -> None:
@@ -81,8 +81,14 @@ def test_compiles_to_ptx(nvrtc, dtype: torch.dtype, architecture: str) -> None:
     entries = set(re.findall(rb"\.entry\s+(\w+)", ptx))
     missing = [name for name in ENTRY_POINTS if name.encode() not in entries]
     assert not missing, f"entry points missing from the PTX: {missing} (found {sorted(entries)})"
-    # Pixel runs are meant to move as vectors when aligned: the compiler must have kept them as such.
+    # Pixel runs (NCHW) and channel runs (NHWC) are meant to move as vectors when aligned: the compiler must have
+    # kept them as such, in every kernel that loads them.
     assert re.search(rb"ld\.global(\.nc)?\.v\d\.", ptx) and re.search(rb"st\.global\.v\d\.", ptx), "no vector loads"
+    for name in ENTRY_POINTS:
+        if "_nhwc_" in name:
+            body = ptx[ptx.index(b".entry " + name.encode()) :]
+            body = body[: body.index(b"\n}\n")]
+            assert re.search(rb"ld\.global(\.nc)?\.v\d\.", body), f"{name}: channels are not loaded as vectors"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,14 +3,19 @@
 //   out[n, c, i, j] = sum_{u,v < K} weight[n, g, u, v, i, j] * x[n, c, i*s + u*d - p, j*s + v*d - p],
 //   g = c / (C / G), x read as zero outside the image.
 //
-// All tensors are contiguous: x, grad_x (N, C, H, W); weight, grad_weight (N, G, K, K, Ho, Wo); out, grad_out
-// (N, C, Ho, Wo). Sizes are kernel arguments, so one compiled module serves every shape.
+// Two memory layouts, each with its own kernels (sizes are kernel arguments, so one compiled module serves every
+// shape):
+// - NCHW (involution_<kind>_i32/_i64): x, grad_x (N, C, H, W); weight, grad_weight (N, G, K, K, Ho, Wo); out,
+//   grad_out (N, C, Ho, Wo), all contiguous.
+// - NHWC (involution_<kind>_nhwc_i32/_i64), for channels_last models: x, grad_x stored as (N, H, W, C); out,
+//   grad_out as (N, Ho, Wo, C); weight, grad_weight as (N, Ho, Wo, G, K, K), which is how the (N, G*K*K, Ho, Wo)
+//   output of a channels_last convolution, viewed as (N, G, K, K, Ho, Wo), lies in memory. No copies to NCHW.
 //
 // Chosen when compiling (ops/cupy_backend.py passes them):
 //   INVOLUTION_SCALAR              float | double | __half | __nv_bfloat16; sums accumulate in float (double
 //                                  for double)
 //   INVOLUTION_CHANNELS_PER_THREAD channels of a group one thread handles (RedNet: 16 per group)
-//   INVOLUTION_PIXELS_PER_THREAD   adjacent pixels of a row one thread handles (a power of two)
+//   INVOLUTION_PIXELS_PER_THREAD   adjacent pixels of a row one thread handles (a power of two; NCHW kernels)
 // Each kernel has a 32-bit index variant (_i32), used when every tensor has fewer than 2^31 elements, and a
 // 64-bit one (_i64).
 //
@@ -21,6 +26,8 @@
 //   vector when aligned, and when stride == dilation the input a pixel reads at tap v + 1 is the one its right
 //   neighbour read at tap v, so it slides along in registers instead of being loaded again;
 // - consecutive threads take consecutive pixels of a row, so memory accesses are coalesced along W;
+// - in NHWC, a thread's channels are adjacent in memory: they move as 16-byte vectors when aligned, and
+//   consecutive threads take consecutive runs of channels of one pixel, so accesses are coalesced along C;
 // - no shared memory, atomics or synchronisation: every thread's work is independent of the others', which
 //   also lets the test suite run this same file on the CPU (tests/host_emulation).
 
@@ -358,36 +365,206 @@ __device__ __forceinline__ void grad_weight_impl(const scalar_t* __restrict__ gr
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// NHWC kernels. A run of kChannels adjacent channels is one or more vectors of up to 16 bytes.
+constexpr int kRunBytes = kChannels * (int)sizeof(scalar_t);
+constexpr int kChannelVectorBytes = (kRunBytes % 16 == 0) ? 16 : (kRunBytes % 8 == 0) ? 8 : (kRunBytes % 4 == 0) ? 4
+                                    : (int)sizeof(scalar_t);
+constexpr int kChannelVectorElements = kChannelVectorBytes / (int)sizeof(scalar_t);
+static_assert(kChannels % kChannelVectorElements == 0, "a run of channels must be whole vectors");
+
+struct alignas(kChannelVectorBytes) ChannelVector {
+    scalar_t v[kChannelVectorElements];
+};
+
+// out[k] = p[k] for k < count, else 0; whole vectors when the run is complete and aligned.
+__device__ __forceinline__ void load_channels(const scalar_t* p, int count, acc_t (&out)[kChannels]) {
+    if (count >= kChannels && reinterpret_cast<unsigned long long>(p) % kChannelVectorBytes == 0) {
+#pragma unroll
+        for (int b = 0; b < kChannels / kChannelVectorElements; ++b) {
+            const ChannelVector vec = reinterpret_cast<const ChannelVector*>(p)[b];
+#pragma unroll
+            for (int e = 0; e < kChannelVectorElements; ++e) out[b * kChannelVectorElements + e] = to_acc(vec.v[e]);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < kChannels; ++k) out[k] = k < count ? to_acc(p[k]) : acc_t(0);
+    }
+}
+
+// p[k] = values[k] for k < count; whole vectors when the run is complete and aligned.
+__device__ __forceinline__ void store_channels(scalar_t* p, int count, const acc_t (&values)[kChannels]) {
+    if (count >= kChannels && reinterpret_cast<unsigned long long>(p) % kChannelVectorBytes == 0) {
+#pragma unroll
+        for (int b = 0; b < kChannels / kChannelVectorElements; ++b) {
+            ChannelVector vec;
+#pragma unroll
+            for (int e = 0; e < kChannelVectorElements; ++e) from_acc(values[b * kChannelVectorElements + e], &vec.v[e]);
+            reinterpret_cast<ChannelVector*>(p)[b] = vec;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < kChannels; ++k) {
+            if (k < count) from_acc(values[k], &p[k]);
+        }
+    }
+}
+
+// Forward, NHWC. One thread: output pixel (n, i, j), a run of up to kChannels channels of group g. Reads the K*K
+// weights weight[n, i, j, g, :, :] (adjacent in memory) once each and x[n, h, w, c0 ...] over the window; writes
+// out[n, i, j, c0 ...].
+template <typename index_t>
+__device__ __forceinline__ void forward_nhwc_impl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                                  scalar_t* __restrict__ out, const Geometry g) {
+    const int group_channels = g.C / g.G;
+    const int chunks = (group_channels + kChannels - 1) / kChannels;
+    const int taps = g.K * g.K;
+    const index_t total = (index_t)g.N * g.Ho * g.Wo * g.G * chunks;
+    const index_t step = (index_t)blockDim.x * gridDim.x;
+    for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+        const int chunk = (int)(t % chunks);
+        index_t pixel = t / chunks;  // (n, i, j, grp) flattened
+        const int grp = (int)(pixel % g.G);
+        pixel /= g.G;  // (n, i, j) flattened
+        const int j = (int)(pixel % g.Wo);
+        const int i = (int)(pixel / g.Wo % g.Ho);
+        const index_t n = pixel / ((index_t)g.Wo * g.Ho);
+        const int c0 = grp * group_channels + chunk * kChannels;
+        const int count = group_channels - chunk * kChannels;
+
+        const scalar_t* w_pix = weight + (pixel * g.G + grp) * taps;
+        acc_t acc[kChannels];
+        acc_t xs[kChannels];
+#pragma unroll
+        for (int k = 0; k < kChannels; ++k) acc[k] = 0;
+        for (int u = 0; u < g.K; ++u) {
+            const int h = i * g.stride - g.pad + u * g.dil;
+            if (h < 0 || h >= g.H) continue;
+            const scalar_t* x_row = x + (n * g.H + h) * g.W * g.C + c0;
+            for (int v = 0; v < g.K; ++v) {
+                const int w = j * g.stride - g.pad + v * g.dil;
+                if (w < 0 || w >= g.W) continue;
+                const acc_t wv = to_acc(w_pix[u * g.K + v]);
+                load_channels(x_row + (index_t)w * g.C, count, xs);
+#pragma unroll
+                for (int k = 0; k < kChannels; ++k) acc[k] += wv * xs[k];
+            }
+        }
+        store_channels(out + pixel * g.C + c0, count, acc);
+    }
+}
+
+// Grad-input, NHWC. One thread: input pixel (n, h, w), a run of up to kChannels channels of group g. Gathers over
+// the taps (u, v) whose output pixel (i, j) read it: weight[n, i, j, g, u, v] and grad_out[n, i, j, c0 ...];
+// writes grad_x[n, h, w, c0 ...] (zero where no window reaches).
+template <typename index_t>
+__device__ __forceinline__ void grad_input_nhwc_impl(const scalar_t* __restrict__ grad_out,
+                                                     const scalar_t* __restrict__ weight,
+                                                     scalar_t* __restrict__ grad_x, const Geometry g) {
+    const int group_channels = g.C / g.G;
+    const int chunks = (group_channels + kChannels - 1) / kChannels;
+    const int taps = g.K * g.K;
+    const index_t total = (index_t)g.N * g.H * g.W * g.G * chunks;
+    const index_t step = (index_t)blockDim.x * gridDim.x;
+    for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+        const int chunk = (int)(t % chunks);
+        index_t pixel = t / chunks;
+        const int grp = (int)(pixel % g.G);
+        pixel /= g.G;  // (n, h, w) flattened
+        const int w = (int)(pixel % g.W);
+        const int h = (int)(pixel / g.W % g.H);
+        const index_t n = pixel / ((index_t)g.W * g.H);
+        const int c0 = grp * group_channels + chunk * kChannels;
+        const int count = group_channels - chunk * kChannels;
+
+        acc_t acc[kChannels];
+        acc_t gs[kChannels];
+#pragma unroll
+        for (int k = 0; k < kChannels; ++k) acc[k] = 0;
+        for (int u = 0; u < g.K; ++u) {
+            const int hs = h + g.pad - u * g.dil;  // output row i read this row when i * stride == hs
+            if (hs < 0 || hs % g.stride != 0 || hs / g.stride >= g.Ho) continue;
+            const index_t out_row = n * g.Ho + hs / g.stride;
+            for (int v = 0; v < g.K; ++v) {
+                const int ws = w + g.pad - v * g.dil;
+                if (ws < 0 || ws % g.stride != 0 || ws / g.stride >= g.Wo) continue;
+                const index_t out_pixel = out_row * g.Wo + ws / g.stride;
+                const acc_t wv = to_acc(weight[(out_pixel * g.G + grp) * taps + u * g.K + v]);
+                load_channels(grad_out + out_pixel * g.C + c0, count, gs);
+#pragma unroll
+                for (int k = 0; k < kChannels; ++k) acc[k] += wv * gs[k];
+            }
+        }
+        store_channels(grad_x + pixel * g.C + c0, count, acc);
+    }
+}
+
+// Grad-weight, NHWC. One thread: output pixel (n, i, j) and group g, all K*K taps. Reads grad_out[n, i, j, ...] of
+// the group's channels (once, when the group fits in one run of kChannels) and x over the window; writes
+// grad_weight[n, i, j, g, u, v] for every tap (adjacent in memory), each the sum over the group's channels.
+template <typename index_t>
+__device__ __forceinline__ void grad_weight_nhwc_impl(const scalar_t* __restrict__ grad_out,
+                                                      const scalar_t* __restrict__ x,
+                                                      scalar_t* __restrict__ grad_weight, const Geometry g) {
+    const int group_channels = g.C / g.G;
+    const int chunks = (group_channels + kChannels - 1) / kChannels;
+    const int taps = g.K * g.K;
+    const index_t total = (index_t)g.N * g.Ho * g.Wo * g.G;
+    const index_t step = (index_t)blockDim.x * gridDim.x;
+    for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
+        const int grp = (int)(t % g.G);
+        const index_t pixel = t / g.G;  // (n, i, j) flattened
+        const int j = (int)(pixel % g.Wo);
+        const int i = (int)(pixel / g.Wo % g.Ho);
+        const index_t n = pixel / ((index_t)g.Wo * g.Ho);
+        const scalar_t* gy_pix = grad_out + pixel * g.C + grp * group_channels;
+        const index_t x_channel0 = (index_t)grp * group_channels;
+        scalar_t* gw_pix = grad_weight + t * taps;
+
+        acc_t gy[kChannels];
+        acc_t xs[kChannels];
+        if (chunks == 1) load_channels(gy_pix, group_channels, gy);
+        for (int u = 0; u < g.K; ++u) {
+            const int h = i * g.stride - g.pad + u * g.dil;
+            for (int v = 0; v < g.K; ++v) {
+                const int w = j * g.stride - g.pad + v * g.dil;
+                acc_t sum = 0;
+                if (h >= 0 && h < g.H && w >= 0 && w < g.W) {
+                    const scalar_t* x_pix = x + ((n * g.H + h) * g.W + w) * g.C + x_channel0;
+                    for (int chunk = 0; chunk < chunks; ++chunk) {
+                        const int c0 = chunk * kChannels;
+                        if (chunks != 1) load_channels(gy_pix + c0, group_channels - c0, gy);
+                        load_channels(x_pix + c0, group_channels - c0, xs);
+#pragma unroll
+                        for (int k = 0; k < kChannels; ++k) sum += gy[k] * xs[k];
+                    }
+                }
+                from_acc(sum, &gw_pix[u * g.K + v]);
+            }
+        }
+    }
+}
+
 // Entry points, looked up by name from ops/cupy_backend.py. Arguments: three pointers, then the eleven sizes of
 // Geometry in order (all int32).
 #define INVOLUTION_SIZE_PARAMS int N, int C, int H, int W, int G, int K, int Ho, int Wo, int stride, int pad, int dil
 #define INVOLUTION_GEOMETRY Geometry{N, C, H, W, G, K, Ho, Wo, stride, pad, dil}
 
-extern "C" __global__ void involution_forward_i32(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                                  scalar_t* __restrict__ out, INVOLUTION_SIZE_PARAMS) {
-    forward_impl<int>(x, weight, out, INVOLUTION_GEOMETRY);
-}
-extern "C" __global__ void involution_forward_i64(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                                  scalar_t* __restrict__ out, INVOLUTION_SIZE_PARAMS) {
-    forward_impl<long long>(x, weight, out, INVOLUTION_GEOMETRY);
-}
-extern "C" __global__ void involution_grad_input_i32(const scalar_t* __restrict__ grad_out,
-                                                     const scalar_t* __restrict__ weight,
-                                                     scalar_t* __restrict__ grad_x, INVOLUTION_SIZE_PARAMS) {
-    grad_input_impl<int>(grad_out, weight, grad_x, INVOLUTION_GEOMETRY);
-}
-extern "C" __global__ void involution_grad_input_i64(const scalar_t* __restrict__ grad_out,
-                                                     const scalar_t* __restrict__ weight,
-                                                     scalar_t* __restrict__ grad_x, INVOLUTION_SIZE_PARAMS) {
-    grad_input_impl<long long>(grad_out, weight, grad_x, INVOLUTION_GEOMETRY);
-}
-extern "C" __global__ void involution_grad_weight_i32(const scalar_t* __restrict__ grad_out,
-                                                      const scalar_t* __restrict__ x,
-                                                      scalar_t* __restrict__ grad_weight, INVOLUTION_SIZE_PARAMS) {
-    grad_weight_impl<int>(grad_out, x, grad_weight, INVOLUTION_GEOMETRY);
-}
-extern "C" __global__ void involution_grad_weight_i64(const scalar_t* __restrict__ grad_out,
-                                                      const scalar_t* __restrict__ x,
-                                                      scalar_t* __restrict__ grad_weight, INVOLUTION_SIZE_PARAMS) {
-    grad_weight_impl<long long>(grad_out, x, grad_weight, INVOLUTION_GEOMETRY);
-}
+#define INVOLUTION_ENTRY(name, impl, index_t, a, b, out)                                                  \
+    extern "C" __global__ void name(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,          \
+                                    scalar_t* __restrict__ out, INVOLUTION_SIZE_PARAMS) {                     \
+        impl<index_t>(a, b, out, INVOLUTION_GEOMETRY);                                                        \
+    }
+
+INVOLUTION_ENTRY(involution_forward_i32, forward_impl, int, x, weight, out)
+INVOLUTION_ENTRY(involution_forward_i64, forward_impl, long long, x, weight, out)
+INVOLUTION_ENTRY(involution_grad_input_i32, grad_input_impl, int, grad_out, weight, grad_x)
+INVOLUTION_ENTRY(involution_grad_input_i64, grad_input_impl, long long, grad_out, weight, grad_x)
+INVOLUTION_ENTRY(involution_grad_weight_i32, grad_weight_impl, int, grad_out, x, grad_weight)
+INVOLUTION_ENTRY(involution_grad_weight_i64, grad_weight_impl, long long, grad_out, x, grad_weight)
+INVOLUTION_ENTRY(involution_forward_nhwc_i32, forward_nhwc_impl, int, x, weight, out)
+INVOLUTION_ENTRY(involution_forward_nhwc_i64, forward_nhwc_impl, long long, x, weight, out)
+INVOLUTION_ENTRY(involution_grad_input_nhwc_i32, grad_input_nhwc_impl, int, grad_out, weight, grad_x)
+INVOLUTION_ENTRY(involution_grad_input_nhwc_i64, grad_input_nhwc_impl, long long, grad_out, weight, grad_x)
+INVOLUTION_ENTRY(involution_grad_weight_nhwc_i32, grad_weight_nhwc_impl, int, grad_out, x, grad_weight)
+INVOLUTION_ENTRY(involution_grad_weight_nhwc_i64, grad_weight_nhwc_impl, long long, grad_out, x, grad_weight)
