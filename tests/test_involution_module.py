@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ops import layout
 from rednet import Involution
 
 
@@ -97,13 +98,21 @@ def test_memory_efficient_does_not_store_the_generated_kernels():
         torch.testing.assert_close(module(64, memory_efficient=True)(x), module(64)(x))
 
 
-def test_channels_last():
-    layer = module(stride=2).eval()
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_channels_last_matches_and_never_converts(memory_efficient):
+    """A channels_last layer generates pixel-major kernels (what the NHWC CUDA kernels read, no copy), returns
+    channels_last, and trains exactly like the NCHW one."""
     x = torch.randn(2, 32, 10, 10)
+    out, grads = run(module(stride=2, memory_efficient=memory_efficient), x)
+    layer_cl = module(stride=2, memory_efficient=memory_efficient).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        out = layer(x)
-        out_cl = layer.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+        assert layout.is_pixel_major(layer_cl.generate_kernels(x_cl))
+    out_cl, grads_cl = run(layer_cl, x_cl)
+    assert layout.is_channels_last(out_cl) and layout.is_channels_last(grads_cl[0])
     torch.testing.assert_close(out_cl, out)
+    for got, expected in zip(grads_cl, grads):  # channels_last convs sum in another order
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_memory_efficient_traces_whole_under_torch_compile():
