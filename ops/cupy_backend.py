@@ -182,9 +182,13 @@ def find_cuda_include_dir() -> str | None:
 
 
 @functools.cache
-def compile_options(dtype: torch.dtype) -> tuple[str, ...]:
+def compile_options(
+    dtype: torch.dtype,
+    channels_per_thread: int = CHANNELS_PER_THREAD,
+    pixels_per_thread: int = PIXELS_PER_THREAD,
+) -> tuple[str, ...]:
     """Options for cupy.RawModule: the defines, plus the CUDA include directory when CuPy does not add one."""
-    options = compile_defines(dtype)
+    options = compile_defines(dtype, channels_per_thread, pixels_per_thread)
     try:
         from cupy._core.core import assemble_cupy_compiler_options  # what CuPy adds itself (CuPy 13 and 14)
 
@@ -220,12 +224,18 @@ def is_available() -> tuple[bool, str]:
 
 
 @functools.cache
-def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
-    """Compile (or load from CuPy's cache) the kernels for one device and dtype: {entry point name: RawKernel}."""
+def _kernels(
+    device_index: int,
+    dtype: torch.dtype,
+    channels_per_thread: int = CHANNELS_PER_THREAD,
+    pixels_per_thread: int = PIXELS_PER_THREAD,
+) -> dict[str, object]:
+    """Compile (or load from CuPy's cache) the kernels for one device, dtype and split of the work:
+    {entry point name: RawKernel}."""
     import cupy
 
     names = kernel_names()
-    options = compile_options(dtype)
+    options = compile_options(dtype, channels_per_thread, pixels_per_thread)
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=kernel_source(), options=options)
         try:
@@ -238,8 +248,18 @@ def _kernels(device_index: int, dtype: torch.dtype) -> dict[str, object]:
             ) from error
 
 
-def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor, memory: str) -> Tensor:
-    """Run one kernel on (a, b) -> out (all in `memory` layout, one CUDA device) on torch's current stream there."""
+def _launch(
+    kind: str,
+    geometry: Geometry,
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    memory: str,
+    channels_per_thread: int = CHANNELS_PER_THREAD,
+    pixels_per_thread: int = PIXELS_PER_THREAD,
+) -> Tensor:
+    """Run one kernel on (a, b) -> out (all in `memory` layout, one CUDA device) on torch's current stream there.
+    The work split per thread is the compiled default unless given (scripts/tune_kernels.py tries others)."""
     if not out.is_cuda:
         raise RuntimeError(
             f"involution backend 'cupy' needs CUDA tensors, got {out.device}: move them with .to('cuda')"
@@ -249,9 +269,10 @@ def _launch(kind: str, geometry: Geometry, a: Tensor, b: Tensor, out: Tensor, me
     import cupy
     import numpy as np
 
-    launch = plan_launch(kind, geometry, memory=memory)
+    split = (channels_per_thread, pixels_per_thread)
+    launch = plan_launch(kind, geometry, memory=memory, channels_per_thread=split[0], pixels_per_thread=split[1])
     device_index = out.device.index if out.device.index is not None else torch.cuda.current_device()
-    kernel = _kernels(device_index, out.dtype)[launch.kernel]
+    kernel = _kernels(device_index, out.dtype, *split)[launch.kernel]
     args = tuple(np.uint64(t.data_ptr()) for t in (a, b, out)) + tuple(np.int32(s) for s in launch.geometry)
     with cupy.cuda.Device(device_index):
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device_index).cuda_stream)

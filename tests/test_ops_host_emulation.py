@@ -319,3 +319,25 @@ def test_op_with_autograd_on_emulated_kernels(emulated, monkeypatch, channels_la
         torch.testing.assert_close(result.detach(), reference, **_tolerances(torch.float64))
     assert layout.is_channels_last(out) == layout.is_channels_last(x.grad) == channels_last
     assert layout.is_pixel_major(weight.grad) == channels_last
+
+
+def test_tuning_script_on_emulated_kernels(emulated, monkeypatch) -> None:
+    """scripts/tune_kernels.py, its GPU launches and timer swapped for the emulation: every split it would try on a
+    GPU builds, runs in both layouts and agrees with the default split (so a lent GPU's minutes are not lost)."""
+    from scripts import benchmark_op, tune_kernels
+
+    def emulated_launch(kind, geometry, a, b, out, memory, channels_per_thread, pixels_per_thread):
+        as_memory = [_to_memory(t, memory) for t in (a, b, out)]
+        split = {"channels": channels_per_thread, "pixels": pixels_per_thread}
+        result = emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory, **split)
+        as_memory[2].copy_(result)
+        return out
+
+    monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
+    monkeypatch.setattr(tune_kernels, "time_launch", lambda launch: (launch(), 0.0)[1])
+    shape = benchmark_op.Shape("tiny", channels=32, size=9, kernel_size=3, stride=2)
+    for memory, splits in tune_kernels.SPLITS.items():
+        problems = tune_kernels.kernel_problems(shape, 2, torch.float64, memory, device="cpu")
+        for kind, problem in problems.items():
+            assert tune_kernels.time_splits(kind, memory, splits, *problem) == [0.0] * len(splits)
+            assert not problem[-1].isnan().any(), (kind, memory)
