@@ -304,7 +304,7 @@ def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int)
     x, weight = layout.to_layout(x, channels_last), layout.weight_to_layout(weight, channels_last)
     n, c, h, w = x.shape
     _, groups, k, _, h_out, w_out = weight.shape
-    out = layout.to_layout(x.new_empty((n, c, h_out, w_out)), channels_last)
+    out = layout.empty_image(x, (n, c, h_out, w_out), channels_last)
     geometry = Geometry(n, c, h, w, groups, k, h_out, w_out, stride, padding, dilation)
     return _launch("forward", geometry, x, weight, out, memory)
 
@@ -317,18 +317,19 @@ def grad_input(
     stride: int,
     padding: int,
     dilation: int,
+    channels_last: bool = False,
 ) -> Tensor:
-    """grad_x (N, C, H, W) in grad_out's layout from grad_out (N, C, Ho, Wo) and weight; input_size is (H, W),
-    channels is C."""
+    """grad_x (N, C, H, W) from grad_out (N, C, Ho, Wo) and weight; input_size is (H, W), channels is C.
+    channels_last: x's layout (grad_out's may be ambiguous, e.g. at Ho == Wo == 1), for grad_x and the kernels."""
     _check_pair("grad_out", grad_out, "weight", weight)
-    memory = _memory(grad_out)
-    channels_last = memory == "nhwc"
+    channels_last = channels_last and USE_NHWC_KERNELS
+    memory = "nhwc" if channels_last else "nchw"
     grad_out = layout.to_layout(grad_out, channels_last)
     weight = layout.weight_to_layout(weight, channels_last)
     n, _, h_out, w_out = grad_out.shape
     _, groups, k, _, _, _ = weight.shape
     h, w = input_size
-    grad_x = layout.to_layout(grad_out.new_empty((n, channels, h, w)), channels_last)
+    grad_x = layout.empty_image(grad_out, (n, channels, h, w), channels_last)
     geometry = Geometry(n, channels, h, w, groups, k, h_out, w_out, stride, padding, dilation)
     return _launch("grad_input", geometry, grad_out, weight, grad_x, memory)
 

@@ -113,13 +113,13 @@ def _check_arguments(x: Tensor, weight: Tensor, stride: int, padding: int, dilat
 @torch.library.custom_op("rednet::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str) -> Tensor:
     out = _backend_module(backend).forward(x, weight, stride, padding, dilation)
-    return layout.to_layout(out, layout.is_channels_last(x))
+    return layout.as_output(out, layout.is_channels_last(x))
 
 
 @_involution_op.register_fake
 def _(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str) -> Tensor:
-    out = x.new_empty((x.shape[0], x.shape[1], weight.shape[-2], weight.shape[-1]))
-    return layout.to_layout(out, layout.is_channels_last(x))
+    shape = (x.shape[0], x.shape[1], weight.shape[-2], weight.shape[-1])
+    return layout.empty_image(x, shape, layout.is_channels_last(x))
 
 
 @torch.library.custom_op("rednet::involution_grad_input", mutates_args=())
@@ -129,13 +129,13 @@ def _grad_input_op(
 ) -> Tensor:  # fmt: skip
     grad_out = layout.to_layout(grad_out, channels_last)
     module = _backend_module(backend)
-    grad_x = module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation)
-    return layout.to_layout(grad_x, channels_last)
+    grad_x = module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation, channels_last)
+    return layout.as_output(grad_x, channels_last)
 
 
 @_grad_input_op.register_fake
 def _(grad_out, weight, height, width, channels, stride, padding, dilation, backend, channels_last) -> Tensor:
-    return layout.to_layout(grad_out.new_empty((grad_out.shape[0], channels, height, width)), channels_last)
+    return layout.empty_image(grad_out, (grad_out.shape[0], channels, height, width), channels_last)
 
 
 @torch.library.custom_op("rednet::involution_grad_weight", mutates_args=())
@@ -147,7 +147,7 @@ def _grad_weight_op(
     grad_out = layout.to_layout(grad_out, channels_last)
     module = _backend_module(backend)
     grad_w = module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation)
-    return layout.weight_to_layout(grad_w, channels_last)
+    return layout.as_output(grad_w, channels_last)
 
 
 @_grad_weight_op.register_fake

@@ -66,8 +66,12 @@ def grad_input(
     stride: int,
     padding: int,
     dilation: int,
+    channels_last: bool = False,
 ) -> Tensor:
-    """Gradient of ``forward`` with respect to x: scatter-add of grad_out · weight over the K² taps."""
+    """Gradient of ``forward`` with respect to x: scatter-add of grad_out · weight over the K² taps.
+
+    channels_last (x's layout) is accepted for the backends' common signature; the result is NCHW either way and
+    the op converts it."""
     n = grad_out.shape[0]
     groups, kernel_size, _, h_out, w_out = weight.shape[1:]
     height, width = input_size

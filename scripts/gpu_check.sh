@@ -49,7 +49,9 @@ timeout 90 "$python" scripts/benchmark_model.py --models rednet26 resnet26 redne
 model_status=${PIPESTATUS[0]}
 timeout 40 "$python" scripts/benchmark_model.py --models rednet50 --no-channels-last --iters 20 \
     --out "$out/benchmark_model_nchw.md" 2>&1 | tee "$out/benchmark_model_nchw.log"
+model_nchw_status=${PIPESTATUS[0]}
 
-echo "gpu_check: pytest exit $tests_status, op benchmark exit $bench_status, model benchmark exit $model_status"
+echo "gpu_check: pytest exit $tests_status, op benchmark exit $bench_status, model benchmark exit $model_status" \
+    "(NCHW: $model_nchw_status)"
 echo "(results in $out)"
 exit $((tests_status != 0 || bench_status != 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ops
 from ops import layout
@@ -186,23 +187,42 @@ def test_torch_compile_fullgraph_matches_eager(channels_last):
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("size,stride", [(6, 1), (9, 9)], ids=["6x6", "to_1x1"])  # 1×1 output: size-1 dims
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_torch_library_op_passes_opcheck(channels_last):
-    """Includes the fake implementation's strides, which follow x's layout."""
-    x, weight = make_inputs(1, 8, 2, 6, 6, 3, 1, 1)
+def test_torch_library_op_passes_opcheck(channels_last, size, stride):
+    """Includes the fake implementations' strides, which follow x's layout, exactly, size-1 dims included."""
+    x, weight = make_inputs(1, 8, 2, size, size, 3, stride, 1)
     x, weight = layout.to_layout(x.detach(), channels_last), layout.weight_to_layout(weight.detach(), channels_last)
+    conv = (stride, 1, 1, "torch")
     torch.library.opcheck(
         torch.ops.rednet.involution.default,
-        (x.requires_grad_(), weight.requires_grad_(), 1, 1, 1, "torch"),
+        (x.requires_grad_(), weight.requires_grad_(), *conv),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
-    grad_out = layout.to_layout(torch.randn(1, 8, 6, 6, dtype=x.dtype), channels_last)
-    conv = (1, 1, 1, "torch")
+    h_out = weight.shape[-1]
+    grad_out = layout.to_layout(torch.randn(1, 8, h_out, h_out, dtype=x.dtype), channels_last)
     for op, args in (
-        (torch.ops.rednet.involution_grad_input.default, (grad_out, weight.detach(), 6, 6, 8, *conv, channels_last)),
+        (
+            torch.ops.rednet.involution_grad_input.default,
+            (grad_out, weight.detach(), size, size, 8, *conv, channels_last),
+        ),
         (torch.ops.rednet.involution_grad_weight.default, (grad_out, x.detach(), 3, 2, *conv)),
     ):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    # opcheck overlooks the strides of size-1 dims; torch.compile's layouts come from the fakes, so match exactly.
+    mode = FakeTensorMode()
+    for op, args in (
+        (torch.ops.rednet.involution.default, (x.detach(), weight.detach(), *conv)),
+        (
+            torch.ops.rednet.involution_grad_input.default,
+            (grad_out, weight.detach(), size, size, 8, *conv, channels_last),
+        ),
+        (torch.ops.rednet.involution_grad_weight.default, (grad_out, x.detach(), 3, 2, *conv)),
+    ):
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with mode:
+            fake = op(*fake_args)
+        assert fake.stride() == op(*args).stride(), op
 
 
 def test_available_backends_lists_cpu_paths():

@@ -281,7 +281,7 @@ def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case, cha
     conv = (geometry.stride, geometry.pad, geometry.dil)
 
     out = cupy_backend.forward(x, weight, *conv)
-    grad_x = cupy_backend.grad_input(grad_out, weight, (geometry.H, geometry.W), geometry.C, *conv)
+    grad_x = cupy_backend.grad_input(grad_out, weight, (geometry.H, geometry.W), geometry.C, *conv, channels_last)
     grad_w = cupy_backend.grad_weight(grad_out, x, geometry.K, geometry.G, *conv)
     assert launched == ["nhwc" if channels_last else "nchw"] * 3
     for result, expected in ((out, expected_out), (grad_x, expected_gx), (grad_w, expected_gw)):
@@ -341,3 +341,25 @@ def test_tuning_script_on_emulated_kernels(emulated, monkeypatch) -> None:
         for kind, problem in problems.items():
             assert tune_kernels.time_splits(kind, memory, splits, *problem) == [0.0] * len(splits)
             assert not problem[-1].isnan().any(), (kind, memory)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CASES[3], (1, 32, 2, 9, 9, 3, 9, 1, None)], ids=_case_id)  # the 2nd: Ho = Wo = 1
+def test_op_copies_nothing_when_inputs_are_in_layout(monkeypatch, case, channels_last) -> None:
+    """With inputs already in x's layout (as a model hands them over), the "cupy" path from ops.involution to the
+    kernels, and its backward, move no data besides the kernels' own (the launch is stubbed out here)."""
+    launched = []
+    monkeypatch.setattr(
+        cupy_backend, "_launch", lambda kind, geometry, a, b, out, memory: launched.append(memory) or out
+    )
+    geometry, x, weight, grad_out = _problem(case, torch.float64, seed=6)
+    monkeypatch.setattr(sys.modules["ops.involution"], "_resolve_backend", lambda backend, x: "cupy")
+    x = layout.to_layout(x.detach(), channels_last).requires_grad_()
+    weight = layout.weight_to_layout(weight.detach(), channels_last).requires_grad_()
+    grad_out = layout.to_layout(grad_out, channels_last)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = ops.involution(x, weight, geometry.stride, geometry.pad, geometry.dil, backend="cupy")
+        out.backward(grad_out)
+    copies = [e.name for e in profile.events() if e.name in ("aten::copy_", "aten::clone", "aten::_to_copy")]
+    assert copies == [], copies
+    assert launched == ["nhwc" if channels_last else "nchw"] * 3
