@@ -127,8 +127,7 @@ def _grad_input_op(
     grad_out: Tensor, weight: Tensor, height: int, width: int, channels: int, stride: int, padding: int,
     dilation: int, backend: str, channels_last: bool,
 ) -> Tensor:  # fmt: skip
-    grad_out = layout.to_layout(grad_out, channels_last)
-    module = _backend_module(backend)
+    module = _backend_module(backend)  # each backend reads grad_out in whatever layout it needs
     grad_x = module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation, channels_last)
     return layout.as_output(grad_x, channels_last)
 
@@ -143,11 +142,9 @@ def _grad_weight_op(
     grad_out: Tensor, x: Tensor, kernel_size: int, groups: int, stride: int, padding: int, dilation: int,
     backend: str,
 ) -> Tensor:  # fmt: skip
-    channels_last = layout.is_channels_last(x)
-    grad_out = layout.to_layout(grad_out, channels_last)
     module = _backend_module(backend)
     grad_w = module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation)
-    return layout.as_output(grad_w, channels_last)
+    return layout.as_output(grad_w, layout.is_channels_last(x))
 
 
 @_grad_weight_op.register_fake

@@ -249,24 +249,35 @@ def test_every_entry_point_is_built(emulated) -> None:
         assert hasattr(library, f"emulate_{name}"), name
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=_case_id)
-def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case, channels_last) -> None:
-    """cupy_backend.forward/grad_input/grad_weight end to end, with only the CuPy launch swapped for the emulation:
-    checks the Python side (layouts, output shapes and strides, argument order) that a GPU run relies on."""
-    launched = []
+@pytest.fixture
+def gpu_launches(emulated, monkeypatch) -> list[tuple[str, str]]:
+    """Swaps cupy_backend's CuPy launch for the emulation; returns the (kind, memory) of every launch made."""
+    launches = []
 
-    def emulated_launch(kind, geometry, a, b, out, memory):
-        launched.append(memory)
+    def launch(
+        kind, geometry, a, b, out, memory,
+        channels_per_thread=cupy_backend.CHANNELS_PER_THREAD, pixels_per_thread=cupy_backend.PIXELS_PER_THREAD,
+    ):  # fmt: skip
+        launches.append((kind, memory))
         as_memory = [_to_memory(t, memory) for t in (a, b, out)]
         # The kernels read raw memory: each tensor must already lie in the layout's order, without a copy.
         for t, m in zip((a, b, out), as_memory):
             assert t.data_ptr() == m.data_ptr() and m.is_contiguous(), (kind, memory, t.shape, t.stride())
-        result = emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory)
-        as_memory[2].copy_(result)
+        split = {"channels": channels_per_thread, "pixels": pixels_per_thread}
+        as_memory[2].copy_(
+            emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory, **split)
+        )
         return out
 
-    monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
+    monkeypatch.setattr(cupy_backend, "_launch", launch)
+    return launches
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=_case_id)
+def test_backend_functions_with_emulated_launch(gpu_launches, case, channels_last) -> None:
+    """cupy_backend.forward/grad_input/grad_weight end to end, with only the CuPy launch swapped for the emulation:
+    checks the Python side (layouts, output shapes and strides, argument order) that a GPU run relies on."""
     geometry, x, weight, grad_out = _problem(case, torch.float64, seed=2)
     expected_out, expected_gx, expected_gw = _reference(geometry, x, weight, grad_out)
     if channels_last:  # as in a channels_last model: NHWC images, pixel-major kernels
@@ -283,7 +294,7 @@ def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case, cha
     out = cupy_backend.forward(x, weight, *conv)
     grad_x = cupy_backend.grad_input(grad_out, weight, (geometry.H, geometry.W), geometry.C, *conv, channels_last)
     grad_w = cupy_backend.grad_weight(grad_out, x, geometry.K, geometry.G, *conv)
-    assert launched == ["nhwc" if channels_last else "nchw"] * 3
+    assert [memory for _, memory in gpu_launches] == ["nhwc" if channels_last else "nchw"] * 3
     for result, expected in ((out, expected_out), (grad_x, expected_gx), (grad_w, expected_gw)):
         torch.testing.assert_close(result, expected, **_tolerances(torch.float64))
     assert layout.is_channels_last(out) == layout.is_channels_last(grad_x) == channels_last
@@ -291,19 +302,9 @@ def test_backend_functions_with_emulated_launch(emulated, monkeypatch, case, cha
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_op_with_autograd_on_emulated_kernels(emulated, monkeypatch, channels_last) -> None:
+def test_op_with_autograd_on_emulated_kernels(gpu_launches, monkeypatch, channels_last) -> None:
     """ops.involution with backend "cupy" through the custom ops and autograd, the kernels emulated: a channels_last
     model's tensors go to the NHWC kernels without conversions, and gradients come back in the same layouts."""
-    launched = []
-
-    def emulated_launch(kind, geometry, a, b, out, memory):
-        launched.append((kind, memory))
-        as_memory = [_to_memory(t, memory) for t in (a, b, out)]
-        assert all(t.data_ptr() == m.data_ptr() for t, m in zip((a, b, out), as_memory)), (kind, memory)
-        as_memory[2].copy_(emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory))
-        return out
-
-    monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
     geometry, x, weight, grad_out = _problem(CASES[3], torch.float64, seed=5)
     expected = _reference(geometry, x, weight, grad_out)
     # After the reference: from here on, every backend resolves to "cupy" (CPU tensors included).
@@ -314,26 +315,18 @@ def test_op_with_autograd_on_emulated_kernels(emulated, monkeypatch, channels_la
     out = ops.involution(x, weight, geometry.stride, geometry.pad, geometry.dil, backend="cupy")
     out.backward(grad_out)
     memory = "nhwc" if channels_last else "nchw"
-    assert sorted(launched) == [(kind, memory) for kind in sorted(cupy_backend.KERNEL_KINDS)]
+    assert sorted(gpu_launches) == [(kind, memory) for kind in sorted(cupy_backend.KERNEL_KINDS)]
     for result, reference in zip((out, x.grad, weight.grad), expected):
         torch.testing.assert_close(result.detach(), reference, **_tolerances(torch.float64))
     assert layout.is_channels_last(out) == layout.is_channels_last(x.grad) == channels_last
     assert layout.is_pixel_major(weight.grad) == channels_last
 
 
-def test_tuning_script_on_emulated_kernels(emulated, monkeypatch) -> None:
+def test_tuning_script_on_emulated_kernels(gpu_launches, monkeypatch) -> None:
     """scripts/tune_kernels.py, its GPU launches and timer swapped for the emulation: every split it would try on a
     GPU builds, runs in both layouts and agrees with the default split (so a lent GPU's minutes are not lost)."""
     from scripts import benchmark_op, tune_kernels
 
-    def emulated_launch(kind, geometry, a, b, out, memory, channels_per_thread, pixels_per_thread):
-        as_memory = [_to_memory(t, memory) for t in (a, b, out)]
-        split = {"channels": channels_per_thread, "pixels": pixels_per_thread}
-        result = emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory, **split)
-        as_memory[2].copy_(result)
-        return out
-
-    monkeypatch.setattr(cupy_backend, "_launch", emulated_launch)
     monkeypatch.setattr(tune_kernels, "time_launch", lambda launch: (launch(), 0.0)[1])
     shape = benchmark_op.Shape("tiny", channels=32, size=9, kernel_size=3, stride=2)
     for memory, splits in tune_kernels.SPLITS.items():
