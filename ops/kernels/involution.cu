@@ -126,6 +126,14 @@ __device__ __forceinline__ acc_t load_padded(const scalar_t* row, int col, int w
     return col >= 0 && col < width ? to_acc(row[col]) : acc_t(0);
 }
 
+// The next digit of a flat mixed-radix index, innermost first: returns rest % radix and leaves rest / radix.
+template <typename index_t>
+__device__ __forceinline__ int next_digit(index_t& rest, int radix) {
+    const int digit = (int)(rest % radix);
+    rest /= radix;
+    return digit;
+}
+
 // Shapes shared by the three kernels.
 struct Geometry {
     int N, C, H, W, G, K, Ho, Wo, stride, pad, dil;
@@ -147,14 +155,12 @@ __device__ __forceinline__ void forward_impl(const scalar_t* __restrict__ x, con
     // Pixel q + 1 at tap v reads the column pixel q reads at tap v + 1.
     const bool slide = g.stride == g.dil;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int j0 = (int)(t % col_tiles) * kPixels;
-        index_t rest = t / col_tiles;
-        const int i = (int)(rest % g.Ho);
-        rest /= g.Ho;
-        const int chunk = (int)(rest % chunks);
-        rest /= chunks;
-        const int grp = (int)(rest % g.G);
-        const index_t n = rest / g.G;
+        index_t rest = t;
+        const int j0 = next_digit(rest, col_tiles) * kPixels;
+        const int i = next_digit(rest, g.Ho);
+        const int chunk = next_digit(rest, chunks);
+        const int grp = next_digit(rest, g.G);
+        const index_t n = rest;
         const int c0 = grp * group_channels + chunk * kChannels;
         const int count = group_channels - chunk * kChannels;  // channels of this run, clipped below
         const int pixels = g.Wo - j0 < kPixels ? g.Wo - j0 : kPixels;
@@ -222,14 +228,12 @@ __device__ __forceinline__ void grad_input_impl(const scalar_t* __restrict__ gra
     // With unit stride and dilation, pixel q at tap v + 1 reads the grad_out column pixel q - 1 reads at tap v.
     const bool slide = g.stride == 1 && g.dil == 1;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int w0 = (int)(t % col_tiles) * kPixels;
-        index_t rest = t / col_tiles;
-        const int h = (int)(rest % g.H);
-        rest /= g.H;
-        const int chunk = (int)(rest % chunks);
-        rest /= chunks;
-        const int grp = (int)(rest % g.G);
-        const index_t n = rest / g.G;
+        index_t rest = t;
+        const int w0 = next_digit(rest, col_tiles) * kPixels;
+        const int h = next_digit(rest, g.H);
+        const int chunk = next_digit(rest, chunks);
+        const int grp = next_digit(rest, g.G);
+        const index_t n = rest;
         const int c0 = grp * group_channels + chunk * kChannels;
         const int count = group_channels - chunk * kChannels;
         const int pixels = g.W - w0 < kPixels ? g.W - w0 : kPixels;
@@ -304,12 +308,11 @@ __device__ __forceinline__ void grad_weight_impl(const scalar_t* __restrict__ gr
     // As in the forward; the inputs only stay in registers from tap to tap when one run covers the group.
     const bool slide = g.stride == g.dil && chunks == 1;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int j0 = (int)(t % col_tiles) * kPixels;
-        index_t rest = t / col_tiles;
-        const int i = (int)(rest % g.Ho);
-        rest /= g.Ho;
-        const int grp = (int)(rest % g.G);
-        const index_t n = rest / g.G;
+        index_t rest = t;
+        const int j0 = next_digit(rest, col_tiles) * kPixels;
+        const int i = next_digit(rest, g.Ho);
+        const int grp = next_digit(rest, g.G);
+        const index_t n = rest;
         const int pixels = g.Wo - j0 < kPixels ? g.Wo - j0 : kPixels;
         const index_t pix = (index_t)i * g.Wo + j0;
 
@@ -422,13 +425,13 @@ __device__ __forceinline__ void forward_nhwc_impl(const scalar_t* __restrict__ x
     const index_t total = (index_t)g.N * g.Ho * g.Wo * g.G * chunks;
     const index_t step = (index_t)blockDim.x * gridDim.x;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int chunk = (int)(t % chunks);
-        index_t pixel = t / chunks;  // (n, i, j, grp) flattened
-        const int grp = (int)(pixel % g.G);
-        pixel /= g.G;  // (n, i, j) flattened
-        const int j = (int)(pixel % g.Wo);
-        const int i = (int)(pixel / g.Wo % g.Ho);
-        const index_t n = pixel / ((index_t)g.Wo * g.Ho);
+        index_t rest = t;
+        const int chunk = next_digit(rest, chunks);
+        const int grp = next_digit(rest, g.G);
+        const index_t pixel = rest;  // (n, i, j) flattened
+        const int j = next_digit(rest, g.Wo);
+        const int i = next_digit(rest, g.Ho);
+        const index_t n = rest;
         const int c0 = grp * group_channels + chunk * kChannels;
         const int count = group_channels - chunk * kChannels;
 
@@ -467,13 +470,13 @@ __device__ __forceinline__ void grad_input_nhwc_impl(const scalar_t* __restrict_
     const index_t total = (index_t)g.N * g.H * g.W * g.G * chunks;
     const index_t step = (index_t)blockDim.x * gridDim.x;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int chunk = (int)(t % chunks);
-        index_t pixel = t / chunks;
-        const int grp = (int)(pixel % g.G);
-        pixel /= g.G;  // (n, h, w) flattened
-        const int w = (int)(pixel % g.W);
-        const int h = (int)(pixel / g.W % g.H);
-        const index_t n = pixel / ((index_t)g.W * g.H);
+        index_t rest = t;
+        const int chunk = next_digit(rest, chunks);
+        const int grp = next_digit(rest, g.G);
+        const index_t pixel = rest;  // (n, h, w) flattened
+        const int w = next_digit(rest, g.W);
+        const int h = next_digit(rest, g.H);
+        const index_t n = rest;
         const int c0 = grp * group_channels + chunk * kChannels;
         const int count = group_channels - chunk * kChannels;
 
@@ -512,11 +515,12 @@ __device__ __forceinline__ void grad_weight_nhwc_impl(const scalar_t* __restrict
     const index_t total = (index_t)g.N * g.Ho * g.Wo * g.G;
     const index_t step = (index_t)blockDim.x * gridDim.x;
     for (index_t t = (index_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) {
-        const int grp = (int)(t % g.G);
-        const index_t pixel = t / g.G;  // (n, i, j) flattened
-        const int j = (int)(pixel % g.Wo);
-        const int i = (int)(pixel / g.Wo % g.Ho);
-        const index_t n = pixel / ((index_t)g.Wo * g.Ho);
+        index_t rest = t;
+        const int grp = next_digit(rest, g.G);
+        const index_t pixel = rest;  // (n, i, j) flattened
+        const int j = next_digit(rest, g.Wo);
+        const int i = next_digit(rest, g.Ho);
+        const index_t n = rest;
         const scalar_t* gy_pix = grad_out + pixel * g.C + grp * group_channels;
         const index_t x_channel0 = (index_t)grp * group_channels;
         scalar_t* gw_pix = grad_weight + t * taps;
