@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ops import layout, torch_backend
 
-__all__ = ["involution", "available_backends", "BACKENDS"]
+__all__ = ["involution", "available_backends", "export_decompositions", "BACKENDS"]
 
 BACKENDS = ("auto", "cupy", "torch", "unfold")
 
@@ -172,6 +172,20 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _involution_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _involution_decomposed(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str):
+    return torch_backend.forward_functional(x, weight, stride, padding, dilation)
+
+
+def export_decompositions() -> dict:
+    """Decompositions of the op into plain aten ops, for ``ExportedProgram.run_decompositions``.
+
+    ONNX and other exporters do not know the ``rednet::involution`` custom op; decomposed, it reaches them as
+    pad/slice/mul/add (``torch_backend.forward_functional``). Inference graphs only: the op's backward is not
+    decomposed.
+    """
+    return {torch.ops.rednet.involution.default: _involution_decomposed}
 
 
 def _autocast_inputs(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

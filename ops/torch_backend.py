@@ -3,6 +3,8 @@
 ``forward`` / ``grad_input`` / ``grad_weight`` are the memory-efficient "torch" backend: a loop over the K² kernel
 taps that never materializes the K²-times unfolded input (peak extra memory is one padded copy of the input and one
 output-sized buffer). ``involution_unfold`` is the simple reference built on ``F.unfold`` and plain autograd.
+``forward_functional`` is the forward as a sum of plain pad/slice/mul/add ops, for exporters (ONNX) that cannot
+take the custom op.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["forward", "grad_input", "grad_weight", "involution_unfold"]
+__all__ = ["forward", "forward_functional", "grad_input", "grad_weight", "involution_unfold"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,6 +58,29 @@ def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int)
         for v, cols in _taps(kernel_size, x.shape[3], w_out, *conv):
             out.addcmul_(x_pad[..., rows, cols], weight[:, :, u, v].unsqueeze(2).to(acc))
     return out.view(n, c, h_out, w_out).to(x.dtype)
+
+
+def forward_functional(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    """``forward`` without in-place ops: out = Σ_taps slice(pad(x)) · weight[:, :, u, v].
+
+    Traced by torch.export, this becomes Pad, Slice, Mul and Add nodes only, which every ONNX runtime runs, with
+    no K²-times unfolded buffer. The image size must be static (a dynamic batch is fine): it picks the taps.
+    """
+    n, c, height, width = x.shape
+    groups, kernel_size, _, h_out, w_out = weight.shape[1:]
+    acc = _accumulation_dtype(x.dtype)
+    x_pad = F.pad(x.to(acc), (padding, padding, padding, padding))
+    x_pad = x_pad.reshape(n, groups, c // groups, height + 2 * padding, width + 2 * padding)
+    # One split of the kernels (an ONNX Split) rather than a pair of index ops per tap.
+    tap_weights = weight.to(acc).reshape(n, groups, 1, kernel_size * kernel_size, h_out, w_out).unbind(3)
+    conv = (stride, padding, dilation)
+    out = None
+    for u, rows in _taps(kernel_size, height, h_out, *conv):
+        x_rows = x_pad[..., rows, :]
+        for v, cols in _taps(kernel_size, width, w_out, *conv):
+            term = x_rows[..., cols] * tap_weights[u * kernel_size + v]
+            out = term if out is None else out + term
+    return out.reshape(n, c, h_out, w_out).to(x.dtype)
 
 
 def grad_input(

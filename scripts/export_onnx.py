@@ -1,0 +1,96 @@
+"""Export a RedNet to ONNX (plain Pad/Slice/Mul/Add for involution: no plugin needed), then check it in ONNX Runtime.
+
+    python scripts/export_onnx.py --model rednet50 --weights outputs/run/checkpoints/best.pt --out rednet50.onnx
+    python scripts/export_onnx.py --model rednet50 --out /tmp/r50.onnx --time 20 --threads 1   # ORT vs PyTorch
+
+--weights takes anything ``rednet.create_model(pretrained=...)`` does (a training checkpoint, an official mmcls
+checkpoint, a URL); the class count and stem kernel size come from it. Needs ``pip install 'rednet[onnx]'``, and
+onnxruntime for the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+
+import rednet
+from rednet.export import check_onnx, export_onnx
+
+
+def _median_ms(step, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def time_inference(path, model, images: torch.Tensor, iters: int, threads: int | None) -> tuple[float, float]:
+    """Median ms per batch on the CPU: (ONNX Runtime, PyTorch eager under inference_mode), same thread count."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        torch.set_num_threads(threads)
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": images.numpy()}
+    onnx_ms = _median_ms(lambda: session.run(None, feed), iters)
+    with torch.inference_mode():
+        torch_ms = _median_ms(lambda: model(images), iters)
+    return onnx_ms, torch_ms
+
+
+def main(argv: list[str] | None = None) -> float | None:
+    """Export, then (unless --no-check) return the largest abs difference from PyTorch on a random batch."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rednet50", choices=rednet.list_models())
+    parser.add_argument("--weights", default=None, help="checkpoint path or URL (default: random weights)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
+    parser.add_argument("--img-size", type=int, default=224, help="input height and width, fixed in the graph")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
+    parser.add_argument("--optimize", action="store_true", help="shrink the graph (slower export; same ORT speed)")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime check")
+    parser.add_argument("--atol", type=float, default=1e-3, help="largest abs logit difference the check allows")
+    parser.add_argument("--time", type=int, default=0, metavar="ITERS", help="time ORT vs PyTorch (median of ITERS)")
+    parser.add_argument("--batch-size", type=int, default=1, help="the batch --time runs")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for --time (both runtimes)")
+    args = parser.parse_args(argv)
+
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = rednet.create_model(args.model, pretrained=args.weights or False, **kwargs).eval()
+    size = (model.in_chans, args.img_size, args.img_size)
+    dynamic_batch = not args.static_batch
+    path = export_onnx(model, args.out, size, dynamic_batch, opset_version=args.opset, optimize=args.optimize)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), input 'images' (N, {', '.join(map(str, size))})")
+    if not args.check:
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("onnxruntime is not installed: skipped the check (pip install onnxruntime)")
+        return None
+    batch = 1 if args.static_batch else 3  # not the export's example batch, so a dynamic batch is exercised
+    difference = check_onnx(path, model, torch.randn(batch, *size))
+    print(f"ONNX Runtime vs PyTorch, batch {batch}: largest abs logit difference {difference:.2e}")
+    if difference > args.atol:
+        raise SystemExit(f"the ONNX model differs from PyTorch by {difference:.2e} > --atol {args.atol}")
+    if args.time:
+        images = torch.randn(1 if args.static_batch else args.batch_size, *size)
+        onnx_ms, torch_ms = time_inference(path, model, images, args.time, args.threads)
+        print(
+            f"batch {len(images)}, {args.threads or 'default'} threads, median of {args.time}: ONNX Runtime "
+            f"{onnx_ms:.1f} ms, PyTorch {torch_ms:.1f} ms (ONNX Runtime {torch_ms / onnx_ms:.2f}x as fast)"
+        )
+    return difference
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Export: the op's decomposition into plain aten ops, and ONNX export of a RedNet checked in ONNX Runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import ops
+from ops import torch_backend
+from ops.involution import output_size
+from rednet.models import Involution, RedNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (N, C, G, H, W, K, stride, dilation): odd sizes, stride 2 on odd sizes, dilation 2, a map smaller than the window.
+SHAPES = [
+    (2, 16, 2, 9, 11, 3, 1, 1),
+    (1, 32, 2, 13, 13, 7, 2, 1),
+    (2, 8, 1, 10, 7, 5, 1, 2),
+    (1, 16, 4, 3, 3, 7, 1, 1),
+    (2, 16, 1, 15, 9, 3, 2, 2),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_functional_forward_matches_the_reference(shape, dtype):
+    n, c, groups, h, w, k, stride, dilation = shape
+    padding = dilation * (k - 1) // 2
+    h_out = output_size(h, k, stride, padding, dilation)
+    w_out = output_size(w, k, stride, padding, dilation)
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    weight = torch.randn(n, groups, k, k, h_out, w_out, dtype=torch.float64)
+    expected = torch_backend.involution_unfold(x, weight, stride, padding, dilation)
+    got = torch_backend.forward_functional(x.to(dtype), weight.to(dtype), stride, padding, dilation)
+    assert got.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 0.05
+    torch.testing.assert_close(got.double(), expected, atol=tolerance * k, rtol=tolerance)
+
+
+def _randomize_batch_norms(model: torch.nn.Module) -> None:
+    """Fresh BNs are identities and zero-init last layers make outputs tiny: give the check something to compare."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.uniform_(-0.2, 0.2, generator=generator)
+
+
+def test_export_decompositions_remove_the_custom_op():
+    module = Involution(32, kernel_size=7, stride=2).eval()
+    _randomize_batch_norms(module)
+    x = torch.randn(2, 32, 13, 13)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+    assert any("rednet.involution" in str(node.target) for node in program.graph.nodes)
+    table = torch.export.default_decompositions()
+    table.update(ops.export_decompositions())
+    program = program.run_decompositions(table)
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not [target for target in targets if "rednet" in target], targets
+    x = torch.randn(2, 32, 13, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), module(x))
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="needs onnx and onnxscript (rednet[onnx])")
+def test_export_onnx_script_runs_in_onnxruntime(tmp_path, monkeypatch, capsys):
+    import onnx
+
+    # A RedNet with one block per stage: the stem's K=3 involution, the stride-2 involutions and the downsamples,
+    # at an odd input size (35 → 18 → 9 → 5 → 3). The full RedNet-26 takes a minute longer to export.
+    model = RedNet(layers=(1, 1, 1, 1), num_classes=7)
+    _randomize_batch_norms(model)
+    script = _load_script("export_onnx")
+    monkeypatch.setattr(script.rednet, "create_model", lambda *args, **kwargs: model)
+    out = tmp_path / "rednet.onnx"
+    difference = script.main(["--model", "rednet26", "--img-size", "35", "--out", str(out), "--atol", "1e-4"])
+    assert f"wrote {out}" in capsys.readouterr().out
+
+    graph = onnx.load(str(out)).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}, "custom-domain nodes need a runtime plugin"
+    assert {"Slice", "Mul", "Add"} <= {node.op_type for node in graph.node}
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value, "the batch dimension should be dynamic"
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 35, 35]
+
+    # The script compared at batch 3 (the export traced batch 2); compare once more at batch 1, against the scale.
+    assert difference is not None and difference < 1e-4
+    from rednet.export import check_onnx
+
+    images = torch.randn(1, 3, 35, 35)
+    with torch.no_grad():
+        scale = model.eval()(images).abs().max().item()
+    assert scale > 1e-2, "outputs this small would make the comparison meaningless"
+    assert check_onnx(out, model, images) < 1e-5 * max(1.0, scale)
+
+
+def test_export_onnx_without_onnx_names_the_install(monkeypatch, tmp_path):
+    from rednet import export
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        export.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"pip install 'rednet\[onnx\]'"):
+        export.export_onnx(Involution(16, kernel_size=3), tmp_path / "x.onnx", input_size=(16, 8, 8))
