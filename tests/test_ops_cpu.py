@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ops
-from ops import layout
+from ops import layout, torch_backend
 from ops.involution import output_size
 
 # (N, C, G, H, W, K, stride, dilation): odd sizes, stride 1 and 2, dilation 1 and 2, K = 3, 5, 7, several G.
@@ -67,6 +67,19 @@ def test_torch_backend_matches_unfold_forward_and_backward(shape):
         results[backend] = (out, xb.grad, wb.grad)
     for got, expected in zip(results["torch"], results["unfold"]):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 16, 4, 3, 3, 7, 1, 1)])  # + a map smaller than the window
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_functional_forward_for_export_matches_unfold(shape, dtype):
+    x, weight = make_inputs(*shape)
+    stride, dilation = shape[6], shape[7]
+    padding = dilation * (shape[5] - 1) // 2
+    expected = torch_backend.involution_unfold(x, weight, stride, padding, dilation)
+    got = torch_backend.forward_functional(x.to(dtype), weight.to(dtype), stride, padding, dilation)
+    assert got.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 0.05 * shape[5]
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("backend", ["torch", "unfold"])
