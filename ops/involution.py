@@ -7,6 +7,7 @@ Registering the op (and its two backward ops) with ``torch.library`` gives each 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -174,11 +175,13 @@ def _backward(ctx, grad_out: Tensor):
 _involution_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _involution_decomposed(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str):
+def _involution_decomposed(
+    x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str
+) -> Tensor:  # fmt: skip
     return torch_backend.forward_functional(x, weight, stride, padding, dilation)
 
 
-def export_decompositions() -> dict:
+def export_decompositions() -> dict[torch._ops.OpOverload, Callable[..., Tensor]]:
     """Decompositions of the op into plain aten ops, for ``ExportedProgram.run_decompositions``.
 
     ONNX and other exporters do not know the ``rednet::involution`` custom op; decomposed, it reaches them as

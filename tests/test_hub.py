@@ -30,5 +30,7 @@ def test_hub_load_builds_the_model_with_the_given_weights(tmp_path):
 
     model = torch.hub.load(str(REPO), "rednet26", source="local", pretrained=str(tmp_path / "rednet26.pth"))
     assert type(model) is type(source) and model.num_classes == 5  # the class count came from the checkpoint
-    for (name, expected), got in zip(source.state_dict().items(), model.state_dict().values()):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+    expected, got = source.state_dict(), model.state_dict()
+    assert list(got) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
