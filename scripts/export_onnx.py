@@ -24,32 +24,38 @@ import rednet
 from rednet.export import INPUT_NAME, check_onnx, export_onnx
 
 
-def _median_ms(step: Callable[[], object], iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _seconds(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
 
 
 def time_inference(
-    path: Path, model: nn.Module, images: torch.Tensor, iters: int, threads: int | None
+    path: Path, model: nn.Module, images: torch.Tensor, iters: int, threads: int | None, warmup: int = 2
 ) -> tuple[float, float]:
-    """Median ms per batch on the CPU: (ONNX Runtime, PyTorch eager under inference_mode), same thread count."""
+    """Median ms per batch on the CPU: (ONNX Runtime, PyTorch eager under inference_mode), same thread count.
+
+    The two alternate call by call, so a busy spell on a shared machine slows both rather than one."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        torch.set_num_threads(threads)
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {INPUT_NAME: images.numpy()}
-    onnx_ms = _median_ms(lambda: session.run(None, feed), iters)
-    with torch.inference_mode():
-        torch_ms = _median_ms(lambda: model(images), iters)
+    steps = (lambda: session.run(None, feed), lambda: model(images))
+    times: tuple[list[float], list[float]] = ([], [])
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or torch_threads)
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + iters):
+                for step, samples in zip(steps, times):
+                    elapsed = _seconds(step)
+                    if i >= warmup:
+                        samples.append(elapsed)
+    finally:
+        torch.set_num_threads(torch_threads)
+    onnx_ms, torch_ms = (statistics.median(samples) * 1e3 for samples in times)
     return onnx_ms, torch_ms
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,12 @@ def test_export_onnx_script_runs_in_onnxruntime(tmp_path, monkeypatch, capsys):
     script = _load_script("export_onnx")
     monkeypatch.setattr(script.rednet, "create_model", lambda *args, **kwargs: model)
     out = tmp_path / "rednet.onnx"
-    difference = script.main(["--model", "rednet26", "--img-size", "35", "--out", str(out), "--tolerance", "1e-5"])
-    assert f"wrote {out}" in capsys.readouterr().out
+    argv = ["--model", "rednet26", "--img-size", "35", "--out", str(out), "--tolerance", "1e-5", "--time", "2",
+            "--batch-size", "2", "--threads", "1"]  # fmt: skip
+    difference = script.main(argv)
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    assert re.search(r"batch 2, 1 threads, median of 2: ONNX Runtime [\d.]+ ms, PyTorch [\d.]+ ms", printed), printed
 
     graph = onnx.load(str(out)).graph
     assert {node.domain for node in graph.node} <= {"", "ai.onnx"}, "custom-domain nodes need a runtime plugin"
