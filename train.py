@@ -107,6 +107,50 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
     return path, checkpoint.load_checkpoint(path)
 
 
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"trainer.epochs": 100, ...}."""
+    leaves = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        leaves.update(_leaves(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return leaves
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The config values that differ from a checkpoint's, as 'key: old -> new' ("resume" itself left out)."""
+    old, new = _leaves(saved), _leaves(current)
+    keys = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and key != "resume")
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in keys]
+
+
+def check_resume_compatible(
+    ckpt: dict[str, Any], path: Path, cfg: DictConfig, classes: list[str], world_size: int
+) -> None:
+    """Refuse a resume that would train on other labels, or continue mid-epoch at the wrong image."""
+    trained = ckpt.get("classes")
+    if trained is not None and list(trained) != list(classes):
+        missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+        raise ValueError(
+            f"resume: '{path}' was trained on {len(trained)} classes, data.root={cfg.data.root} has "
+            f"{len(classes)} (missing: {missing[:5]}, new: {extra[:5]}"
+            f"{', same names in another order' if not missing and not extra else ''}): resume on the same data, "
+            "or start a new run with pretrained=<that checkpoint> to fine-tune"
+        )
+    if not ckpt.get("epoch_batches"):
+        return
+    saved = ckpt.get("config", {})
+    saved_batch = saved.get("data", {}).get("batch_size")
+    saved_world = len(ckpt["rng"]) if isinstance(ckpt.get("rng"), list) else 1
+    if (saved_batch, saved_world) != (cfg.data.batch_size, world_size):
+        raise ValueError(
+            f"resume: '{path}' stopped inside epoch {ckpt['epoch'] + 1} after {ckpt['epoch_batches']} batches of "
+            f"data.batch_size={saved_batch} on {saved_world} process(es); this run has data.batch_size="
+            f"{cfg.data.batch_size} on {world_size}, so it cannot tell which images are left. Resume with the "
+            "same batch size and process count (change them at the next epoch-end checkpoint), or resume from an "
+            "epoch_NNNN.pt checkpoint"
+        )
+
+
 def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run a full training as configured, writing everything into `run_dir`; return the final metrics.
 
@@ -130,6 +174,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
     # --- data
     classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    if resume is not None:
+        check_resume_compatible(resume[1], resume[0], cfg, classes, dist.world_size)
     train_set = data.create_image_dataset(
         cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed
     )
@@ -144,7 +190,9 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
     # --- model, EMA, optimizer, schedule, loss
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
-    model = engine.build_model(cfg.model.name, len(classes), pretrained=cfg.pretrained, **model_kwargs)
+    # A resumed run's weights come from its checkpoint: the pretrained file is not needed (nor read) again.
+    pretrained = cfg.pretrained if resume is None else False
+    model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
     if tcfg.sync_bn:
         model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
@@ -166,17 +214,26 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if resume is not None:
         path, ckpt = resume
         model.load_state_dict(ckpt["model"])
-        if model_ema is not None and ckpt.get("model_ema") is not None:
-            model_ema.module.load_state_dict(ckpt["model_ema"])
+        if model_ema is not None:
+            if ckpt.get("model_ema") is None:
+                log.warning("resume: %s holds no EMA weights; trainer.model_ema starts from the resumed model", path)
+            model_ema.module.load_state_dict(ckpt.get("model_ema") or model.state_dict())
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        # The schedule is not restored but placed at the resumed step, as timm's train.py does: timm schedulers are
+        # functions of the step, and their saved state would carry the old epochs, lr and warmup into the new run.
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         rng = checkpoint.rank_rng_state(ckpt["rng"], dist.rank, dist.world_size)
         if rng is not None:
             checkpoint.set_rng_state(rng)
         progress = engine.TrainProgress(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_batches", 0), ckpt["best_top1"])
+        scheduler.step_update(num_updates=progress.step)
         log.info("resumed from %s: epoch %d, step %d", path, progress.epoch, progress.step)
+        changes = changed_settings(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        if changes:
+            log.warning(
+                "resume: settings changed since the checkpoint (they apply from here on): %s", "; ".join(changes)
+            )
     if dist.is_main:
         checkpoint.clean_stale_temp_files(ckpt_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -258,10 +315,16 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         eval_kwargs = dict(
             device=device, amp=tcfg.amp, channels_last=tcfg.channels_last, show_progress=tcfg.progress_bar
         )
-        metrics = engine.evaluate(eval_model, val_loader, desc=f"val {epoch}", **eval_kwargs)
-        ema_metrics = (
-            engine.evaluate(model_ema.module, val_loader, desc="val ema", **eval_kwargs) if model_ema else None
-        )
+        try:
+            metrics = engine.evaluate(eval_model, val_loader, desc=f"val {epoch}", **eval_kwargs)
+            ema_metrics = (
+                engine.evaluate(model_ema.module, val_loader, desc="val ema", **eval_kwargs) if model_ema else None
+            )
+        except data.BadImageError:
+            if not dist.distributed:  # (other ranks wait in a collective: the last periodic checkpoint stays)
+                save()  # the epoch's training is kept: resume=auto goes straight to this evaluation
+            log.error("stopped on an unreadable validation image; %s holds the trained epoch", ckpt_dir / "last.pt")
+            raise
         primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates
         epoch_time = time.perf_counter() - epoch_start
         progress.epoch, progress.epoch_batches = epoch + 1, 0

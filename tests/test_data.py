@@ -53,6 +53,21 @@ def test_empty_class_folder_is_named(tmp_path):
         data.check_image_folder(root)
 
 
+def test_images_in_a_class_subfolder_are_refused_not_dropped(tmp_path):
+    root = make_image_folder(tmp_path)
+    nested = root / "train" / "fox" / "images"
+    nested.mkdir()
+    for image in list((root / "train" / "fox").glob("*.png"))[:2]:
+        image.rename(nested / image.name)
+    (root / "train" / "fox" / ".cache").mkdir()  # hidden and image-free subfolders are fine
+    (root / "train" / "fox" / "notes").mkdir()
+    with pytest.raises(ValueError, match=r"'.*train/fox/images' holds images.*move them into '.*train/fox'"):
+        data.check_image_folder(root)
+    for image in nested.iterdir():
+        image.rename(root / "train" / "fox" / image.name)
+    assert data.check_image_folder(root) == sorted(p.name for p in (root / "train").iterdir())
+
+
 def test_val_classes_that_differ_from_train(tmp_path):
     root = make_image_folder(tmp_path)
     (root / "val" / "fox").rename(root / "val" / "wolf")

@@ -112,6 +112,44 @@ def test_resume_auto_continues_at_the_next_epoch_and_step(trained, image_root, t
     assert steps[-6:] == list(range(13, 19))
     ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (3, 18)
+    # The 2-epoch cosine had reached lr 0 at step 12; the 3-epoch one decays over the new third epoch instead.
+    resumed_lrs = [v for s, v in _scalars(run_dir)["train/lr"] if s > 12]
+    assert len(resumed_lrs) == 6 and resumed_lrs[0] > 1e-4 and all(a > b for a, b in zip(resumed_lrs, resumed_lrs[1:]))
+    log = (run_dir / "train.log").read_text()
+    assert "settings changed since the checkpoint" in log and "; trainer.epochs: 2 -> 3;" in log
+
+
+def _edited_checkpoint(trained, tmp_path, **changes):
+    ckpt = checkpoint.load_checkpoint(trained[0] / "checkpoints" / "last.pt")
+    path = tmp_path / "edited.pt"
+    torch.save({**ckpt, **changes}, path)
+    return path
+
+
+def test_resume_on_other_classes_is_refused(trained, tmp_path):
+    other = make_image_folder(tmp_path / "other", classes=("cat", "dog", "wolf"))
+    cfg = _train_cfg(other, "trainer.epochs=3", f"resume={trained[0] / 'checkpoints' / 'last.pt'}")
+    with pytest.raises(
+        ValueError, match=r"trained on 3 classes, data.root=.*other.* \(missing: \['fox'\], new: \['wolf'"
+    ):
+        train.train(cfg, tmp_path / "run")
+
+
+def test_resume_mid_epoch_with_another_batch_size_is_refused(trained, image_root, tmp_path):
+    path = _edited_checkpoint(trained, tmp_path, epoch=1, step=8, epoch_batches=8)
+    cfg = _train_cfg(image_root, "data.batch_size=2", f"resume={path}")
+    with pytest.raises(ValueError, match=r"inside epoch 2 after 8 batches of data.batch_size=4 .* data.batch_size=2"):
+        train.train(cfg, tmp_path / "run")
+
+
+def test_resume_that_turns_on_ema_starts_it_from_the_model(trained, image_root, tmp_path):
+    path = _edited_checkpoint(trained, tmp_path, model_ema=None)
+    results = train.train(
+        _train_cfg(image_root, "trainer.epochs=2", "trainer.model_ema=true", f"resume={path}"), tmp_path / "run"
+    )
+    assert results["weights"] == "ema"  # a finished 2-epoch run: evaluated once, with the EMA = resumed weights
+    assert results["top1"] == pytest.approx(_scalars(trained[0])["val/top1"][-1][1], abs=1e-4)
+    assert "holds no EMA weights" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_resume_mid_epoch_matches_an_uninterrupted_run(image_root, tmp_path, monkeypatch):
@@ -248,6 +286,21 @@ def test_unreadable_training_image_is_named_and_work_is_kept(image_root, tmp_pat
     results = train.train(_train_cfg(root, "trainer.epochs=1", "data.skip_bad_images=true"), tmp_path / "skip")
     assert results["step"] == UPDATES_PER_EPOCH
     assert "skipped 1 unreadable images" in (tmp_path / "skip" / "train.log").read_text()
+
+
+def test_unreadable_validation_image_keeps_the_trained_epoch(image_root, tmp_path):
+    root = tmp_path / "images"
+    shutil.copytree(image_root, root)
+    bad = root / "val" / "cat" / "1.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:60])
+    with pytest.raises(data.BadImageError, match=f"cannot read image '{bad}'"):
+        train.train(_train_cfg(root, "trainer.epochs=1"), tmp_path / "run")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"]) == (0, UPDATES_PER_EPOCH, UPDATES_PER_EPOCH)
+    bad.write_bytes(good)  # fixed: resume goes straight to the epoch's evaluation
+    results = train.train(_train_cfg(root, "trainer.epochs=1", "resume=auto"), tmp_path / "run")
+    assert (results["epoch"], results["step"], results["count"]) == (1, UPDATES_PER_EPOCH, 12)
 
 
 def test_command_line_train_then_eval(image_root, tmp_path):
