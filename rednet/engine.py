@@ -57,11 +57,44 @@ def check_model_name(name: str) -> None:
 
 
 def build_model(name: str, num_classes: int, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    """A RedNet by name (rednet.create_model), or any other timm model."""
+    """A RedNet by name (rednet.create_model), or any other timm model; ``pretrained``: True or a checkpoint path."""
     check_model_name(name)
     if name in rednet.list_models():
         return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if isinstance(pretrained, (str, Path)):
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        load_fine_tuning_weights(model, pretrained)
+        return model
     return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
+
+
+def load_fine_tuning_weights(model: nn.Module, source: str | Path) -> None:
+    """Load a checkpoint (path or URL, any layout rednet.weights reads) into a timm model to fine-tune it.
+
+    A classifier of another class count is left at its fresh initialization, with a warning; any other missing or
+    unexpected key is an error naming them.
+    """
+    from rednet import weights
+
+    state_dict = weights.to_state_dict(weights.read_checkpoint(weights.fetch(source)))
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    dropped = []
+    for name in (classifier,) if isinstance(classifier, str) else classifier:
+        for key in (f"{name}.weight", f"{name}.bias"):
+            if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+                dropped.append(key)
+                del state_dict[key]
+    if dropped:
+        _logger.warning("pretrained=%s: classifier %s of another class count left at its fresh init", source, dropped)
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if key not in dropped]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"pretrained={source} does not match {type(model).__name__}: missing keys {missing[:10]}, "
+            f"unexpected keys {result.unexpected_keys[:10]} (is it a checkpoint of this model?)"
+        )
+    _logger.info("fine-tuning from %s", source)
 
 
 def load_model_weights(

@@ -44,7 +44,8 @@ _logger = logging.getLogger(__name__)
 
 # torch.hub's convention: a file named NAME-<first hex digits of its sha256>.ext carries its own check.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
-_PREFIXES_TO_STRIP = ("module.", "_orig_mod.", "backbone.", "head.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_MMCLS_PREFIXES = ("backbone.", "head.")  # mmcls ImageClassifier: backbone.<RedNet keys>, head.fc.*
 _STEM_GROUPS = 2  # the stem involution has 32 channels in groups of 16
 _CLASSIFIER = ("fc.weight", "fc.bias")
 
@@ -201,11 +202,11 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         raise RuntimeError(f"{path} is not a readable torch or safetensors checkpoint: {error}") from error
 
 
-def _strip_prefixes(key: str) -> str:
+def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     stripped = True
     while stripped:
         stripped = False
-        for prefix in _PREFIXES_TO_STRIP:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix) :], True
     return key
@@ -226,7 +227,12 @@ def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[s
             _logger.info("loading the %r weights of the checkpoint", use)
             checkpoint = checkpoint[use]
             break
-    return {_strip_prefixes(key): value for key, value in checkpoint.items() if isinstance(value, Tensor)}
+    tensors = {
+        _strip_prefixes(key, _WRAPPER_PREFIXES): value for key, value in checkpoint.items() if isinstance(value, Tensor)
+    }
+    if any(key.startswith("backbone.") for key in tensors):  # mmcls layout; timm models keep their own head.* keys
+        tensors = {_strip_prefixes(key, _MMCLS_PREFIXES): value for key, value in tensors.items()}
+    return tensors
 
 
 def detect_stem_kernel_size(state_dict: Mapping[str, Tensor]) -> int | None:

@@ -218,6 +218,31 @@ def test_training_checkpoint_prefers_ema_and_strips_ddp_and_compile_prefixes(sou
     assert_same_weights(rednet.create_model("rednet26", pretrained=str(path), use_ema=False), reference)
 
 
+def test_only_mmcls_checkpoints_lose_backbone_and_head_prefixes():
+    tensor = torch.zeros(1)
+    mmcls = {"state_dict": {"backbone.stem.0.conv.weight": tensor, "head.fc.weight": tensor}, "meta": {}}
+    assert set(weights.to_state_dict(mmcls)) == {"stem.0.conv.weight", "fc.weight"}
+    convnext = {"model": {"module.stem.0.weight": tensor, "head.fc.weight": tensor, "head.norm.weight": tensor}}
+    assert set(weights.to_state_dict(convnext)) == {"stem.0.weight", "head.fc.weight", "head.norm.weight"}
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_convnext"])  # classifier "fc", and "head.fc" under head.*
+def test_fine_tuning_a_timm_model_loads_the_checkpoint_path(arch, tmp_path):
+    from rednet import engine
+
+    torch.manual_seed(0)
+    source = timm.create_model(arch, num_classes=5)
+    torch.save({"model": source.state_dict(), "epoch": 1}, tmp_path / "last.pt")
+    same = engine.build_model(arch, 5, pretrained=str(tmp_path / "last.pt"))
+    assert_same_weights(same, source)
+    fine_tuned = engine.build_model(arch, 3, pretrained=str(tmp_path / "last.pt"))  # fresh 3-class classifier
+    classifier = fine_tuned.pretrained_cfg["classifier"]
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith(classifier)}
+    for key, value in kept.items():
+        torch.testing.assert_close(fine_tuned.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert fine_tuned.get_classifier().out_features == 3
+
+
 def test_safetensors_and_bad_local_sha256(source, tmp_path):
     reference, _ = source
     path = tmp_path / "weights.safetensors"
