@@ -23,6 +23,31 @@ from rednet import data, distributed, engine, monitor
 log = logging.getLogger(__name__)
 
 
+# The settings that change what the model sees or computes: evaluating with others changes the accuracy.
+EVAL_SETTINGS = (
+    ("data", "img_size"), ("data", "crop_pct"), ("data", "interpolation"), ("data", "mean"), ("data", "std"),
+    ("trainer", "amp"),
+)  # fmt: skip
+
+
+def warn_about_other_eval_settings(trained: dict[str, Any] | None, cfg: DictConfig) -> None:
+    """Warn when the checkpoint was evaluated during training with other preprocessing or precision than now."""
+    if not trained:
+        return
+    current = OmegaConf.to_container(cfg, resolve=True)
+    differ = [
+        f"{group}.{key}={trained[group][key]}"
+        for group, key in EVAL_SETTINGS
+        if key in trained.get(group, {}) and trained[group][key] != current[group].get(key)
+    ]
+    if differ:
+        log.warning(
+            "the checkpoint was trained and validated with %s; this evaluation uses other values, so its accuracy "
+            "will differ from the logged one: add those overrides to evaluate as in training",
+            " ".join(differ),
+        )
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build the model, load `cfg.checkpoint` (or the published weights), evaluate, write results.json."""
     dist = distributed.init_distributed(cfg.trainer.device)
@@ -39,16 +64,23 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dataset = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
     loader = data.create_eval_loader(dataset, cfg.data, dist.world_size, dist.rank, dist.device)
 
+    # pretrained=<path or URL> is a checkpoint like any other (class checks included); pretrained=true the registry's.
+    checkpoint_path = cfg.checkpoint
+    if checkpoint_path is None and isinstance(cfg.pretrained, str):
+        from rednet import weights
+
+        checkpoint_path = weights.fetch(cfg.pretrained)
+    pretrained = checkpoint_path is None and bool(cfg.pretrained)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
-    pretrained = bool(cfg.pretrained) and cfg.checkpoint is None
     model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
     if pretrained and len(classes) != model.pretrained_cfg.get("num_classes", len(classes)):
         raise ValueError(
             f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "
             f"{cfg.data.root} has {len(classes)} val class folders: evaluate published weights on their data set"
         )
-    if cfg.checkpoint is not None:
-        engine.load_model_weights(model, cfg.checkpoint, cfg.model.name, use_ema=cfg.use_ema, classes=classes)
+    if checkpoint_path is not None:
+        trained = engine.load_model_weights(model, checkpoint_path, cfg.model.name, cfg.use_ema, classes=classes)
+        warn_about_other_eval_settings(trained, cfg)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device=dist.device, memory_format=memory_format)
 
@@ -56,7 +88,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         model, loader, dist.device, cfg.trainer.amp, cfg.trainer.channels_last, show_progress=cfg.trainer.progress_bar
     )
     skipped = dataset.take_bad_count()
-    source = cfg.checkpoint or f"pretrained {cfg.model.name}"
+    source = (cfg.checkpoint or cfg.pretrained) if checkpoint_path is not None else f"pretrained {cfg.model.name}"
     results = {**metrics, "model": cfg.model.name, "weights": str(source), "skipped_images": skipped}
     if dist.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

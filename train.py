@@ -68,6 +68,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("data.root is not set: add data.root=/path/to/images (folders train/<class>/, val/<class>/)")
     if cfg.trainer.amp not in engine.AMP_DTYPES:
         raise ValueError(f"trainer.amp={cfg.trainer.amp!r} is not one of {', '.join(engine.AMP_DTYPES)}")
+    if cfg.trainer.log_interval < 1:
+        raise ValueError(
+            f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1 (optimizer steps per log point)"
+        )
     if cfg.trainer.grad_accum < 1:
         raise ValueError(f"trainer.grad_accum={cfg.trainer.grad_accum} must be >= 1")
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:
@@ -100,7 +104,7 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
         found = checkpoint.find_resume_checkpoint(ckpt_dir)  # on every rank: an error stops them all
         chosen = distributed.broadcast_object(found[0] if found else None)  # and every rank loads rank 0's choice
         if chosen is None:
-            log.info("resume=auto: no checkpoint in %s yet, starting a new run", ckpt_dir)
+            log.warning("resume=auto: no checkpoint in %s yet, starting a new run", ckpt_dir)
             return None
         return found if found and found[0] == chosen else (chosen, checkpoint.load_checkpoint(chosen))
     path = Path(cfg.resume).expanduser()
@@ -302,12 +306,12 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
         if stats["stopped"]:
             save()
-            log.info("stopped at epoch %d, step %d; resume=auto continues from %s", epoch, progress.step, ckpt_dir)
+            log.info("stopped in epoch %d, step %d; resume=auto continues from %s", epoch + 1, progress.step, ckpt_dir)
             if dist.is_main:
                 writer.close()
             distributed.cleanup()
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
-        skipped = train_set.take_bad_count() + val_set.take_bad_count()
+        skipped = train_set.take_bad_count()
 
         distributed.broadcast_buffers(model)  # every rank evaluates the weights rank 0 saves
         if model_ema is not None:
@@ -325,6 +329,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
                 save()  # the epoch's training is kept: resume=auto goes straight to this evaluation
             log.error("stopped on an unreadable validation image; %s holds the trained epoch", ckpt_dir / "last.pt")
             raise
+        skipped += val_set.take_bad_count()  # after this epoch's evaluation, so the count is this epoch's
         primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates
         epoch_time = time.perf_counter() - epoch_start
         progress.epoch, progress.epoch_batches = epoch + 1, 0

@@ -99,8 +99,10 @@ def load_fine_tuning_weights(model: nn.Module, source: str | Path) -> None:
 
 def load_model_weights(
     model: nn.Module, path: str | Path, arch: str, use_ema: bool = True, classes: list[str] | None = None
-) -> None:
+) -> dict[str, Any] | None:
     """Load a checkpoint for evaluation: this project's training checkpoints or any layout rednet.weights reads.
+
+    Returns the training config stored in the checkpoint (this project's checkpoints), else None.
 
     With ``classes`` (the evaluation folder's), the checkpoint must predict exactly those classes in that order:
     evaluating with a dropped classifier, or with shifted labels, would report meaningless numbers.
@@ -119,6 +121,7 @@ def load_model_weights(
         weights.load_state_dict(model, state_dict)
     else:
         model.load_state_dict(state_dict)
+    return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
 
 
 def check_checkpoint_classes(

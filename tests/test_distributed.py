@@ -119,7 +119,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(image_root, tmp_p
     _, stderr = sigterm_after_first_checkpoint(cmd, run_dir, ENV, timeout=120)
     assert "got signal: 15" in stderr  # torchrun's own exit (status 1) after its workers ended
     log = (run_dir / "train.log").read_text()
-    assert "SIGTERM: stopping after this step" in log and "stopped at epoch 0" in log
+    assert "SIGTERM: stopping after this step" in log and "stopped in epoch 1" in log
     ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert 1 <= ckpt["step"] < 3 and ckpt["epoch_batches"] == ckpt["step"]  # in the middle of the first epoch
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
@@ -197,7 +197,7 @@ def test_submitit_preemption_requeues_and_resumes_exactly(submitit_preempted, to
     run_dir = sweep / "0"
     log = (run_dir / "train.log").read_text()
     assert "cpu x2" in log and "SIGUSR1: stopping after this step" in log  # rank 0 logs rank 1's signal
-    assert "stopped at epoch" in log and "resumed from" in log and log.count("epoch 2/2 | train loss") == 1
+    assert "stopped in epoch" in log and "resumed from" in log and log.count("epoch 2/2 | train loss") == 1
     task_logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.out"))
     assert "Requeued job" in task_logs  # submitit's protocol: rank 0 asked for the requeue (exit code 144)
     final = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")

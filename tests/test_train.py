@@ -98,6 +98,17 @@ def test_eval_reproduces_the_logged_top1(trained, image_root, tmp_path):
     assert raw["loss"] == pytest.approx(scalars["val/loss"][-1][1], rel=1e-4)
 
 
+def test_eval_takes_pretrained_path_and_warns_about_other_preprocessing(trained, image_root, tmp_path, caplog):
+    run_dir, results = trained
+    overrides = [f"data.root={image_root}", "data=small", "data.num_workers=0", "trainer.device=cpu"]
+    overrides += ["trainer.progress_bar=false", f"pretrained={run_dir / 'checkpoints' / 'best.pt'}"]
+    same = eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "same")
+    assert same["top1"] == pytest.approx(results["best_top1"], abs=1e-4)  # the file, not a registry download
+    assert "trained and validated with" not in caplog.text
+    eval_script.evaluate_checkpoint(compose_config("eval", [*overrides, "data.img_size=40"]), tmp_path / "other")
+    assert "trained and validated with data.img_size=32;" in caplog.text
+
+
 def test_resume_auto_continues_at_the_next_epoch_and_step(trained, image_root, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained[0], run_dir)
@@ -215,6 +226,7 @@ def test_loop_options_run_together(image_root, tmp_path, amp, model):
         (["resume=/no/such/last.pt"], checkpoint.CheckpointError, r"'/no/such/last.pt' does not exist"),
         (["trainer.amp=fp8"], ValueError, r"trainer.amp='fp8' is not one of none, bf16, fp16"),
         (["trainer.grad_accum=7"], ValueError, r"trainer.grad_accum=7 exceeds the 6 batches"),
+        (["trainer.log_interval=0"], ValueError, r"trainer.log_interval=0 must be >= 1"),
     ],
 )
 def test_bad_settings_fail_before_training(image_root, tmp_path, overrides, error, match):
