@@ -197,6 +197,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     # A resumed run's weights come from its checkpoint: the pretrained file is not needed (nor read) again.
     pretrained = cfg.pretrained if resume is None else False
     model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
+    if pretrained:
+        log.info("initial weights: pretrained=%s", pretrained)
     if tcfg.sync_bn:
         model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format

@@ -289,9 +289,11 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     result = model.load_state_dict(state_dict, strict=False)
     missing = [key for key in result.missing_keys if not (dropped and key in _CLASSIFIER)]
     if missing or result.unexpected_keys:
+        unexpected = result.unexpected_keys
         raise RuntimeError(
-            f"checkpoint does not match {type(model).__name__}: missing keys {missing}, "
-            f"unexpected keys {result.unexpected_keys}"
+            f"checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}"
+            " (a checkpoint of another RedNet depth or another model?)"
         )
 
 
