@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -127,10 +128,8 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in keys]
 
 
-def check_resume_compatible(
-    ckpt: dict[str, Any], path: Path, cfg: DictConfig, classes: list[str], world_size: int
-) -> None:
-    """Refuse a resume that would train on other labels, or continue mid-epoch at the wrong image."""
+def check_resume_classes(ckpt: dict[str, Any], path: Path, cfg: DictConfig, classes: list[str]) -> None:
+    """Refuse a resume on class folders other than the checkpoint's: the labels would silently change meaning."""
     trained = ckpt.get("classes")
     if trained is not None and list(trained) != list(classes):
         missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
@@ -140,19 +139,43 @@ def check_resume_compatible(
             f"{', same names in another order' if not missing and not extra else ''}): resume on the same data, "
             "or start a new run with pretrained=<that checkpoint> to fine-tune"
         )
-    if not ckpt.get("epoch_batches"):
-        return
-    saved = ckpt.get("config", {})
-    saved_batch = saved.get("data", {}).get("batch_size")
+
+
+def check_resume_settings(
+    ckpt: dict[str, Any], path: Path, cfg: DictConfig, train_images: int, world_size: int
+) -> None:
+    """Refuse changes a checkpoint cannot carry: another optimizer, or a new data order inside an epoch."""
+    saved = ckpt.get("config") or {}
+    saved_opt = saved.get("optim", {}).get("opt")
+    if saved_opt is not None and saved_opt != cfg.optim.opt:
+        raise ValueError(
+            f"resume: '{path}' holds {saved_opt} optimizer state but optim.opt={cfg.optim.opt}: resume with "
+            f"optim={saved_opt}, or start a new run with pretrained=<that checkpoint> to fine-tune"
+        )
+    saved_batch, saved_seed = saved.get("data", {}).get("batch_size"), saved.get("seed")
     saved_world = len(ckpt["rng"]) if isinstance(ckpt.get("rng"), list) else 1
-    if (saved_batch, saved_world) != (cfg.data.batch_size, world_size):
+    if not ckpt.get("epoch_batches") or saved_batch is None:
+        return
+    saved_epoch_batches = math.ceil(train_images / saved_world) // saved_batch  # the loader drops the last partial
+    if ckpt["epoch_batches"] >= saved_epoch_batches:
+        return  # the epoch's training was done; only its evaluation is left
+    if (saved_batch, saved_world, saved_seed) != (cfg.data.batch_size, world_size, cfg.seed):
         raise ValueError(
             f"resume: '{path}' stopped inside epoch {ckpt['epoch'] + 1} after {ckpt['epoch_batches']} batches of "
-            f"data.batch_size={saved_batch} on {saved_world} process(es); this run has data.batch_size="
-            f"{cfg.data.batch_size} on {world_size}, so it cannot tell which images are left. Resume with the "
-            "same batch size and process count (change them at the next epoch-end checkpoint), or resume from an "
-            "epoch_NNNN.pt checkpoint"
+            f"data.batch_size={saved_batch} on {saved_world} process(es), seed={saved_seed}; this run has "
+            f"data.batch_size={cfg.data.batch_size} on {world_size}, seed={cfg.seed}, so it cannot tell which images "
+            "are left. Resume with the same batch size, process count and seed (change them at the next epoch-end "
+            "checkpoint), or resume from an epoch_NNNN.pt checkpoint"
         )
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> None:
+    """Put the config's hyperparameters (weight decay, momentum, betas, ...) back after loading optimizer state,
+    which brings the checkpoint's; the LR is the schedule's."""
+    if len(configured) != len(optimizer.param_groups):
+        return  # another parameter grouping: keep the loaded groups as they are
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update({key: value for key, value in settings.items() if key not in ("params", "lr", "initial_lr")})
 
 
 def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -179,11 +202,13 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     # --- data
     classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     if resume is not None:
-        check_resume_compatible(resume[1], resume[0], cfg, classes, dist.world_size)
+        check_resume_classes(resume[1], resume[0], cfg, classes)
     train_set = data.create_image_dataset(
         cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed
     )
     val_set = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
+    if resume is not None:
+        check_resume_settings(resume[1], resume[0], cfg, len(train_set), dist.world_size)
     train_loader = data.create_train_loader(train_set, cfg.data, dist.world_size, dist.rank, cfg.seed, device)
     val_loader = data.create_eval_loader(val_set, cfg.data, dist.world_size, dist.rank, device)
     updates_per_epoch = len(train_loader) // tcfg.grad_accum
@@ -224,18 +249,25 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             if ckpt.get("model_ema") is None:
                 log.warning("resume: %s holds no EMA weights; trainer.model_ema starts from the resumed model", path)
             model_ema.module.load_state_dict(ckpt.get("model_ema") or model.state_dict())
-        optimizer.load_state_dict(ckpt["optimizer"])
-        # The schedule is not restored but placed at the resumed step, as timm's train.py does: timm schedulers are
-        # functions of the step, and their saved state would carry the old epochs, lr and warmup into the new run.
+        configured = [dict(group) for group in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])  # moments and buffers; its hyperparameters are the old ones
+        apply_optimizer_settings(optimizer, configured)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         rng = checkpoint.rank_rng_state(ckpt["rng"], dist.rank, dist.world_size)
         if rng is not None:
             checkpoint.set_rng_state(rng)
         progress = engine.TrainProgress(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_batches", 0), ckpt["best_top1"])
-        scheduler.step_update(num_updates=progress.step)
+        # The schedule is not restored but placed where this run's epochs put it, as timm's train.py does (timm
+        # schedulers are functions of the update count): the saved one would carry the old epochs and lr, and the
+        # saved step counts the old updates per epoch, if batch size, process count or grad_accum changed.
+        position = progress.epoch * updates_per_epoch + progress.epoch_batches // tcfg.grad_accum
+        progress.schedule_offset = position - progress.step
+        scheduler.step_update(num_updates=position)
         log.info("resumed from %s: epoch %d, step %d", path, progress.epoch, progress.step)
-        changes = changed_settings(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        changes = (
+            changed_settings(ckpt["config"], OmegaConf.to_container(cfg, resolve=True)) if ckpt.get("config") else []
+        )
         if changes:
             log.warning(
                 "resume: settings changed since the checkpoint (they apply from here on): %s", "; ".join(changes)
@@ -341,12 +373,15 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
         scalars = {f"val/{k}": v for k, v in metrics.items() if k != "count"}
         scalars.update({f"ema/{k}": v for k, v in (ema_metrics or {}).items() if k != "count"})
-        scalars.update({"train/epoch": epoch + 1, "train/epoch_loss": stats["loss"], "train/epoch_time": epoch_time})
+        scalars["train/epoch"] = epoch + 1
+        if stats["updates"]:  # none when the run resumed after the epoch's last update: only its evaluation ran
+            scalars.update({"train/epoch_loss": stats["loss"], "train/epoch_time": epoch_time})
         scalars["train/peak_memory_mb"] = monitor.peak_memory_mb(device)
         monitor.log_scalars(writer, scalars, progress.step)
+        trained = f"train loss {stats['loss']:.4f}" if stats["updates"] else "trained before the resume"
         log.info(
-            "epoch %d/%d | train loss %.4f | val %s%s | %.1f s, %.0f img/s, peak %.0f MB%s%s",
-            epoch + 1, tcfg.epochs, stats["loss"], monitor.format_metrics(metrics),
+            "epoch %d/%d | %s | val %s%s | %.1f s, %.0f img/s, peak %.0f MB%s%s",
+            epoch + 1, tcfg.epochs, trained, monitor.format_metrics(metrics),
             f" | ema {monitor.format_metrics(ema_metrics)}" if ema_metrics else "",
             epoch_time, stats["throughput"], scalars["train/peak_memory_mb"],
             " | best" if is_best else "", f" | skipped {skipped} unreadable images" if skipped else "",

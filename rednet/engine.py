@@ -39,12 +39,15 @@ class TrainProgress:
         step: optimizer updates done since the start of training.
         epoch_batches: batches of `epoch` consumed by the updates done (0 at an epoch boundary).
         best_top1: best validation top-1 so far (-1 before the first evaluation).
+        schedule_offset: added to `step` to place the LR schedule. Not saved: a resume sets it to
+            epoch × updates per epoch + the epoch's updates − step, which is 0 unless the updates per epoch changed.
     """
 
     epoch: int = 0
     step: int = 0
     epoch_batches: int = 0
     best_top1: float = -1.0
+    schedule_offset: int = 0
 
 
 def check_model_name(name: str) -> None:
@@ -280,7 +283,7 @@ def train_one_epoch(
         if model_ema is not None:
             model_ema.update(unwrap(model), step=progress.step)
         if scheduler is not None:
-            scheduler.step_update(num_updates=progress.step)
+            scheduler.step_update(num_updates=progress.step + progress.schedule_offset)
         pending.append(accum_loss)
         accum_loss = torch.zeros((), device=device)
 
@@ -297,6 +300,7 @@ def train_one_epoch(
     elapsed = time.perf_counter() - epoch_start
     return {
         "loss": epoch_loss / max(epoch_updates, 1),
+        "updates": epoch_updates,
         "throughput": epoch_images * world_size / max(elapsed, 1e-9),
         "stopped": stopped,
     }

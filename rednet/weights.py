@@ -174,7 +174,11 @@ def fetch(
     scheme = urllib.parse.urlparse(source).scheme
     if scheme in ("http", "https"):
         return download(source, sha256, file_name, cache_dir, progress)
-    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)) if scheme == "file" else Path(source)
+    path = (
+        Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path))
+        if scheme == "file"
+        else Path(source).expanduser()
+    )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {source!r} does not exist (expected a file, or an http(s)/file URL)")
     if sha256:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from train_utils import REPO, TINY, compose_config, make_image_folder
 
 import eval as eval_script
@@ -147,10 +148,39 @@ def test_resume_on_other_classes_is_refused(trained, tmp_path):
 
 
 def test_resume_mid_epoch_with_another_batch_size_is_refused(trained, image_root, tmp_path):
-    path = _edited_checkpoint(trained, tmp_path, epoch=1, step=8, epoch_batches=8)
+    path = _edited_checkpoint(trained, tmp_path, epoch=1, step=8, epoch_batches=2)
     cfg = _train_cfg(image_root, "data.batch_size=2", f"resume={path}")
-    with pytest.raises(ValueError, match=r"inside epoch 2 after 8 batches of data.batch_size=4 .* data.batch_size=2"):
+    with pytest.raises(ValueError, match=r"inside epoch 2 after 2 batches of data.batch_size=4 .* data.batch_size=2"):
         train.train(cfg, tmp_path / "run")
+
+
+def test_resume_with_another_optimizer_is_refused(trained, image_root, tmp_path):
+    cfg = _train_cfg(image_root, "optim=sgd", "trainer.epochs=3", f"resume={trained[0] / 'checkpoints' / 'last.pt'}")
+    with pytest.raises(ValueError, match=r"holds adamw optimizer state but optim.opt=sgd: resume with optim=adamw"):
+        train.train(cfg, tmp_path / "run")
+
+
+def test_resume_with_a_new_batch_size_and_epochs_follows_the_new_schedule(image_root, tmp_path):
+    """2 epochs at batch 2 (12 updates each), then resumed at batch 4 (6 each) for a 3rd epoch and another weight
+    decay: the 3rd epoch's learning rates are those of a 3-epoch run at batch 4, step for step."""
+    used_lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: used_lrs.append(optimizer.param_groups[0]["lr"])
+    )
+    try:
+        train.train(_train_cfg(image_root, "trainer.epochs=3"), tmp_path / "reference")
+        reference, used_lrs[:] = list(used_lrs), []
+        train.train(_train_cfg(image_root, "trainer.epochs=2", "data.batch_size=2"), tmp_path / "run")
+        assert len(used_lrs) == 24
+        used_lrs.clear()
+        overrides = ("trainer.epochs=3", "optim.weight_decay=0.07", "resume=auto")
+        results = train.train(_train_cfg(image_root, *overrides), tmp_path / "run")
+    finally:
+        hook.remove()
+    assert results["step"] == 24 + 6
+    assert used_lrs == pytest.approx(reference[12:18], rel=1e-12) and min(used_lrs) > 0
+    groups = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert 0.07 in {group["weight_decay"] for group in groups}  # the new setting, not the checkpoint's 0.05
 
 
 def test_resume_that_turns_on_ema_starts_it_from_the_model(trained, image_root, tmp_path):
@@ -313,6 +343,7 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(image_root, tmp_pat
     bad.write_bytes(good)  # fixed: resume goes straight to the epoch's evaluation
     results = train.train(_train_cfg(root, "trainer.epochs=1", "resume=auto"), tmp_path / "run")
     assert (results["epoch"], results["step"], results["count"]) == (1, UPDATES_PER_EPOCH, 12)
+    assert "epoch 1/1 | trained before the resume | val top1" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_command_line_train_then_eval(image_root, tmp_path):
