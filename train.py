@@ -130,14 +130,12 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 def check_resume_classes(ckpt: dict[str, Any], path: Path, cfg: DictConfig, classes: list[str]) -> None:
     """Refuse a resume on class folders other than the checkpoint's: the labels would silently change meaning."""
-    trained = ckpt.get("classes")
-    if trained is not None and list(trained) != list(classes):
-        missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+    difference = engine.class_difference(ckpt.get("classes"), classes)
+    if difference:
         raise ValueError(
-            f"resume: '{path}' was trained on {len(trained)} classes, data.root={cfg.data.root} has "
-            f"{len(classes)} (missing: {missing[:5]}, new: {extra[:5]}"
-            f"{', same names in another order' if not missing and not extra else ''}): resume on the same data, "
-            "or start a new run with pretrained=<that checkpoint> to fine-tune"
+            f"resume: '{path}' was trained on {len(ckpt['classes'])} classes, data.root={cfg.data.root} has "
+            f"{len(classes)} ({difference}): resume on the same data, or start a new run with "
+            "pretrained=<that checkpoint> to fine-tune"
         )
 
 

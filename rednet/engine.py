@@ -64,40 +64,12 @@ def build_model(name: str, num_classes: int, pretrained: bool | str = False, **k
     check_model_name(name)
     if name in rednet.list_models():
         return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    if isinstance(pretrained, (str, Path)):
+    if isinstance(pretrained, (str, Path)):  # a checkpoint to fine-tune from, in any layout rednet.weights reads
+        from rednet import weights
+
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        load_fine_tuning_weights(model, pretrained)
-        return model
+        return weights.load_weights(model, pretrained)
     return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
-
-
-def load_fine_tuning_weights(model: nn.Module, source: str | Path) -> None:
-    """Load a checkpoint (path or URL, any layout rednet.weights reads) into a timm model to fine-tune it.
-
-    A classifier of another class count is left at its fresh initialization, with a warning; any other missing or
-    unexpected key is an error naming them.
-    """
-    from rednet import weights
-
-    state_dict = weights.to_state_dict(weights.read_checkpoint(weights.fetch(source)))
-    own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") or ()
-    dropped = []
-    for name in (classifier,) if isinstance(classifier, str) else classifier:
-        for key in (f"{name}.weight", f"{name}.bias"):
-            if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
-                dropped.append(key)
-                del state_dict[key]
-    if dropped:
-        _logger.warning("pretrained=%s: classifier %s of another class count left at its fresh init", source, dropped)
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [key for key in result.missing_keys if key not in dropped]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"pretrained={source} does not match {type(model).__name__}: missing keys {missing[:10]}, "
-            f"unexpected keys {result.unexpected_keys[:10]} (is it a checkpoint of this model?)"
-        )
-    _logger.info("fine-tuning from %s", source)
 
 
 def load_model_weights(
@@ -120,25 +92,29 @@ def load_model_weights(
     state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
     if classes is not None:
         check_checkpoint_classes(ckpt, state_dict, model, classes, path)
-    if isinstance(model, rednet.RedNet):
-        weights.load_state_dict(model, state_dict)
-    else:
-        model.load_state_dict(state_dict)
+    weights.load_state_dict(model, state_dict)
     return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+
+
+def class_difference(trained: list[str] | None, classes: list[str]) -> str:
+    """How ``classes`` differ from a checkpoint's ``trained`` ones ("" when they match or are unknown)."""
+    if trained is None or list(trained) == list(classes):
+        return ""
+    missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+    if not missing and not extra:
+        return "same names in another order"
+    return f"missing: {missing[:5]}, not in the checkpoint: {extra[:5]}"
 
 
 def check_checkpoint_classes(
     ckpt: dict[str, Any], state_dict: dict[str, torch.Tensor], model: nn.Module, classes: list[str], path: Path
 ) -> None:
     """Refuse to evaluate a checkpoint on class folders other than the ones it was trained on."""
-    trained = ckpt.get("classes")
-    if trained is not None and list(trained) != list(classes):
-        missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+    difference = class_difference(ckpt.get("classes"), classes)
+    if difference:
         raise ValueError(
-            f"checkpoint '{path}' was trained on {len(trained)} classes but the val folder has {len(classes)} "
-            f"(missing: {missing[:5]}, not in the checkpoint: {extra[:5]}"
-            f"{', same names in another order' if not missing and not extra else ''}): evaluate on the data it "
-            "was trained on"
+            f"checkpoint '{path}' was trained on {len(ckpt['classes'])} classes but the val folder has "
+            f"{len(classes)} ({difference}): evaluate on the data it was trained on"
         )
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
     weight = state_dict.get(f"{classifier}.weight") if classifier else None

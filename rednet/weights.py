@@ -47,7 +47,6 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _MMCLS_PREFIXES = ("backbone.", "head.")  # mmcls ImageClassifier: backbone.<RedNet keys>, head.fc.*
 _STEM_GROUPS = 2  # the stem involution has 32 channels in groups of 16
-_CLASSIFIER = ("fc.weight", "fc.bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,36 +261,50 @@ def model_kwargs_from_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, 
     return kwargs
 
 
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """The classifier's parameter names, from timm's pretrained_cfg ("head.fc" for ConvNeXt, ...), else "fc" (a
+    RedNet while its constructor loads weights has no pretrained_cfg yet)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "fc"
+    return [f"{name}.{kind}" for name in ((names,) if isinstance(names, str) else names) for kind in ("weight", "bias")]
+
+
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load a converted state dict into a RedNet strictly, except for the classifier when num_classes differs.
+    """Load a converted state dict into a RedNet (or another timm model) strictly, except for the classifier.
 
     A checkpoint for another num_classes loses its classifier with a warning (the model keeps its fresh one);
-    ``in_chans`` other than the checkpoint's adapts the first conv as timm does; any other missing or unexpected
-    key is an error that lists them.
+    ``in_chans`` other than the checkpoint's adapts a RedNet's first conv as timm does; any other missing or
+    unexpected key is an error that lists them.
     """
     state_dict = dict(state_dict)
     stem_kernel_size = detect_stem_kernel_size(state_dict)
-    if stem_kernel_size is not None and stem_kernel_size != model.stem_kernel_size:
+    model_stem = getattr(model, "stem_kernel_size", None)
+    if stem_kernel_size is not None and model_stem is not None and stem_kernel_size != model_stem:
         raise ValueError(
             f"the checkpoint's stem involution has K={stem_kernel_size} but the model has "
-            f"stem_kernel_size={model.stem_kernel_size}: create the model with stem_kernel_size={stem_kernel_size}"
+            f"stem_kernel_size={model_stem}: create the model with stem_kernel_size={stem_kernel_size}"
         )
-    dropped = []
-    classifier = state_dict.get("fc.weight")
-    if classifier is not None and classifier.shape[0] != model.num_classes:
-        dropped = [key for key in _CLASSIFIER if state_dict.pop(key, None) is not None]
+    own = model.state_dict()
+    dropped = [
+        key
+        for key in _classifier_keys(model)
+        if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape)
+    ]
+    if dropped:
         warnings.warn(
-            f"checkpoint classifier has {classifier.shape[0]} classes, the model {model.num_classes}: "
-            "the classifier (fc) is left at its fresh initialization",
+            f"checkpoint classifier has {state_dict[dropped[0]].shape[0]} classes, the model "
+            f"{getattr(model, 'num_classes', 0)}: the classifier ({', '.join(dropped)}) is left at its fresh "
+            "initialization",
             stacklevel=2,
         )
+        for key in dropped:
+            del state_dict[key]
     stem_conv = state_dict.get("stem.0.conv.weight")
-    if stem_conv is not None and stem_conv.shape[1] != model.in_chans:
+    if stem_conv is not None and hasattr(model, "in_chans") and stem_conv.shape[1] != model.in_chans:
         from timm.models import adapt_input_conv
 
         state_dict["stem.0.conv.weight"] = adapt_input_conv(model.in_chans, stem_conv)
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [key for key in result.missing_keys if not (dropped and key in _CLASSIFIER)]
+    missing = [key for key in result.missing_keys if key not in dropped]
     if missing or result.unexpected_keys:
         unexpected = result.unexpected_keys
         raise RuntimeError(
