@@ -235,7 +235,8 @@ def test_fine_tuning_a_timm_model_loads_the_checkpoint_path(arch, tmp_path):
     torch.save({"model": source.state_dict(), "epoch": 1}, tmp_path / "last.pt")
     same = engine.build_model(arch, 5, pretrained=str(tmp_path / "last.pt"))
     assert_same_weights(same, source)
-    fine_tuned = engine.build_model(arch, 3, pretrained=str(tmp_path / "last.pt"))  # fresh 3-class classifier
+    with pytest.warns(UserWarning, match="5 classes, the model 3"):  # a fresh 3-class classifier
+        fine_tuned = engine.build_model(arch, 3, pretrained=str(tmp_path / "last.pt"))
     classifier = fine_tuned.pretrained_cfg["classifier"]
     kept = {k: v for k, v in source.state_dict().items() if not k.startswith(classifier)}
     for key, value in kept.items():
