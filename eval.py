@@ -1,9 +1,12 @@
 """Evaluate a checkpoint or published weights on an image folder's validation split.
 
-    python eval.py model=rednet50 checkpoint=outputs/train/.../checkpoints/best.pt data.root=/data/imagenet
+    python eval.py checkpoint=outputs/train/.../checkpoints/best.pt data.root=/data/imagenet
     python eval.py model=rednet50 pretrained=true data.root=/data/imagenet
 
-Prints top-1, top-5 (percent) and loss, and writes them to results.json in the run directory.
+The weights bring their settings: architecture and shape arguments (model= is needed only when the checkpoint does
+not name its architecture) and preprocessing (image size, crop_pct, interpolation, mean, std), unless set on the
+command line (configs/eval.yaml). Prints top-1, top-5 (percent) and loss, and writes them to results.json in the run
+directory.
 """
 
 from __future__ import annotations
@@ -17,34 +20,83 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from rednet import data, distributed, engine, monitor
+from rednet import data, distributed, engine, monitor, weights
+from rednet.checkpoint import PREPROCESSING_KEYS, WeightsSettings
 
 log = logging.getLogger(__name__)
 
 
-# The settings that change what the model sees or computes: evaluating with others changes the accuracy.
-EVAL_SETTINGS = (
-    ("data", "img_size"), ("data", "crop_pct"), ("data", "interpolation"), ("data", "mean"), ("data", "std"),
-    ("trainer", "amp"),
-)  # fmt: skip
+def load_model(cfg: DictConfig, num_classes: int, classes: list[str]) -> tuple[nn.Module, WeightsSettings, Any]:
+    """The model with its weights: `cfg.checkpoint` (or `pretrained=<path or URL>`, evaluated the same way, class
+    checks included), or the registry's weights for `pretrained=true`.
+
+    Returns:
+        the model (CPU), the settings the checkpoint carried (empty for registered weights), and the checkpoint's
+        saved training config (None when it has none).
+    """
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    source = cfg.checkpoint if cfg.checkpoint is not None else cfg.pretrained
+    if isinstance(source, str):
+        path = weights.fetch(source)
+        ckpt = weights.read_checkpoint(path)
+        model, settings = engine.model_from_checkpoint(
+            ckpt, path, cfg.model.name, num_classes, cfg.use_ema, classes, **model_kwargs
+        )
+        return model, settings, ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+    if cfg.model.name is None:
+        raise ValueError("pretrained=true evaluates a registered model's weights: set model=<name> (model=rednet50)")
+    model = engine.build_model(cfg.model.name, num_classes, pretrained=True, **model_kwargs)
+    if num_classes != model.pretrained_cfg.get("num_classes", num_classes):
+        raise ValueError(
+            f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "
+            f"{cfg.data.root} has {num_classes} val class folders: evaluate published weights on their data set"
+        )
+    return model, WeightsSettings(source="the model's pretrained_cfg"), None
 
 
-def warn_about_other_eval_settings(trained: dict[str, Any] | None, cfg: DictConfig) -> None:
-    """Warn when the checkpoint was evaluated during training with other preprocessing or precision than now."""
-    if not trained:
-        return
-    current = OmegaConf.to_container(cfg, resolve=True)
-    differ = [
-        f"{group}.{key}={trained[group][key]}"
-        for group, key in EVAL_SETTINGS
-        if key in trained.get(group, {}) and trained[group][key] != current[group].get(key)
-    ]
+def eval_data_config(cfg: DictConfig, model: nn.Module, settings: WeightsSettings) -> DictConfig:
+    """`cfg.data` with the preprocessing resolved: command line, else the weights' (see configs/eval.yaml).
+
+    Logs each value with where it came from, and warns about values set on the command line that differ from the
+    checkpoint's (the accuracy will then differ from the one training logged).
+    """
+    explicit = {key: cfg.data[key] for key in PREPROCESSING_KEYS if cfg.data[key] is not None}
+    resolved = weights.resolve_preprocessing(model, explicit)
+    carried = weights.preprocessing_from_cfg(settings.pretrained_cfg)
+    own = weights.preprocessing_from_cfg(model.pretrained_cfg)  # the checkpoint's values merged into the model's
+
+    def origin(key: str) -> str:
+        if key in explicit:
+            return "command line"
+        if key in carried:
+            return settings.source
+        return "the model's pretrained_cfg" if key in own else "timm's default"
+
+    if not carried and cfg.checkpoint is not None:
+        log.warning("checkpoint %s carries no preprocessing settings: using the model's and timm's defaults",
+                    cfg.checkpoint)  # fmt: skip
+    log.info("preprocessing: %s", ", ".join(f"{key}={resolved[key]} ({origin(key)})" for key in PREPROCESSING_KEYS))
+    differ = [f"data.{key}={carried[key]}" for key in explicit if key in carried and resolved[key] != carried[key]]
     if differ:
         log.warning(
-            "the checkpoint was trained and validated with %s; this evaluation uses other values, so its accuracy "
-            "will differ from the logged one: add those overrides to evaluate as in training",
+            "the checkpoint was trained and validated with %s; this evaluation uses other values (set on the command "
+            "line), so its accuracy will differ from the logged one: leave them out to evaluate as in training",
             " ".join(differ),
+        )
+    return OmegaConf.merge(cfg.data, resolved)
+
+
+def warn_about_other_precision(trained: dict[str, Any] | None, cfg: DictConfig) -> None:
+    """Warn when the checkpoint was validated during training at another precision than this evaluation's."""
+    amp = (trained or {}).get("trainer", {}).get("amp")
+    if amp is not None and amp != cfg.trainer.amp:
+        log.warning(
+            "the checkpoint was validated with trainer.amp=%s, this evaluation uses trainer.amp=%s: its accuracy "
+            "may differ slightly from the logged one",
+            amp,
+            cfg.trainer.amp,
         )
 
 
@@ -61,26 +113,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ValueError("data.root is not set: add data.root=/path/to/images (with a val/<class>/ folder)")
 
     classes = data.check_image_folder(cfg.data.root, (cfg.data.val_split,))
-    dataset = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
-    loader = data.create_eval_loader(dataset, cfg.data, dist.world_size, dist.rank, dist.device)
-
-    # pretrained=<path or URL> is a checkpoint like any other (class checks included); pretrained=true the registry's.
-    checkpoint_path = cfg.checkpoint
-    if checkpoint_path is None and isinstance(cfg.pretrained, str):
-        from rednet import weights
-
-        checkpoint_path = weights.fetch(cfg.pretrained)
-    pretrained = checkpoint_path is None and bool(cfg.pretrained)
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
-    model = engine.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
-    if pretrained and len(classes) != model.pretrained_cfg.get("num_classes", len(classes)):
-        raise ValueError(
-            f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "
-            f"{cfg.data.root} has {len(classes)} val class folders: evaluate published weights on their data set"
-        )
-    if checkpoint_path is not None:
-        trained = engine.load_model_weights(model, checkpoint_path, cfg.model.name, cfg.use_ema, classes=classes)
-        warn_about_other_eval_settings(trained, cfg)
+    model, settings, trained = load_model(cfg, len(classes), classes)
+    warn_about_other_precision(trained, cfg)
+    data_cfg = eval_data_config(cfg, model, settings)
+    dataset = data.create_image_dataset(data_cfg, cfg.data.val_split, classes, is_training=False, replace_bad=False)
+    loader = data.create_eval_loader(dataset, data_cfg, dist.world_size, dist.rank, dist.device)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device=dist.device, memory_format=memory_format)
 
@@ -88,8 +125,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         model, loader, dist.device, cfg.trainer.amp, cfg.trainer.channels_last, show_progress=cfg.trainer.progress_bar
     )
     skipped = dataset.take_bad_count()
-    source = (cfg.checkpoint or cfg.pretrained) if checkpoint_path is not None else f"pretrained {cfg.model.name}"
-    results = {**metrics, "model": cfg.model.name, "weights": str(source), "skipped_images": skipped}
+    name = model.pretrained_cfg.get("architecture") or cfg.model.name or settings.arch
+    source = cfg.checkpoint or (cfg.pretrained if isinstance(cfg.pretrained, str) else f"pretrained {name}")
+    results = {**metrics, "model": name, "weights": str(source), "skipped_images": skipped}
+    used = OmegaConf.to_container(data_cfg)
+    results["preprocessing"] = {key: used[key] for key in PREPROCESSING_KEYS}
     if dist.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("%s on %s: %s (%d images)", source, cfg.data.root, monitor.format_metrics(metrics), metrics["count"])

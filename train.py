@@ -295,9 +295,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             "epoch_batches": progress.epoch_batches,
             "best_top1": progress.best_top1,
             "config": resolved_config,
-            "arch": cfg.model.name,
-            "num_classes": len(classes),
-            "classes": classes,
+            **checkpoint.weights_metadata(resolved_config, classes),  # arch, classes, preprocessing, model kwargs
         }
 
     def save(epoch_end: bool = False, is_best: bool = False) -> None:

@@ -1,5 +1,14 @@
 """Training checkpoints: plain dicts written atomically, loaded with torch.load(weights_only=True), resumed.
 
+`read_torch_file` is the project's one torch.load: every loader (resume, eval, pretrained=, the scripts) reads through
+it. It unpickles tensors, plain containers and a short allow-list of harmless metadata types that other tools write
+(timm's and torchvision's `args` Namespace, numpy scalars in mmcv's `meta`), never arbitrary objects.
+
+Besides the training state, a checkpoint carries what belongs to its weights (`weights_metadata`): `arch`,
+`model_kwargs` (shape arguments such as stem_kernel_size), `num_classes`, `classes` and a timm-style `pretrained_cfg`
+(input_size, crop_pct, interpolation, mean, std as the data config used them). `weights_settings` reads them back,
+also from older checkpoints (their saved `config`) and from timm / torchvision checkpoints (their `args`).
+
 Layout of a run's `checkpoints/` folder: `last.pt` (newest state, each epoch and every N steps), `last_prev.pt` (the
 one before it), `best.pt` (best val top-1), `epoch_NNNN.pt` (the last k epoch ends). When last.pt is damaged, resume
 falls back to last_prev.pt, then to the newest epoch_NNNN.pt.
@@ -7,10 +16,15 @@ falls back to last_prev.pt, then to the newest epoch_NNNN.pt.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +36,85 @@ _logger = logging.getLogger(__name__)
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "arch")
 
 
+# Model arguments that change how a model runs or trains, not the shape of its weights: not carried with them.
+RUNTIME_MODEL_KWARGS = frozenset(
+    ("name", "drop_rate", "drop_path_rate", "drop_block_rate", "memory_efficient", "involution_backend",
+     "pretrained_cfg_overlay", "cache_dir", "use_ema")
+)  # fmt: skip
+# The data-config keys that belong to weights, and their timm pretrained_cfg names.
+PREPROCESSING_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or does not fit the run."""
+
+
+class InertMetadata:
+    """Stands in for a training tool's bookkeeping object in a checkpoint (e.g. mmengine's HistoryBuffer in
+    `message_hub`): its state is kept as a plain attribute and none of the tool's code runs."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _safe_globals() -> list[Any]:
+    """Globals that torch.load(weights_only=True) may build, beyond tensors and plain containers: argparse.Namespace
+    (timm's CheckpointSaver and torchvision's references save `args`), numpy scalars, arrays and numeric dtypes
+    (mmcv's `meta`, under numpy 2 and numpy 1 names), and mmengine's log buffers as `InertMetadata`."""
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct, scalar
+
+    numeric = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
+    return [
+        argparse.Namespace,
+        np.dtype,
+        np.ndarray,
+        _reconstruct,
+        scalar,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        (InertMetadata, "mmengine.logging.history_buffer.HistoryBuffer"),
+        *numeric,
+    ]
+
+
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """The globals a refused file asks for (all of them when torch can list them, else the one that failed)."""
+    allowed = {name for g in _safe_globals() if isinstance(g, tuple) for name in g[1:]}
+    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals() if not isinstance(g, tuple)}
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip-format file: fall back to the error message
+        names = re.findall(r"GLOBAL (\S+)", str(error))
+    return [name for name in names if name not in allowed]
+
+
+def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with the harmless globals of `_safe_globals` allowed for this call only.
+
+    Raises:
+        CheckpointError: the file does not exist, is not a torch file, or holds other pickled objects: they are not
+            unpickled (that would run code the file chooses); the message names them and says how to convert the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; give the path of a .pt/.pth file")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path, e)
+        if not unsafe:
+            raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"'{path}' holds pickled objects of {', '.join(unsafe)}: rednet reads checkpoints with "
+            "torch.load(weights_only=True) and will not unpickle these (unpickling runs code the file chooses). "
+            'If you trust the file, save its weights as plain tensors once, e.g. python -c "import torch; '
+            f"c = torch.load('{path}', weights_only=False); torch.save({{'state_dict': c['state_dict']}}, "
+            "'clean.pth')\" (the key that holds the weights may be 'model' or another), and load clean.pth"
+        ) from None
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -76,10 +167,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; give the path of a .pt file written by train.py")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = read_torch_file(path, map_location)
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(
@@ -89,13 +177,136 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def check_arch(ckpt: dict[str, Any], arch: str, path: str | Path) -> None:
+def _model_name(name: Any) -> str | None:
+    """`name` if it is a registered model name (timm's CheckpointSaver writes a class name when it has no args)."""
+    import timm  # rednet's models are registered: this module is part of the rednet package
+
+    return name if isinstance(name, str) and timm.is_model(name) else None
+
+
+def check_arch(ckpt: Mapping[str, Any], arch: str, path: str | Path) -> None:
     """Refuse a checkpoint of another architecture before any weights are touched."""
-    if ckpt.get("arch") not in (None, arch):
+    saved = _model_name(ckpt.get("arch"))
+    if saved not in (None, arch):
         raise CheckpointError(
-            f"checkpoint '{path}' holds a {ckpt['arch']} but the run builds {arch}; set model={ckpt['arch']} "
+            f"checkpoint '{path}' holds a {saved} but the run builds {arch}; set model={saved} "
             "or give a checkpoint of this model"
         )
+
+
+@dataclasses.dataclass
+class WeightsSettings:
+    """What a checkpoint says about its weights; empty fields are unknown.
+
+    Attributes:
+        arch: registered model name.
+        model_kwargs: shape arguments of the model (stem_kernel_size, in_chans, ...), without run-time ones.
+        num_classes: classifier outputs.
+        classes: class names in label order (this project's checkpoints).
+        pretrained_cfg: timm pretrained_cfg keys: input_size (C, H, W), crop_pct, interpolation, mean, std.
+        source: where the settings were read, for the log ("" when the checkpoint has none).
+    """
+
+    arch: str | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_classes: int | None = None
+    classes: list[str] | None = None
+    pretrained_cfg: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+
+def _pretrained_cfg_from_data(data: Mapping[str, Any], in_chans: int) -> dict[str, Any]:
+    """timm pretrained_cfg keys from a data config's img_size, crop_pct, interpolation, mean, std (those present)."""
+    cfg: dict[str, Any] = {}
+    size = data.get("img_size")
+    if size is not None:
+        cfg["input_size"] = (in_chans, size, size) if isinstance(size, int) else (in_chans, *size)
+    for key in ("crop_pct", "interpolation"):
+        if data.get(key) is not None:
+            cfg[key] = data[key]
+    for key in ("mean", "std"):
+        if data.get(key) is not None:
+            cfg[key] = tuple(data[key])
+    return cfg
+
+
+def weights_metadata(config: Mapping[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The entries of a training checkpoint that belong to its weights, from the run's resolved config.
+
+    Returns:
+        arch, model_kwargs, num_classes, classes, and pretrained_cfg (input_size, crop_pct, interpolation, mean, std
+        as the data config used them, num_classes) for `weights_settings` to read back.
+    """
+    model = config["model"]
+    kwargs = {key: value for key, value in model.items() if key not in RUNTIME_MODEL_KWARGS}
+    pretrained_cfg = _pretrained_cfg_from_data(config["data"], kwargs.get("in_chans", 3))
+    return {
+        "arch": model["name"],
+        "model_kwargs": kwargs,
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "pretrained_cfg": {**pretrained_cfg, "num_classes": len(classes)},
+    }
+
+
+def _settings_from_args(args: Mapping[str, Any], ckpt: Mapping[str, Any]) -> WeightsSettings:
+    """Settings from the `args` of timm's train.py (input_size, img_size, crop_pct, interpolation, mean, std,
+    in_chans, num_classes; None or "" when left to the model) or torchvision's references (val_crop_size,
+    val_resize_size, interpolation)."""
+    in_chans = args.get("in_chans") or 3
+    cfg: dict[str, Any] = {}
+    if args.get("input_size"):
+        cfg["input_size"] = tuple(args["input_size"])
+    elif args.get("img_size"):
+        cfg["input_size"] = (in_chans, args["img_size"], args["img_size"])
+    elif args.get("val_crop_size"):
+        cfg["input_size"] = (in_chans, args["val_crop_size"], args["val_crop_size"])
+        if args.get("val_resize_size"):
+            cfg["crop_pct"] = args["val_crop_size"] / args["val_resize_size"]
+    if args.get("crop_pct"):
+        cfg["crop_pct"] = args["crop_pct"]
+    for key in ("interpolation", "mean", "std"):
+        if args.get(key):
+            cfg[key] = args[key] if isinstance(args[key], str) else tuple(args[key])
+    return WeightsSettings(
+        arch=_model_name(args.get("model")) or _model_name(ckpt.get("arch")),
+        model_kwargs={"in_chans": args["in_chans"]} if args.get("in_chans") else {},
+        num_classes=args.get("num_classes") or ckpt.get("num_classes"),
+        pretrained_cfg=cfg,
+        source="the training arguments saved in the checkpoint (its args)",
+    )
+
+
+def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
+    """What a loaded checkpoint says about its weights: this project's entries (`weights_metadata`), else the saved
+    `config` of a checkpoint written before them, else the `args` of timm / torchvision; empty when none."""
+    if isinstance(ckpt.get("pretrained_cfg"), Mapping):
+        return WeightsSettings(
+            arch=_model_name(ckpt.get("arch")),
+            model_kwargs=dict(ckpt.get("model_kwargs") or {}),
+            num_classes=ckpt.get("num_classes"),
+            classes=ckpt.get("classes"),
+            pretrained_cfg={k: v for k, v in ckpt["pretrained_cfg"].items() if k != "num_classes"},
+            source="the checkpoint",
+        )
+    config = ckpt.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("data"), Mapping):
+        model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+        kwargs = {key: value for key, value in model.items() if key not in RUNTIME_MODEL_KWARGS}
+        return WeightsSettings(
+            arch=_model_name(ckpt.get("arch")) or _model_name(model.get("name")),
+            model_kwargs=kwargs,
+            num_classes=ckpt.get("num_classes"),
+            classes=ckpt.get("classes"),
+            pretrained_cfg=_pretrained_cfg_from_data(config["data"], kwargs.get("in_chans", 3)),
+            source="the training config saved in the checkpoint (written before checkpoints carried pretrained_cfg)",
+        )
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if isinstance(args, Mapping):
+        return _settings_from_args(args, ckpt)
+    return WeightsSettings(arch=_model_name(ckpt.get("arch")), classes=ckpt.get("classes"))
 
 
 def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:

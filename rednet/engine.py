@@ -18,7 +18,7 @@ from torch import nn
 
 import rednet
 from rednet import distributed, monitor
-from rednet.checkpoint import check_arch
+from rednet.checkpoint import WeightsSettings, check_arch, weights_settings
 from rednet.data import BadImageError
 
 _logger = logging.getLogger(__name__)
@@ -60,40 +60,77 @@ def check_model_name(name: str) -> None:
 
 
 def build_model(name: str, num_classes: int, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    """A RedNet by name (rednet.create_model), or any other timm model; ``pretrained``: True or a checkpoint path."""
+    """A RedNet by name (rednet.create_model), or any other timm model.
+
+    ``pretrained``: True (the registered weights, with their pretrained_cfg) or a checkpoint path/URL in any layout
+    rednet.weights reads: the model then takes the checkpoint's model arguments (``kwargs`` win) and carries its
+    preprocessing in ``model.pretrained_cfg``; a classifier of another class count is left fresh (fine-tuning).
+    """
     check_model_name(name)
-    if name in rednet.list_models():
-        return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    if isinstance(pretrained, (str, Path)):  # a checkpoint to fine-tune from, in any layout rednet.weights reads
+    if isinstance(pretrained, (str, Path)):
         from rednet import weights
 
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        return weights.load_weights(model, pretrained)
+        path = weights.fetch(pretrained)
+        model, _ = model_from_checkpoint(weights.read_checkpoint(path), path, name, num_classes, **kwargs)
+        return model
+    if name in rednet.list_models():
+        return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
 
 
-def load_model_weights(
-    model: nn.Module, path: str | Path, arch: str, use_ema: bool = True, classes: list[str] | None = None
-) -> dict[str, Any] | None:
-    """Load a checkpoint for evaluation: this project's training checkpoints or any layout rednet.weights reads.
+def model_from_checkpoint(
+    ckpt: dict[str, Any],
+    path: str | Path,
+    name: str | None = None,
+    num_classes: int | None = None,
+    use_ema: bool = True,
+    classes: list[str] | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, WeightsSettings]:
+    """Build the model a loaded checkpoint holds and load its weights; one path for eval, fine-tuning and scripts.
 
-    Returns the training config stored in the checkpoint (this project's checkpoints), else None.
+    Args:
+        ckpt: a checkpoint as ``rednet.weights.read_checkpoint`` returns it (any layout it reads).
+        path: where it came from, for messages.
+        name: model name; None takes the checkpoint's architecture (an error when it names none).
+        num_classes: classifier outputs; None takes the checkpoint's. Another count than the checkpoint's leaves the
+            classifier fresh, with a warning (fine-tuning); with ``classes`` it is an error instead.
+        use_ema: load the EMA weights when the checkpoint has them.
+        classes: the evaluation folder's classes: the checkpoint must predict exactly these, in this order.
+        **kwargs: model arguments; they win over the checkpoint's (``WeightsSettings.model_kwargs``).
 
-    With ``classes`` (the evaluation folder's), the checkpoint must predict exactly those classes in that order:
-    evaluating with a dropped classifier, or with shifted labels, would report meaningless numbers.
+    Returns:
+        the model, on the CPU, with the checkpoint's preprocessing merged into ``model.pretrained_cfg``, and the
+        settings read from the checkpoint.
     """
     from rednet import weights
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={path} does not exist; give the path of a .pt/.pth/.safetensors file")
-    ckpt = weights.read_checkpoint(path)
-    check_arch(ckpt, arch, path)
+    settings = weights_settings(ckpt)
+    if name is None:
+        name = settings.arch
+        if name is None:
+            raise ValueError(
+                f"checkpoint '{path}' does not name its architecture: set model=<name> (e.g. model=rednet50, or "
+                "model.name=<timm model>)"
+            )
+    check_model_name(name)
+    check_arch(ckpt, name, path)
     state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
+    shape = {**settings.model_kwargs, **weights.model_kwargs_from_state_dict(state_dict)}
+    if name not in rednet.list_models():
+        shape = {key: value for key, value in shape.items() if key in settings.model_kwargs and key != "num_classes"}
+    checkpoint_classes = shape.pop("num_classes", None) or settings.num_classes
+    model_kwargs = {**shape, **kwargs}
+    num_classes = num_classes or checkpoint_classes
+    if num_classes is not None:
+        model_kwargs["num_classes"] = num_classes
+    create = rednet.create_model if name in rednet.list_models() else timm.create_model
+    model = create(name, pretrained=False, **model_kwargs)
     if classes is not None:
-        check_checkpoint_classes(ckpt, state_dict, model, classes, path)
+        check_checkpoint_classes(ckpt, state_dict, model, classes, Path(path))
     weights.load_state_dict(model, state_dict)
-    return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+    model.pretrained_cfg = {**model.pretrained_cfg, **settings.pretrained_cfg}
+    return model, settings
 
 
 def class_difference(trained: list[str] | None, classes: list[str]) -> str:

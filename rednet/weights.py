@@ -1,9 +1,12 @@
 """Pretrained RedNet weights: the registry, downloads through torch.hub with sha256 checks, checkpoint conversion.
 
-Accepted checkpoints: official mmcls files (``{"state_dict", "meta"}``, keys prefixed ``backbone.`` / ``head.``),
-plain state dicts, this project's training checkpoints (``{"model", "model_ema", ...}``), timm training checkpoints
-(``{"state_dict", "state_dict_ema"}``), with DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes; as
-torch files or safetensors.
+Accepted checkpoints: official mmcls / mmpretrain files (``{"state_dict", "meta"}``, keys prefixed ``backbone.`` /
+``head.``), plain state dicts, this project's training checkpoints (``{"model", "model_ema", ...}``), timm's
+CheckpointSaver files (``{"state_dict", "state_dict_ema", "args", ...}``), torchvision's reference scripts
+(``{"model", "model_ema", "args", ...}``, the EMA an AveragedModel), Lightning checkpoints (``{"state_dict", ...}``
+with the LightningModule's attribute, e.g. ``model.``, before every key), with DDP (``module.``) and torch.compile
+(``_orig_mod.``) prefixes; as torch files (read by ``rednet.checkpoint.read_torch_file``: weights_only, no arbitrary
+objects) or safetensors.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rednet.checkpoint import WeightsSettings, read_torch_file, weights_settings
+
 __all__ = [
     "PRETRAINED",
     "WeightsSpec",
@@ -36,6 +41,9 @@ __all__ = [
     "model_kwargs_from_state_dict",
     "load_state_dict",
     "load_weights",
+    "preprocessing_from_cfg",
+    "resolve_preprocessing",
+    "load_pretrained",
     "load_pretrained_state_dict",
     "sha256_file",
 ]
@@ -47,6 +55,7 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _MMCLS_PREFIXES = ("backbone.", "head.")  # mmcls ImageClassifier: backbone.<RedNet keys>, head.fc.*
 _STEM_GROUPS = 2  # the stem involution has 32 channels in groups of 16
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version", "hyper_parameters", "loops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,16 +202,18 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
-    """Read a torch checkpoint (``weights_only=True``) or a safetensors file into a dict, on the CPU."""
+    """Read a torch checkpoint or a safetensors file into a dict, on the CPU.
+
+    Raises:
+        rednet.checkpoint.CheckpointError: unreadable, or pickled objects other than harmless metadata (see
+            ``rednet.checkpoint.read_torch_file``).
+    """
     path = Path(path)
-    if _is_safetensors(path):
+    if path.is_file() and _is_safetensors(path):
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for non-checkpoints; name the file either way
-        raise RuntimeError(f"{path} is not a readable torch or safetensors checkpoint: {error}") from error
+    return read_torch_file(path)
 
 
 def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
@@ -224,15 +235,23 @@ def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[s
     """
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    source = checkpoint
     for model_key, ema_key in (("model", "model_ema"), ("state_dict", "state_dict_ema")):
         if isinstance(checkpoint.get(model_key), Mapping):
             use = ema_key if use_ema and isinstance(checkpoint.get(ema_key), Mapping) else model_key
             _logger.info("loading the %r weights of the checkpoint", use)
             checkpoint = checkpoint[use]
             break
+    is_lightning = any(key in source for key in _LIGHTNING_KEYS)
     tensors = {
-        _strip_prefixes(key, _WRAPPER_PREFIXES): value for key, value in checkpoint.items() if isinstance(value, Tensor)
+        _strip_prefixes(key, _WRAPPER_PREFIXES): value
+        for key, value in checkpoint.items()
+        if isinstance(value, Tensor) and key != "n_averaged"  # AveragedModel's update count (torchvision's EMA)
     }
+    if is_lightning:  # the LightningModule's attribute that holds the network: model.*, net.*, ...
+        first = {key.split(".", 1)[0] for key in tensors}
+        if len(first) == 1 and all("." in key for key in tensors):
+            tensors = {key.split(".", 1)[1]: value for key, value in tensors.items()}
     if any(key.startswith("backbone.") for key in tensors):  # mmcls layout; timm models keep their own head.* keys
         tensors = {_strip_prefixes(key, _MMCLS_PREFIXES): value for key, value in tensors.items()}
     return tensors
@@ -314,6 +333,44 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         )
 
 
+def preprocessing_from_cfg(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The data-config keys (img_size, crop_pct, interpolation, mean, std) of those a timm pretrained_cfg holds.
+
+    img_size is an int for square inputs, else [H, W]; mean and std are lists.
+    """
+    values: dict[str, Any] = {}
+    if pretrained_cfg.get("input_size"):
+        height, width = pretrained_cfg["input_size"][-2:]
+        values["img_size"] = height if height == width else [height, width]
+    for key in ("crop_pct", "interpolation"):
+        if pretrained_cfg.get(key) is not None:
+            values[key] = pretrained_cfg[key]
+    for key in ("mean", "std"):
+        if pretrained_cfg.get(key) is not None:
+            values[key] = [float(v) for v in pretrained_cfg[key]]
+    return values
+
+
+def resolve_preprocessing(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The evaluation preprocessing of ``model``'s weights, as data-config keys (see `preprocessing_from_cfg`).
+
+    Each value is the override when it is not None, else the model's ``pretrained_cfg`` (registered weights, or a
+    checkpoint's values that ``engine.model_from_checkpoint`` / ``create_model(pretrained=path)`` merged in), else
+    timm's default (224 px, crop_pct 0.875, bicubic, ImageNet mean/std), resolved by
+    ``timm.data.resolve_data_config``.
+    """
+    from timm.data import resolve_data_config
+
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    in_chans = (pretrained_cfg.get("input_size") or (3,))[0]
+    args = {key: overrides[key] for key in ("crop_pct", "interpolation", "mean", "std") if key in overrides}
+    if "img_size" in overrides:
+        size = overrides["img_size"]
+        args["input_size"] = (in_chans, size, size) if isinstance(size, int) else (in_chans, *size)
+    return preprocessing_from_cfg(resolve_data_config(args, pretrained_cfg=pretrained_cfg, model=model))
+
+
 def load_weights(
     model: nn.Module,
     source: str | os.PathLike,
@@ -360,7 +417,7 @@ def _resolve_pretrained_source(
     return spec.url, spec
 
 
-def load_pretrained_state_dict(
+def load_pretrained(
     model_name: str,
     pretrained: bool | str = True,
     pretrained_cfg: Any = None,
@@ -368,11 +425,12 @@ def load_pretrained_state_dict(
     cache_dir: str | os.PathLike | None = None,
     use_ema: bool = True,
     progress: bool = True,
-) -> dict[str, Tensor]:
-    """The converted state dict that ``create_model(model_name, pretrained=...)`` loads."""
+) -> tuple[dict[str, Tensor], WeightsSettings]:
+    """The converted state dict that ``create_model(model_name, pretrained=...)`` loads, and what the checkpoint
+    says about its weights (``rednet.checkpoint.weights_settings``: preprocessing, model arguments, ...)."""
     source, spec = _resolve_pretrained_source(model_name, pretrained, pretrained_cfg, pretrained_cfg_overlay)
     if isinstance(source, Mapping):
-        return to_state_dict(source, use_ema=use_ema)
+        return to_state_dict(source, use_ema=use_ema), weights_settings(source)
     if source:
         path = fetch(source, spec.sha256, spec.file_name, cache_dir, progress)
     else:
@@ -384,4 +442,20 @@ def load_pretrained_state_dict(
                 f"rednet.weights.register_weights({model_name!r}, url=..., sha256=...)"
             )
         path = fetch(cached, _expected_digest(cached.name, spec.sha256))
-    return to_state_dict(read_checkpoint(path), use_ema=use_ema)
+    checkpoint = read_checkpoint(path)
+    return to_state_dict(checkpoint, use_ema=use_ema), weights_settings(checkpoint)
+
+
+def load_pretrained_state_dict(
+    model_name: str,
+    pretrained: bool | str = True,
+    pretrained_cfg: Any = None,
+    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_ema: bool = True,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """The converted state dict that ``create_model(model_name, pretrained=...)`` loads."""
+    return load_pretrained(
+        model_name, pretrained, pretrained_cfg, pretrained_cfg_overlay, cache_dir, use_ema, progress
+    )[0]

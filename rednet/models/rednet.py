@@ -294,14 +294,15 @@ def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) 
 
     RedNet reads its own weights rather than through timm's loader: checkpoints come in several layouts (official
     mmcls, plain, this project's training checkpoints, safetensors), downloads are checked against full sha256
-    digests, and the stem kernel size and class count are read from the checkpoint unless given.
+    digests, and the stem kernel size, class count, model arguments and preprocessing (into ``pretrained_cfg``)
+    are read from the checkpoint unless given.
     """
     use_ema = kwargs.pop("use_ema", True)
     model_cls = RedNet
     if pretrained:
         from rednet import weights  # deferred: keeps `import rednet` light
 
-        state_dict = weights.load_pretrained_state_dict(
+        state_dict, settings = weights.load_pretrained(
             variant,
             pretrained,
             pretrained_cfg=kwargs.get("pretrained_cfg"),
@@ -309,8 +310,11 @@ def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) 
             cache_dir=kwargs.get("cache_dir"),
             use_ema=use_ema,
         )
-        for name, value in weights.model_kwargs_from_state_dict(state_dict).items():
+        # Settings that travel with the weights, unless given: model shape, class count, and preprocessing as the
+        # model's pretrained_cfg (what timm.data.resolve_data_config(model=model) reads).
+        for name, value in {**settings.model_kwargs, **weights.model_kwargs_from_state_dict(state_dict)}.items():
             kwargs.setdefault(name, value)
+        kwargs["pretrained_cfg_overlay"] = {**settings.pretrained_cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
         model_cls = functools.partial(_rednet_with_weights, state_dict)
     return build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
 
