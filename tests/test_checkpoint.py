@@ -113,3 +113,97 @@ def test_rng_state_round_trips_through_a_file(tmp_path):
     got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.normal())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     assert expected[2] == got[2] and expected[3] == got[3]
+
+
+# --- settings that travel with the weights (issue 9, item 4) ---------------------------------------------------------
+
+# Non-default everything: eval with ImageNet's 224 px / bilinear / 0.875 would see other pixels and logits.
+_PREPROCESSING = ["data.img_size=36", "data.crop_pct=0.9", "data.interpolation=bicubic",
+                  "data.mean=[0.3,0.4,0.5]", "data.std=[0.2,0.25,0.3]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One epoch of RedNet-26 at non-default preprocessing; (image root, run dir, results)."""
+    import train
+    from train_utils import TINY, compose_config, make_image_folder
+
+    root = make_image_folder(tmp_path_factory.mktemp("images"), size=40)
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_config("train", [*TINY, f"data.root={root}", "trainer.epochs=1", *_PREPROCESSING])
+    return root, run_dir, train.train(cfg, run_dir)
+
+
+def _eval(root, path, out, *overrides):
+    import eval as eval_script
+    from train_utils import compose_config
+
+    base = [f"checkpoint={path}", f"data.root={root}", "data.num_workers=0", "trainer.device=cpu"]
+    cfg = compose_config("eval", [*base, "trainer.progress_bar=false", *overrides])
+    return eval_script.evaluate_checkpoint(cfg, out)
+
+
+def test_checkpoint_carries_its_preprocessing_classes_and_arch(trained_run):
+    _, run_dir, _ = trained_run
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert (ckpt["arch"], ckpt["num_classes"], ckpt["classes"]) == ("rednet26", 3, ["cat", "dog", "fox"])
+    assert ckpt["pretrained_cfg"] == {
+        "input_size": (3, 36, 36), "crop_pct": 0.9, "interpolation": "bicubic", "mean": (0.3, 0.4, 0.5),
+        "std": (0.2, 0.25, 0.3), "num_classes": 3,
+    }  # fmt: skip
+    assert "drop_rate" not in ckpt["model_kwargs"]  # run-time arguments do not travel
+
+
+def test_eval_with_only_checkpoint_and_root_reproduces_the_logged_top1(trained_run, tmp_path, caplog):
+    root, run_dir, results = trained_run
+    with caplog.at_level("INFO"):
+        got = _eval(root, run_dir / "checkpoints" / "best.pt", tmp_path / "eval")  # no model=, no data settings
+    assert got["top1"] == results["top1"] and got["loss"] == pytest.approx(results["loss"], rel=1e-6)
+    assert got["model"] == "rednet26"
+    assert got["preprocessing"] == {"img_size": 36, "crop_pct": 0.9, "interpolation": "bicubic",
+                                    "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]}  # fmt: skip
+    assert "img_size=36 (the checkpoint)" in caplog.text
+
+
+def test_eval_command_line_value_wins_with_a_warning(trained_run, tmp_path, caplog):
+    root, run_dir, _ = trained_run
+    got = _eval(root, run_dir / "checkpoints" / "best.pt", tmp_path / "eval", "data.img_size=48", "data=small")
+    assert got["preprocessing"]["img_size"] == 48 and got["preprocessing"]["crop_pct"] == 0.9  # data=small: no value
+    assert "trained and validated with data.img_size=36;" in caplog.text
+
+
+def test_old_checkpoint_falls_back_to_its_saved_config(trained_run, tmp_path, caplog):
+    """A checkpoint written before pretrained_cfg/model_kwargs existed: its `config` dict still gives everything."""
+    root, run_dir, results = trained_run
+    old = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    for key in ("pretrained_cfg", "model_kwargs", "num_classes"):
+        del old[key]
+    torch.save(old, tmp_path / "old.pt")
+    with caplog.at_level("INFO"):
+        got = _eval(root, tmp_path / "old.pt", tmp_path / "eval")
+    assert got["top1"] == results["top1"] and got["preprocessing"]["interpolation"] == "bicubic"
+    assert "(the training config saved in the checkpoint" in caplog.text
+    # A bare state dict carries nothing: model= is needed, the model's pretrained_cfg (ImageNet defaults) is used.
+    torch.save(old["model"], tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="does not name its architecture: set model="):
+        _eval(root, tmp_path / "plain.pt", tmp_path / "eval2")
+    got = _eval(root, tmp_path / "plain.pt", tmp_path / "eval3", "model=rednet26", "use_ema=false")
+    assert got["preprocessing"] == {"img_size": 224, "crop_pct": 0.875, "interpolation": "bilinear",
+                                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    assert "carries no preprocessing settings" in caplog.text
+
+
+def test_registered_weights_use_timm_pretrained_cfg(trained_run, tmp_path, monkeypatch):
+    """pretrained=true: the preprocessing comes from the model's pretrained_cfg via timm's resolve_data_config, and
+    a checkpoint's own values are merged into the model's pretrained_cfg (what export and the scripts read)."""
+    import rednet
+    from rednet import weights
+
+    _, run_dir, _ = trained_run
+    model = rednet.create_model("rednet26")
+    assert weights.resolve_preprocessing(model) == {"img_size": 224, "crop_pct": 0.875, "interpolation": "bilinear",
+                                                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    loaded = rednet.create_model("rednet26", pretrained=str(run_dir / "checkpoints" / "best.pt"))
+    assert loaded.num_classes == 3 and loaded.pretrained_cfg["input_size"] == (3, 36, 36)
+    assert weights.resolve_preprocessing(loaded, {"crop_pct": 1.0})["crop_pct"] == 1.0
+    assert weights.resolve_preprocessing(loaded)["mean"] == [0.3, 0.4, 0.5]

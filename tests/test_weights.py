@@ -301,3 +301,159 @@ def test_features_only_in_chans_and_num_classes_from_the_checkpoint(source, tmp_
     torch.save(small, tmp_path / "finetuned.pth")
     model = rednet.create_model("rednet26", pretrained=str(tmp_path / "finetuned.pth"))
     assert model.num_classes == 10 and torch.equal(model.fc.weight, torch.ones(10, 2048))
+
+
+# --- checkpoints of other tools, read with weights_only (issue 9, item 6) ------------------------------------------
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what a hostile checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _fake_class(module: str, name: str, **attributes):
+    """A class pickled under another tool's name (mmengine, ...) without that tool installed; call
+    `_forget_modules` after saving."""
+    import types
+
+    cls = type(name, (), {"__module__": module, "__init__": lambda self: self.__dict__.update(attributes)})
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    setattr(sys.modules[module], name, cls)
+    return cls
+
+
+def _forget_modules(prefix: str) -> None:
+    for name in [name for name in sys.modules if name == prefix or name.startswith(prefix + ".")]:
+        del sys.modules[name]
+
+
+def _layout(tool: str, state_dict: dict, tmp_path: Path) -> Path:
+    """A checkpoint of `tool`'s layout holding `state_dict` (3-class test_resnet), as that tool writes it."""
+    import argparse
+
+    import numpy as np
+
+    path = tmp_path / f"{tool}.pth"
+    optimizer = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    if tool == "timm":  # timm's own CheckpointSaver, with an args Namespace (timm train.py's) and an EMA
+        from timm.utils import CheckpointSaver
+
+        model = timm.create_model("test_resnet", num_classes=3)
+        model.load_state_dict(state_dict)
+        args = argparse.Namespace(model="test_resnet", img_size=40, input_size=None, crop_pct=None, mean=None,
+                                  std=None, interpolation="", num_classes=3, in_chans=None)  # fmt: skip
+        saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, model_ema=model,
+                                checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))  # fmt: skip
+        saver.save_checkpoint(epoch=0, metric=50.0)
+        return tmp_path / "last.pth.tar"
+    if tool == "torchvision":  # references/classification/train.py: args Namespace, EMA as an AveragedModel
+        args = argparse.Namespace(model="test_resnet", val_resize_size=44, val_crop_size=40, interpolation="bicubic")
+        ema = {"n_averaged": torch.tensor(5), **{f"module.{k}": v for k, v in state_dict.items()}}
+        ckpt = {"model": state_dict, "model_ema": ema, "optimizer": optimizer, "lr_scheduler": {"last_epoch": 1},
+                "epoch": 1, "args": args}  # fmt: skip
+    elif tool == "mmcls":  # mmcv 1.x save_checkpoint: meta with versions, CLASSES, the config text, numpy scores
+        meta = {"mmcv_version": "1.3.0", "time": "Mon Jan  4 10:00:00 2021", "CLASSES": ["cat", "dog", "fox"],
+                "config": "model = dict(type='ImageClassifier')", "epoch": 100, "iter": 5000,
+                "hook_msgs": {"best_score": np.float64(75.9), "last_ckpt": "/work/epoch_100.pth"},
+                "env_info": "sys.platform: linux", "seed": np.int64(0), "shape": np.array([1, 2])}  # fmt: skip
+        sd = {("head." if k.startswith("fc.") else "backbone.") + k: v for k, v in state_dict.items()}
+        ckpt = {"meta": meta, "state_dict": sd, "optimizer": optimizer}
+    elif tool == "mmpretrain":  # mmengine: dataset_meta, and message_hub's log buffers (a class of mmengine's)
+        buffer = _fake_class("mmengine.logging.history_buffer", "HistoryBuffer", max_length=10,
+                             _log_history=np.arange(3.0), _count_history=np.ones(3))  # fmt: skip
+        meta = {"epoch": 100, "iter": 5000, "cfg": "model = dict()", "mmengine_version": "0.10.0",
+                "dataset_meta": {"classes": ("cat", "dog", "fox")}, "seed": 0}  # fmt: skip
+        sd = {("head." if k.startswith("fc.") else "backbone.") + k: v for k, v in state_dict.items()}
+        hub = {"log_scalars": {"train/loss": buffer()}, "runtime_info": {"epoch": 100}, "resumed_keys": {}}
+        ckpt = {"meta": meta, "state_dict": sd, "message_hub": hub, "optimizer": optimizer, "param_schedulers": []}
+    elif tool == "lightning":  # LightningModule holding the network as self.model
+        callbacks = {"ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max'}": {
+            "best_model_score": torch.tensor(0.9), "best_model_path": "/x.ckpt", "dirpath": "/ckpts",
+            "best_k_models": {"/x.ckpt": torch.tensor(0.9)}}}  # fmt: skip
+        loops = {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 3, "completed": 3}}}}
+        ckpt = {"epoch": 2, "global_step": 60, "pytorch-lightning_version": "2.4.0",
+                "state_dict": {f"model.{k}": v for k, v in state_dict.items()}, "loops": loops,
+                "callbacks": callbacks, "optimizer_states": [optimizer], "lr_schedulers": [{"last_epoch": 2}],
+                "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1, "model_name": "test_resnet"}}  # fmt: skip
+    torch.save(ckpt, path)
+    _forget_modules("mmengine")  # the reader has no mmengine either
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_utils import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("images"), n_train=1, n_val=2, size=40)
+
+
+@pytest.mark.parametrize("tool", ["timm", "torchvision", "mmcls", "mmpretrain", "lightning"])
+def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, tmp_path):
+    import eval as eval_script
+    from train_utils import compose_config
+
+    from rednet import engine
+
+    torch.manual_seed(0)
+    reference = timm.create_model("test_resnet", num_classes=3)
+    path = _layout(tool, reference.state_dict(), tmp_path)
+    if tool != "lightning":  # (Lightning's plain dicts load; its model. prefix was the problem)
+        with pytest.raises(Exception, match="Unsupported global"):  # what plain torch.load does with these files
+            torch.load(path, weights_only=True)
+
+    # pretrained= (train.py's fine-tuning builds the model this way) and the published-file converter
+    assert_same_weights(engine.build_model("test_resnet", 3, pretrained=str(path)), reference)
+    converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
+    torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
+
+    # eval.py checkpoint= (model= only where the file does not name its architecture) gives the reference's numbers
+    named = tool in ("timm", "torchvision")
+    base = [f"data.root={image_root}", "data.num_workers=0", "trainer.device=cpu", "trainer.progress_bar=false"]
+    base += [] if named else ["model.name=test_resnet"]
+    got = eval_script.evaluate_checkpoint(compose_config("eval", [*base, f"checkpoint={path}"]), tmp_path / "e")
+    torch.save(reference.state_dict(), tmp_path / "plain.pth")
+    # What the training arguments say: timm's img_size; torchvision's crop 40 of a 44-px resize, bicubic.
+    size = {"timm": ["data.img_size=40"], "torchvision": ["data.img_size=40", f"data.crop_pct={40 / 44}",
+                                                          "data.interpolation=bicubic"]}.get(tool, [])  # fmt: skip
+    base += [] if not named else ["model.name=test_resnet"]
+    expected = eval_script.evaluate_checkpoint(
+        compose_config("eval", [*base, *size, f"checkpoint={tmp_path / 'plain.pth'}"]), tmp_path / "r"
+    )
+    assert (got["top1"], got["loss"]) == (expected["top1"], expected["loss"]) and got["count"] == 6
+    if named:  # the training arguments' preprocessing travelled: 40 px (timm img_size, torchvision val_crop_size)
+        assert got["preprocessing"]["img_size"] == 40
+
+
+def test_a_hostile_pickle_is_refused_by_name_and_never_runs(tmp_path, image_root):
+    import eval as eval_script
+    from train_utils import compose_config
+
+    from rednet import checkpoint, engine
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"fc.bias": torch.zeros(3)}, "meta": {"x": _Evil(marker)}}, path)
+    calls = {
+        "eval.py checkpoint=": lambda: eval_script.evaluate_checkpoint(
+            compose_config("eval", [f"checkpoint={path}", f"data.root={image_root}", "model.name=test_resnet"]),
+            tmp_path / "e",
+        ),
+        "pretrained=": lambda: engine.build_model("test_resnet", 3, pretrained=str(path)),
+        "convert_checkpoint.py": lambda: load_script("convert_checkpoint").convert(str(path), str(tmp_path / "o")),
+        "resume": lambda: checkpoint.load_checkpoint(path),
+    }
+    for name, call in calls.items():
+        with pytest.raises(checkpoint.CheckpointError, match=r"posix.system: rednet .* will not unpickle") as error:
+            call()
+        assert "weights_only=False" in str(error.value), name  # how to convert a file one trusts
+        assert not marker.exists(), name
