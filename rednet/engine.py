@@ -133,6 +133,19 @@ def model_from_checkpoint(
     return model, settings
 
 
+def model_from_weights(source: str | Path | None, name: str | None, default_name: str, **kwargs: Any) -> nn.Module:
+    """A model for inference scripts (export, visualization), in eval mode: from a checkpoint path/URL with its
+    architecture, shape arguments and preprocessing (``model.pretrained_cfg``), or ``name`` / ``default_name`` with
+    random weights when ``source`` is None. ``kwargs`` (e.g. num_classes) win over the checkpoint's."""
+    if source is None:
+        return timm.create_model(name or default_name, pretrained=False, **kwargs).eval()
+    from rednet import weights
+
+    path = weights.fetch(source)
+    model, _ = model_from_checkpoint(weights.read_checkpoint(path), path, name, **kwargs)
+    return model.eval()
+
+
 def class_difference(trained: list[str] | None, classes: list[str]) -> str:
     """How ``classes`` differ from a checkpoint's ``trained`` ones ("" when they match or are unknown)."""
     if trained is None or list(trained) == list(classes):

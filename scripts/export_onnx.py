@@ -3,9 +3,9 @@
     python scripts/export_onnx.py --model rednet50 --weights outputs/run/checkpoints/best.pt --out rednet50.onnx
     python scripts/export_onnx.py --model rednet50 --out /tmp/r50.onnx --time 20 --threads 1   # ORT vs PyTorch
 
---weights takes anything ``rednet.create_model(pretrained=...)`` does (a training checkpoint, an official mmcls
-checkpoint, a URL); the class count and stem kernel size come from it. Needs ``pip install 'rednet[onnx]'``, and
-onnxruntime for the check.
+--weights takes any checkpoint rednet reads (train.py's, official mmcls, timm, a URL); the architecture, class count,
+stem kernel size and input size come from it unless --model / --num-classes / --img-size say otherwise. Needs
+``pip install 'rednet[onnx]'``, and onnxruntime for the check.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timm.data import resolve_data_config
 from torch import nn
 
 import rednet
+from rednet import engine
 from rednet.export import INPUT_NAME, check_onnx, export_onnx
 
 
@@ -73,10 +75,14 @@ def _check(path: Path, model: nn.Module, size: tuple[int, int, int], batch: int,
 def main(argv: list[str] | None = None) -> float | None:
     """Export, then (unless --no-check) return the difference from PyTorch on a random batch (see check_onnx)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="rednet50", choices=rednet.list_models())
+    parser.add_argument(
+        "--model", default=None, choices=rednet.list_models(), help="default: the checkpoint's, else rednet50"
+    )
     parser.add_argument("--weights", default=None, help="checkpoint path or URL (default: random weights)")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
-    parser.add_argument("--img-size", type=int, default=224, help="input height and width, fixed in the graph")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="input height and width, fixed in the graph (default: the weights')"
+    )
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
@@ -93,8 +99,10 @@ def main(argv: list[str] | None = None) -> float | None:
         parser.error(f"--static-batch fixes the batch to 1, so --batch-size {args.batch_size} cannot run")
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = rednet.create_model(args.model, pretrained=args.weights or False, **kwargs).eval()
-    size = (model.in_chans, args.img_size, args.img_size)
+    model = engine.model_from_weights(args.weights, args.model, "rednet50", **kwargs)
+    # The input size the weights were trained and evaluated at (their pretrained_cfg), unless --img-size.
+    overrides = {} if args.img_size is None else {"input_size": (model.in_chans, args.img_size, args.img_size)}
+    size = tuple(resolve_data_config(overrides, model=model)["input_size"])
     dynamic_batch = not args.static_batch
     path = export_onnx(model, args.out, size, dynamic_batch, opset_version=args.opset, optimize=args.optimize)
     print(

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from timm.data import create_transform, resolve_data_config
 
 import rednet
+from rednet import engine
 from rednet.models.involution import Involution
 
 # A perceptual dark-to-bright colour map (anchors sampled from matplotlib's "inferno").
@@ -83,19 +84,23 @@ def render(picture: Image.Image, maps: dict[str, torch.Tensor], groups: int, tit
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="rednet26", choices=rednet.list_models())
+    parser.add_argument(
+        "--model", default=None, choices=rednet.list_models(), help="default: the checkpoint's, else rednet26"
+    )
     parser.add_argument("--checkpoint", help="weights: path or URL in any layout rednet.weights reads")
     parser.add_argument("--image", required=True, help="an RGB image file")
     parser.add_argument("--out", default="kernels.png", help="output PNG")
     parser.add_argument("--layers", nargs="+", default=["stem.1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"])
     parser.add_argument("--groups", type=int, default=4, help="heat maps (kernel groups) per layer")
-    parser.add_argument("--size", type=int, default=224, help="input resolution (center crop)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="input resolution (center crop; default: the weights', else 224)"
+    )
     args = parser.parse_args()
 
-    model = rednet.create_model(args.model, pretrained=args.checkpoint or False).eval()
-    config = resolve_data_config(model=model)
-    config["input_size"] = (3, args.size, args.size)
-    transform = create_transform(**config)  # the official eval transform: resize, center crop, normalize
+    model = engine.model_from_weights(args.checkpoint, args.model, "rednet26")
+    # The weights' preprocessing (their pretrained_cfg: size, crop, interpolation, mean/std), unless --size.
+    config = resolve_data_config({} if args.size is None else {"input_size": (3, args.size, args.size)}, model=model)
+    transform = create_transform(**config)  # the eval transform: resize, center crop, normalize
     picture = Image.open(args.image).convert("RGB")
     image = transform(picture).unsqueeze(0)
     # The cropped image as the network sees it, without normalization, to draw on.
@@ -103,7 +108,8 @@ def main() -> None:
     shown = Image.fromarray((shown.permute(1, 2, 0) * 255).round().byte().numpy())
 
     maps = kernel_maps(model, image, args.layers)
-    title = f"{args.model} involution kernels, {args.checkpoint or 'random init (no --checkpoint)'}"
+    weights = args.checkpoint or "random init (no --checkpoint)"
+    title = f"{model.pretrained_cfg['architecture']} involution kernels, {weights}"
     render(shown, maps, args.groups, title).save(args.out)
     print(Path(args.out).resolve())
 

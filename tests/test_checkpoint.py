@@ -125,8 +125,9 @@ _PREPROCESSING = ["data.img_size=36", "data.crop_pct=0.9", "data.interpolation=b
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One epoch of RedNet-26 at non-default preprocessing; (image root, run dir, results)."""
-    import train
     from train_utils import TINY, compose_config, make_image_folder
+
+    import train
 
     root = make_image_folder(tmp_path_factory.mktemp("images"), size=40)
     run_dir = tmp_path_factory.mktemp("run")
@@ -135,8 +136,9 @@ def trained_run(tmp_path_factory):
 
 
 def _eval(root, path, out, *overrides):
-    import eval as eval_script
     from train_utils import compose_config
+
+    import eval as eval_script
 
     base = [f"checkpoint={path}", f"data.root={root}", "data.num_workers=0", "trainer.device=cpu"]
     cfg = compose_config("eval", [*base, "trainer.progress_bar=false", *overrides])
@@ -201,8 +203,9 @@ def test_registered_weights_use_timm_pretrained_cfg(trained_run, tmp_path, monke
 
     _, run_dir, _ = trained_run
     model = rednet.create_model("rednet26")
-    assert weights.resolve_preprocessing(model) == {"img_size": 224, "crop_pct": 0.875, "interpolation": "bilinear",
-                                                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    imagenet = {"img_size": 224, "crop_pct": 0.875, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    assert weights.resolve_preprocessing(model) == imagenet
     loaded = rednet.create_model("rednet26", pretrained=str(run_dir / "checkpoints" / "best.pt"))
     assert loaded.num_classes == 3 and loaded.pretrained_cfg["input_size"] == (3, 36, 36)
     assert weights.resolve_preprocessing(loaded, {"crop_pct": 1.0})["crop_pct"] == 1.0

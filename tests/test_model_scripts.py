@@ -54,3 +54,45 @@ def test_memory_benchmark_measures_a_saving():
         2 * 4 * (2 * 9 * 32 * 32 + 4 * 49 * 16 * 16 + 8 * 49 * 8 * 8 * 2 + 16 * 49 * 4 * 4 * 4 + 32 * 49 * 2 * 2)
     )
     assert plain["saved_bytes"] - efficient["saved_bytes"] >= kernel_bytes * 0.9
+
+
+@pytest.fixture
+def trained_checkpoint(tmp_path):
+    """A train.py-style checkpoint of a 3-class RedNet-26 trained at 36 px (its weights_metadata entries)."""
+    import torch
+
+    import rednet
+    from rednet import checkpoint
+
+    data = {"img_size": 36, "crop_pct": 1.0, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.2] * 3}
+    config = {"model": {"name": "rednet26", "drop_rate": 0.1}, "data": data}
+    state = {"model": rednet.create_model("rednet26", num_classes=3).state_dict(), "epoch": 1}
+    torch.save({**state, **checkpoint.weights_metadata(config, ["a", "b", "c"])}, tmp_path / "best.pt")
+    return tmp_path / "best.pt"
+
+
+def test_visualize_kernels_takes_architecture_and_size_from_the_checkpoint(trained_checkpoint, tmp_path, monkeypatch):
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "input.png")
+    out = tmp_path / "kernels.png"
+    argv = ["visualize_kernels.py", "--image", str(tmp_path / "input.png"), "--out", str(out), "--checkpoint",
+            str(trained_checkpoint), "--layers", "stem.1", "--groups", "1"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    load_script("visualize_kernels").main()
+    assert Image.open(out).size == (2 * 36, 16 + 36 + 16)  # 36 px: the checkpoint's, not 224
+
+
+def test_export_onnx_takes_architecture_classes_and_size_from_the_checkpoint(trained_checkpoint, tmp_path, monkeypatch):
+    script = load_script("export_onnx")
+    exported = {}
+
+    def record(model, out, size, *args, **kwargs):  # the export itself is tested in test_export.py (and slow)
+        exported.update(arch=model.pretrained_cfg["architecture"], classes=model.num_classes, size=size)
+        Path(out).write_bytes(b"")
+        return Path(out)
+
+    monkeypatch.setattr(script, "export_onnx", record)
+    script.main(["--weights", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"), "--no-check"])
+    assert exported == {"arch": "rednet26", "classes": 3, "size": (3, 36, 36)}  # not rednet50, 1000, 224
+    script.main(["--weights", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"), "--no-check",
+                 "--img-size", "64"])  # fmt: skip
+    assert exported["size"] == (3, 64, 64)

@@ -391,7 +391,6 @@ def _layout(tool: str, state_dict: dict, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tests"))
     from train_utils import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("images"), n_train=1, n_val=2, size=40)
@@ -399,9 +398,9 @@ def image_root(tmp_path_factory):
 
 @pytest.mark.parametrize("tool", ["timm", "torchvision", "mmcls", "mmpretrain", "lightning"])
 def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, tmp_path):
-    import eval as eval_script
     from train_utils import compose_config
 
+    import eval as eval_script
     from rednet import engine
 
     torch.manual_seed(0)
@@ -435,9 +434,9 @@ def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, 
 
 
 def test_a_hostile_pickle_is_refused_by_name_and_never_runs(tmp_path, image_root):
-    import eval as eval_script
     from train_utils import compose_config
 
+    import eval as eval_script
     from rednet import checkpoint, engine
 
     marker = tmp_path / "pwned"
