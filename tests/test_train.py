@@ -369,5 +369,6 @@ def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(torch.load(last, weights_only=True)["model"], plain)
     overrides[2] = f"checkpoint={plain}"
+    overrides.append("model=rednet26")  # a bare state dict does not name its architecture
     with pytest.raises(ValueError, match="has a 3-class classifier but the val folder has 2 class folders"):
         eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval2")
