@@ -203,8 +203,9 @@ def _target_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Size]:
     layers = tuple(max(count, 1) for count in blocks)  # a stage with no keys at all is reported as missing
     stem_rows = arrays.get("stem.1.conv2.conv.weight", np.empty((18,))).shape[0]
     stem_kernel_size = 7 if stem_rows == 2 * 7**2 else 3  # any other size is reported as a shape mismatch
-    fc = arrays.get("fc.weight")
-    num_classes = fc.shape[-1] if fc is not None and fc.ndim == 2 else 0
+    # Classes from fc.bias (unambiguous), so that a weight stored the wrong way round shows as a shape mismatch.
+    fc, bias = arrays.get("fc.weight"), arrays.get("fc.bias")
+    num_classes = bias.shape[0] if bias is not None and bias.ndim == 1 else fc.shape[-1] if fc is not None else 0
     with torch.device("meta"):
         model = RedNet(layers=layers, num_classes=num_classes, stem_kernel_size=stem_kernel_size)
     return {key: value.shape for key, value in model.state_dict().items()}
