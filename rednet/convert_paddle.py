@@ -10,8 +10,11 @@ so its parameter names are ours except for:
   ``num_batches_tracked``, which is filled with 0);
 - the classifier: paddle's Linear stores ``fc.weight`` as (in, out) = (2048, 1000), ours (out, in).
 
+The forward passes agree (same involution kernel layout and padding) except that PaddleClas's strided involution
+pools with floor instead of our ceil mode, which differs only at odd feature sizes (none at 224 × 224 inputs).
+
 A ``.pdparams`` file is what ``paddle.save(layer.state_dict(), path)`` writes (paddle/framework/io.py,
-``_legacy_save``): a pickle (protocol 2 to 4; 4 by default in Paddle >= 2.1, 2 before) of a dict
+``_legacy_save``): a pickle (protocol 2, 3 or 4; current Paddle's default is 4) of a dict
 ``{structured name: numpy.ndarray}`` plus ``"StructuredToParameterName@@"`` (structured name -> paddle's internal
 parameter name). Under protocol 2 and 3, arrays of more than (2**30 - 1) / itemsize elements are split into
 ``name@@.0``, ``name@@.1``, ... (flattened) and described in ``"UnpackBigParamInfor@@"``
@@ -165,8 +168,8 @@ def read_pdparams(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], np.ndarray):
             value = value[1]
         if not isinstance(value, np.ndarray) or value.dtype.kind not in _NUMERIC_KINDS:
-            kind = f"array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
-            raise PaddleWeightsError(f"{path}: entry {name!r} is a {kind}, expected a numeric numpy array")
+            kind = f"an array of {value.dtype}" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+            raise PaddleWeightsError(f"{path}: entry {name!r} is {kind}, expected a numeric numpy array")
         arrays[str(name)] = value
     return arrays
 

@@ -290,7 +290,7 @@ def test_a_pickle_with_any_other_global_is_refused_without_running_it(tmp_path):
 def test_other_dtypes_and_objects_are_refused(tmp_path):
     path = tmp_path / "objects.pdparams"
     path.write_bytes(pickle.dumps({"fc.bias": np.array(["a", 1], dtype=object)}, protocol=4))
-    with pytest.raises(convert_paddle.PaddleWeightsError, match=r"'fc.bias' is a array of object"):
+    with pytest.raises(convert_paddle.PaddleWeightsError, match=r"'fc.bias' is an array of object"):
         convert_paddle.read_pdparams(path)
     path.write_bytes(pickle.dumps([np.zeros(2)], protocol=4))
     with pytest.raises(convert_paddle.PaddleWeightsError, match="holds a list, not the dict"):
