@@ -12,6 +12,7 @@ objects) or safetensors.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import logging
 import math
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rednet import convert_paddle
 from rednet.checkpoint import WeightsSettings, read_torch_file, weights_settings
 
 __all__ = [
@@ -80,10 +82,11 @@ class WeightsSpec:
 
 
 # The official ImageNet checkpoints (mmcls format) were published as OneDrive share links, which are dead
-# (d-li14/involution issues #54, #55, #62), so no URL is registered. Users who hold the files put them in the cache
-# under these names, pass a path/URL as `pretrained`, or call register_weights().
+# (d-li14/involution issues #54, #55, #62). PaddleClas publishes them converted to Paddle (.pdparams, read and
+# converted by rednet.convert_paddle); no sha256 is published for them, so the first download records its digest in
+# the cached file's name and later loads check it (see download). Pin one with register_weights(..., sha256=...).
 PRETRAINED: dict[str, WeightsSpec] = {
-    f"rednet{depth}": WeightsSpec(file_name=f"rednet{depth}.pth") for depth in (26, 38, 50, 101, 152)
+    name: WeightsSpec(url=url, source_format="paddleclas") for name, url in convert_paddle.PADDLECLAS_URLS.items()
 }
 
 
@@ -135,7 +138,10 @@ def download(
 ) -> Path:
     """Download ``url`` into the torch.hub checkpoint cache (once) and check its sha256; return the local path.
 
-    A cached file is used without network. A download whose hash does not match is deleted.
+    A cached file is used without network. A download whose hash does not match is deleted. When no digest is known
+    (no ``sha256``, no NAME-<hash>.ext name), the first download records its own: it is cached as
+    NAME-<sha256[:16]>.ext, the digest is logged (a warning) with how to pin it, and later calls check the cached file
+    against it (a file placed by hand under the plain NAME.ext is used as it is).
     """
     file_name = file_name or _url_file_name(url)
     if not file_name:
@@ -143,6 +149,9 @@ def download(
     directory = _checkpoint_dir(cache_dir)
     destination = directory / file_name
     expected = _expected_digest(file_name, sha256)
+    recorded = _recorded_download(directory, file_name, expected)
+    if recorded is not None:
+        destination, expected = recorded, expected or _expected_digest(recorded.name, "")
     if destination.is_file():
         try:
             _check_digest(destination, expected, f"cached file {destination}")
@@ -166,8 +175,41 @@ def download(
             f"sha256 mismatch for {url}: expected {expected}, got {actual}; the download was deleted. "
             "Check the URL, or register the right sha256 (rednet.weights.register_weights)"
         )
+    if not expected:
+        destination = _with_recorded_digest(destination, actual)
+        _logger.warning(
+            "downloaded %s: no sha256 was registered; its sha256 is %s, recorded in the cache file name %s (later "
+            "loads check it). Pin it with rednet.weights.register_weights(<model>, url=%r, sha256=%r)",
+            url, actual, destination, url, actual,
+        )  # fmt: skip
     os.replace(partial, destination)
     return destination
+
+
+_RECORDED_DIGEST_DIGITS = 16  # 64 bits of sha256 in the cache file's name
+
+
+def _with_recorded_digest(path: Path, digest: str) -> Path:
+    """NAME.ext -> NAME-<digest[:16]>.ext: torch.hub's convention for a file that carries its own check."""
+    return path.with_name(f"{path.stem}-{digest[:_RECORDED_DIGEST_DIGITS]}{path.suffix}")
+
+
+def _recorded_download(directory: Path, file_name: str, expected: str) -> Path | None:
+    """The cached NAME-<digest prefix>.ext of an earlier first download of ``file_name`` (one whose prefix agrees
+    with ``expected`` when a digest is pinned), else None."""
+    stem, suffix = Path(file_name).stem, Path(file_name).suffix
+    pattern = re.compile(re.escape(stem) + rf"-([0-9a-f]{{{_RECORDED_DIGEST_DIGITS}}}){re.escape(suffix)}")
+    found = [
+        path
+        for path in sorted(directory.glob(f"{glob.escape(stem)}-*{glob.escape(suffix)}"))
+        if (match := pattern.fullmatch(path.name)) and (not expected or expected.startswith(match.group(1)))
+    ]
+    if len(found) > 1:
+        raise RuntimeError(
+            f"several recorded downloads of {file_name} in {directory}: {[path.name for path in found]}; "
+            "delete all but the one you trust"
+        )
+    return found[0] if found else None
 
 
 def fetch(
@@ -202,13 +244,16 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
-    """Read a torch checkpoint or a safetensors file into a dict, on the CPU.
+    """Read a torch checkpoint, a safetensors file, or a PaddleClas ``.pdparams`` file (returned converted to our
+    key names; see ``rednet.convert_paddle``) into a dict, on the CPU.
 
     Raises:
         rednet.checkpoint.CheckpointError: unreadable, or pickled objects other than harmless metadata (see
             ``rednet.checkpoint.read_torch_file``).
     """
     path = Path(path)
+    if path.suffix == ".pdparams":  # PaddleClas weights: a pickle of NumPy arrays, read without running code
+        return convert_paddle.load_pdparams(path)
     if path.is_file() and _is_safetensors(path):
         from safetensors.torch import load_file
 

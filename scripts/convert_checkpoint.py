@@ -1,10 +1,12 @@
 """Turn a RedNet checkpoint into a clean weights file ready to publish: NAME-<sha256[:8]>.pth or .safetensors.
 
 Reads any layout rednet.weights accepts (official mmcls, plain state dict, training checkpoint of train.py, timm,
-safetensors), keeps the model weights only (EMA preferred, optimizer and the rest dropped), in this package's key
-names, and names the file after its own sha256 as torch.hub expects (``pretrained=<URL>`` then checks it).
+safetensors, PaddleClas .pdparams: read without paddle, converted by rednet.convert_paddle), keeps the model
+weights only (EMA preferred, optimizer and the rest dropped), in this package's key names, and names the file after
+its own sha256 as torch.hub expects (``pretrained=<URL>`` then checks it).
 
     python scripts/convert_checkpoint.py outputs/run/checkpoints/best.pt weights/rednet50.pth [--safetensors]
+    python scripts/convert_checkpoint.py RedNet50_pretrained.pdparams weights/rednet50.pth
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = Tr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="checkpoint: path or http(s)/file URL")
+    parser.add_argument("source", help="checkpoint (any accepted layout, .pdparams too): path or http(s)/file URL")
     parser.add_argument("out", help="output path; the name gets -<sha256[:8]> before the extension")
     parser.add_argument("--safetensors", action="store_true", help="write .safetensors instead of .pth")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="take the raw weights, not the EMA")

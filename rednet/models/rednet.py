@@ -19,6 +19,7 @@ from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from rednet.convert_paddle import PADDLECLAS_ACCURACY, PADDLECLAS_URLS
 from rednet.models.involution import ConvModule, Involution
 
 __all__ = ["Bottleneck", "RedNet"]
@@ -338,8 +339,23 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
-# Weights live in rednet.weights.PRETRAINED (URL, sha256, format); the official OneDrive links are dead.
-default_cfgs = generate_default_cfgs({f"rednet{depth}.in1k": _cfg() for depth in (26, 38, 50, 101, 152)})
+def _paddleclas_notes(name: str) -> tuple[str, ...]:
+    """What the registered weights are and what their publisher reports for them (not measured here)."""
+    top1, top5 = PADDLECLAS_ACCURACY[name]
+    return (
+        "weights: the official ImageNet-1k checkpoint converted to Paddle by PaddleClas "
+        f"({PADDLECLAS_URLS[name]}), converted back by rednet.convert_paddle",
+        f"ImageNet-1k val top-1 {top1}% / top-5 {top5}% at resize 256 / center crop 224, as reported by PaddleClas "
+        "(docs/en/models/RedNet_en.md); not measured by this project",
+    )
+
+
+# Weights live in rednet.weights.PRETRAINED (URL, sha256, format): PaddleClas's conversion of the official release,
+# whose own OneDrive links are dead. Its eval transform (resize 256, center crop 224, bilinear, ImageNet mean/std)
+# is _cfg's.
+default_cfgs = generate_default_cfgs(
+    {f"rednet{depth}.in1k": _cfg(notes=_paddleclas_notes(f"rednet{depth}")) for depth in (26, 38, 50, 101, 152)}
+)
 
 
 @register_model
