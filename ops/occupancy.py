@@ -22,6 +22,8 @@ class SMLimits(NamedTuple):
     shared_bytes: int = 228 * 1024
 
 
+DEFAULT_SM = SMLimits()  # A100, H100, B200 alike in registers and warps
+
 # The GPUs the kernels are checked for: A100 (sm_80), H100/H200 (sm_90), B200 (sm_100).
 SM_LIMITS = {
     "sm_80": SMLimits(shared_bytes=164 * 1024),
@@ -40,7 +42,7 @@ class KernelResources(NamedTuple):
     stack_bytes: int = 0
 
 
-def blocks_per_sm(registers: int, block_size: int, shared_bytes: int = 0, limits: SMLimits = SMLimits()) -> int:
+def blocks_per_sm(registers: int, block_size: int, shared_bytes: int = 0, limits: SMLimits = DEFAULT_SM) -> int:
     """Blocks of block_size threads resident on one SM at once, limited by registers, warps, blocks and shared
     memory (the CUDA occupancy calculator's rules; 0 registers counts as 1)."""
     warps_per_block = -(-block_size // 32)
