@@ -1,8 +1,17 @@
 """The "cupy" backend: the CUDA kernels of ops/kernels/involution.cu, compiled by CuPy (NVRTC) and launched on
 PyTorch's current stream.
 
-CuPy is imported lazily, so this module imports on machines without it. One module is compiled per device and
-dtype (sizes are kernel arguments, so new shapes never recompile); CuPy also caches the binary on disk.
+CuPy is imported lazily, so this module imports on machines without it. One module is compiled per device, dtype
+and index width (sizes are kernel arguments, so new shapes never recompile); CuPy also caches the binary on disk.
+
+Numerics: CuPy always compiles with -ftz=true, so float32 subnormals (|v| < 1.2e-38) read or produced by the kernels
+are flushed to zero; the half types convert to float32 sums, and float64 is not affected. Results differ from the
+"torch" backend by at most that (far below float32 rounding of normal values), which the tests' tolerances allow.
+
+CUDA graphs: everything set up once per process, device or thread happens on the first call (the compile check in
+probe(), compiling the kernels for the dtype and index width, CuPy's per-thread context set-up); later calls only
+look up caches and launch. So capture works after one warm-up call with the same dtypes and sizes on the capturing
+thread (as torch.cuda.graphs asks for anyway); a first call inside a capture would break it.
 """
 
 from __future__ import annotations
@@ -19,16 +28,26 @@ import torch
 from torch import Tensor
 
 from ops import layout
-from ops.involution import output_size
 
-__all__ = ["forward", "grad_input", "grad_weight", "is_available"]
+__all__ = ["forward", "grad_input", "grad_weight", "is_available", "probe"]
+
+# Runs on CUDA tensors only (see OP_BACKENDS in ops/involution.py).
+DEVICE_TYPES = ("cuda",)
 
 KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "involution.cu"
 # Channels of a group and adjacent pixels of a row that one thread handles (registers per thread grow with both);
 # RedNet has 16 channels per group.
 CHANNELS_PER_THREAD = 16
 PIXELS_PER_THREAD = 2
+# The 64-bit-index kernels (tensors of 2^31 elements or more) need more registers for the same work: they take a
+# smaller split, so that they too fit the register budget below without spilling (sm_100 spilled at 16 x 2).
+WIDE_INDEX_SPLIT = (8, 1)
 BLOCK_SIZE = 256
+# Blocks of BLOCK_SIZE threads that must fit on one SM at once (__launch_bounds__): 2 caps the registers at 128 per
+# thread (65,536 per SM), so at least 16 warps are resident to hide memory latency. float64 keeps 1: its sums need
+# twice the registers and would spill at 128.
+MIN_BLOCKS_PER_SM = 2
+MIN_BLOCKS_PER_SM_FLOAT64 = 1
 # Enough blocks to fill any current GPU many times over; the kernels loop over the rest (grid-stride).
 MAX_BLOCKS = 65536
 SCALAR_TYPES = {
@@ -62,22 +81,37 @@ class Geometry(NamedTuple):
 
 
 class Launch(NamedTuple):
-    """One kernel launch: the entry point's name, a 1-D grid and block, and the size arguments."""
+    """One kernel launch: the entry point's name, a 1-D grid and block, the size arguments, and the compiled module
+    it comes from (the split of a thread's work and the index width)."""
 
     kernel: str
     grid: int
     block: int
     geometry: Geometry
+    channels_per_thread: int = CHANNELS_PER_THREAD
+    pixels_per_thread: int = PIXELS_PER_THREAD
+    index_bits: int = 32
 
 
-def kernel_names() -> list[str]:
-    """Every entry point of the kernel file."""
+def kernel_names(index_bits: int | None = None) -> list[str]:
+    """The entry points of the kernel file: all, or those of one index width (32 or 64)."""
     return [
         f"involution_{kind}{'_nhwc' if memory == 'nhwc' else ''}_i{bits}"
         for memory in LAYOUTS
         for kind in KERNEL_KINDS
         for bits in (32, 64)
+        if index_bits in (None, bits)
     ]
+
+
+def default_split(index_bits: int) -> tuple[int, int]:
+    """(channels, pixels) per thread of the modules the GPU path compiles for an index width."""
+    return (CHANNELS_PER_THREAD, PIXELS_PER_THREAD) if index_bits == 32 else WIDE_INDEX_SPLIT
+
+
+def min_blocks_per_sm(dtype: torch.dtype) -> int:
+    """The blocks per SM that __launch_bounds__ keeps room for, for one dtype."""
+    return MIN_BLOCKS_PER_SM_FLOAT64 if dtype == torch.float64 else MIN_BLOCKS_PER_SM
 
 
 def plan_launch(
@@ -85,8 +119,8 @@ def plan_launch(
     geometry: Geometry,
     max_blocks: int = MAX_BLOCKS,
     index_bits: int | None = None,
-    channels_per_thread: int = CHANNELS_PER_THREAD,
-    pixels_per_thread: int = PIXELS_PER_THREAD,
+    channels_per_thread: int | None = None,
+    pixels_per_thread: int | None = None,
     memory: str = "nchw",
 ) -> Launch:
     """Choose the entry point and launch shape for one kernel; shared by the GPU path and the host-emulation tests.
@@ -96,14 +130,40 @@ def plan_launch(
         geometry: the sizes.
         max_blocks: grid size cap (the kernels loop over the remaining work).
         index_bits: force the 32- or 64-bit variant; default: 32 bits whenever every index fits.
-        channels_per_thread, pixels_per_thread: as compiled (compile_defines); the NHWC kernels take one pixel.
+        channels_per_thread, pixels_per_thread: the split of a thread's work as compiled (compile_defines); default:
+            default_split(index_bits). The NHWC kernels take one pixel.
         memory: "nchw" or "nhwc" (channels_last x, pixel-major weight; see ops/layout.py).
+
+    Raises:
+        ValueError: unknown kind, memory or index_bits.
     """
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kernel kind {kind!r} is unknown: choose one of {', '.join(KERNEL_KINDS)}")
     if memory not in LAYOUTS:
         raise ValueError(f"memory layout {memory!r} is unknown: choose one of {', '.join(LAYOUTS)}")
-    g = geometry
+    if index_bits not in (None, 32, 64):
+        raise ValueError(f"index_bits must be 32 or 64, got {index_bits}")
+    split_given = channels_per_thread is not None and pixels_per_thread is not None
+    if split_given:
+        split = (channels_per_thread, pixels_per_thread)
+    else:
+        split = default_split(index_bits or 32)
+    work, grid = _work_and_grid(kind, geometry, memory, split, max_blocks)
+    if index_bits is None:
+        g = geometry
+        largest = max(g.N * g.C * g.H * g.W, g.N * g.C * g.Ho * g.Wo, g.N * g.G * g.K * g.K * g.Ho * g.Wo, work)
+        # The grid-stride loop steps past the last index by up to one grid: keep that within int32 too.
+        index_bits = 32 if largest + grid * BLOCK_SIZE <= _INT32_MAX else 64
+        if index_bits == 64 and not split_given:
+            split = default_split(64)
+            work, grid = _work_and_grid(kind, geometry, memory, split, max_blocks)
+    suffix = "_nhwc" if memory == "nhwc" else ""
+    return Launch(f"involution_{kind}{suffix}_i{index_bits}", grid, BLOCK_SIZE, geometry, *split, index_bits)
+
+
+def _work_and_grid(kind: str, g: Geometry, memory: str, split: tuple[int, int], max_blocks: int) -> tuple[int, int]:
+    """Threads' work items of one kernel (as its loop counts them) and the grid that covers them."""
+    channels_per_thread, pixels_per_thread = split
     chunks = -(-(g.C // g.G) // channels_per_thread)
     if memory == "nhwc":
         pixels = {"forward": g.Ho * g.Wo, "grad_input": g.H * g.W, "grad_weight": g.Ho * g.Wo}[kind]
@@ -114,15 +174,7 @@ def plan_launch(
         work = g.N * g.G * chunks * g.H * -(-g.W // pixels_per_thread)
     else:
         work = g.N * g.G * g.Ho * -(-g.Wo // pixels_per_thread)
-    grid = max(1, min(math.ceil(work / BLOCK_SIZE), max_blocks))
-    if index_bits is None:
-        largest = max(g.N * g.C * g.H * g.W, g.N * g.C * g.Ho * g.Wo, g.N * g.G * g.K * g.K * g.Ho * g.Wo, work)
-        # The grid-stride loop steps past the last index by up to one grid: keep that within int32 too.
-        index_bits = 32 if largest + grid * BLOCK_SIZE <= _INT32_MAX else 64
-    if index_bits not in (32, 64):
-        raise ValueError(f"index_bits must be 32 or 64, got {index_bits}")
-    suffix = "_nhwc" if memory == "nhwc" else ""
-    return Launch(f"involution_{kind}{suffix}_i{index_bits}", grid, BLOCK_SIZE, geometry)
+    return work, max(1, min(math.ceil(work / BLOCK_SIZE), max_blocks))
 
 
 @functools.cache
@@ -135,16 +187,25 @@ def compile_defines(
     dtype: torch.dtype,
     channels_per_thread: int = CHANNELS_PER_THREAD,
     pixels_per_thread: int = PIXELS_PER_THREAD,
+    index_bits: int | None = None,
 ) -> tuple[str, ...]:
-    """The -D options that select the element type and the work of one thread for one compile."""
+    """The -D options that select the element type, the work of one thread, the launch bounds and (unless None,
+    which builds both) the index width of one compile.
+
+    Raises:
+        TypeError: a dtype the kernels do not support.
+    """
     if dtype not in SCALAR_TYPES:
         supported = ", ".join(str(d) for d in SCALAR_TYPES)
         raise TypeError(f"involution backend 'cupy' supports {supported}; got {dtype}: cast the tensors")
-    return (
+    defines = (
         f"-DINVOLUTION_SCALAR={SCALAR_TYPES[dtype]}",
         f"-DINVOLUTION_CHANNELS_PER_THREAD={channels_per_thread}",
         f"-DINVOLUTION_PIXELS_PER_THREAD={pixels_per_thread}",
+        f"-DINVOLUTION_BLOCK_SIZE={BLOCK_SIZE}",
+        f"-DINVOLUTION_MIN_BLOCKS={min_blocks_per_sm(dtype)}",
     )
+    return defines + ((f"-DINVOLUTION_INDEX_BITS={index_bits}",) if index_bits is not None else ())
 
 
 def _has_fp16_header(directory: str | os.PathLike | None) -> bool:
@@ -186,9 +247,11 @@ def compile_options(
     dtype: torch.dtype,
     channels_per_thread: int = CHANNELS_PER_THREAD,
     pixels_per_thread: int = PIXELS_PER_THREAD,
+    index_bits: int | None = None,
 ) -> tuple[str, ...]:
-    """Options for cupy.RawModule: the defines, plus the CUDA include directory when CuPy does not add one."""
-    options = compile_defines(dtype, channels_per_thread, pixels_per_thread)
+    """Options for cupy.RawModule: the defines, plus the CUDA include directory when CuPy does not add one.
+    (CuPy adds -ftz=true and the architecture itself.)"""
+    options = compile_defines(dtype, channels_per_thread, pixels_per_thread, index_bits)
     try:
         from cupy._core.core import assemble_cupy_compiler_options  # what CuPy adds itself (CuPy 13 and 14)
 
@@ -223,29 +286,78 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
+def probe(device: torch.device) -> str | None:
+    """None when the kernels run on device, else why not: CuPy missing or broken, no GPU, or the kernels do not
+    compile there (NVRTC or the CUDA headers missing or mismatched, a GPU the NVRTC does not know). Compiles and
+    loads the float32 32-bit-index module, so the first call takes seconds (CuPy caches the binary on disk)."""
+    if device.type != "cuda":
+        return f"it needs CUDA tensors, got tensors on {device}: move them to a GPU or use backend='torch'"
+    available, reason = is_available()
+    if not available:
+        return reason
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        _kernels(index, torch.float32, *default_split(32), 32)
+    except Exception as error:  # whatever NVRTC, the driver or CuPy raise: the backend cannot run here
+        name = torch.cuda.get_device_name(index)
+        capability = "sm_{}{}".format(*torch.cuda.get_device_capability(index))
+        return f"the CUDA kernels do not build for cuda:{index} ({name}, {capability}): {error}"
+    return None
+
+
 @functools.cache
 def _kernels(
     device_index: int,
     dtype: torch.dtype,
     channels_per_thread: int = CHANNELS_PER_THREAD,
     pixels_per_thread: int = PIXELS_PER_THREAD,
+    index_bits: int = 32,
 ) -> dict[str, object]:
-    """Compile (or load from CuPy's cache) the kernels for one device, dtype and split of the work:
-    {entry point name: RawKernel}."""
+    """Compile (or load from CuPy's cache) the kernels of one index width for one device, dtype and split of the
+    work: {entry point name: RawKernel}. Raises RuntimeError with NVRTC's log when they do not compile."""
     import cupy
 
-    names = kernel_names()
-    options = compile_options(dtype, channels_per_thread, pixels_per_thread)
+    names = kernel_names(index_bits)
+    options = compile_options(dtype, channels_per_thread, pixels_per_thread, index_bits)
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=kernel_source(), options=options)
         try:
-            return {name: module.get_function(name) for name in names}
+            kernels = {name: module.get_function(name) for name in names}
+            for kernel in kernels.values():
+                _ = kernel.kernel  # compiles and loads the module on this device now, not at the first launch
+            return kernels
         except Exception as error:  # CompileException carries NVRTC's log
             raise RuntimeError(
                 f"NVRTC could not compile {KERNEL_FILE} for {dtype} on cuda:{device_index} with options {options}: "
                 f"{error}\nIf a CUDA header such as cuda_fp16.h is not found, install CuPy's CUDA headers "
                 "(pip install 'cupy-cuda13x[ctk]', or cupy-cuda12x[ctk] for CUDA 12) or set CUDA_PATH to a toolkit."
             ) from error
+
+
+class _StreamHandle:
+    """A raw CUDA stream in the CUDA stream protocol (__cuda_stream__), for cupy.cuda.Stream.from_external."""
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)
+
+
+@functools.lru_cache(maxsize=256)
+def cupy_stream(device_index: int, stream_pointer: int):
+    """CuPy's view of a CUDA stream of torch (its cudaStream_t), created once per (device, stream).
+
+    CuPy 14 wraps foreign streams with Stream.from_external (ExternalStream is deprecated there and warns); CuPy 13
+    has only ExternalStream. The launch passes this stream explicitly, so neither CuPy's current stream nor
+    CUPY_CUDA_PER_THREAD_DEFAULT_STREAM can move a kernel off torch's stream. Neither constructor destroys the
+    stream: torch owns it (and keeps its pooled streams alive for the whole process).
+    """
+    import cupy
+
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(stream_pointer))
+    return cupy.cuda.ExternalStream(stream_pointer, device_index)
 
 
 def _launch(
@@ -255,8 +367,8 @@ def _launch(
     b: Tensor,
     out: Tensor,
     memory: str,
-    channels_per_thread: int = CHANNELS_PER_THREAD,
-    pixels_per_thread: int = PIXELS_PER_THREAD,
+    channels_per_thread: int | None = None,
+    pixels_per_thread: int | None = None,
 ) -> Tensor:
     """Run one kernel on (a, b) -> out (all in `memory` layout, one CUDA device) on torch's current stream there.
     The work split per thread is the compiled default unless given (scripts/tune_kernels.py tries others)."""
@@ -269,15 +381,16 @@ def _launch(
     import cupy
     import numpy as np
 
-    split = (channels_per_thread, pixels_per_thread)
-    launch = plan_launch(kind, geometry, memory=memory, channels_per_thread=split[0], pixels_per_thread=split[1])
+    launch = plan_launch(
+        kind, geometry, memory=memory, channels_per_thread=channels_per_thread, pixels_per_thread=pixels_per_thread
+    )
     device_index = out.device.index if out.device.index is not None else torch.cuda.current_device()
-    kernel = _kernels(device_index, out.dtype, *split)[launch.kernel]
+    split = (launch.channels_per_thread, launch.pixels_per_thread)
+    kernel = _kernels(device_index, out.dtype, *split, launch.index_bits)[launch.kernel]
     args = tuple(np.uint64(t.data_ptr()) for t in (a, b, out)) + tuple(np.int32(s) for s in launch.geometry)
+    stream = cupy_stream(device_index, torch.cuda.current_stream(device_index).cuda_stream)
     with cupy.cuda.Device(device_index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device_index).cuda_stream)
-        with stream:
-            kernel((launch.grid,), (launch.block,), args)
+        kernel((launch.grid,), (launch.block,), args, stream=stream)
     return out
 
 
@@ -351,14 +464,6 @@ def grad_weight(
     grad_out, x = layout.to_layout(grad_out, channels_last), layout.to_layout(x, channels_last)
     n, c, h, w = x.shape
     h_out, w_out = grad_out.shape[2:]
-    expected = (
-        output_size(h, kernel_size, stride, padding, dilation),
-        output_size(w, kernel_size, stride, padding, dilation),
-    )
-    if (h_out, w_out) != expected:
-        raise ValueError(
-            f"involution backend 'cupy': grad_out is {h_out}×{w_out} but x of {h}×{w} gives {expected[0]}×{expected[1]}"
-        )
     shape = (n, groups, kernel_size, kernel_size, h_out, w_out)
     grad_w = layout.empty_weight(x, shape, channels_last)
     geometry = Geometry(n, c, h, w, groups, kernel_size, h_out, w_out, stride, padding, dilation)

@@ -6,105 +6,120 @@ Registering the op (and its two backward ops) with ``torch.library`` gives each 
 
 from __future__ import annotations
 
-import functools
+import importlib
+import warnings
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from ops import layout, torch_backend
+from ops import layout, shapes, torch_backend
+from ops.shapes import output_size
 
-__all__ = ["involution", "available_backends", "export_decompositions", "BACKENDS"]
+__all__ = ["involution", "available_backends", "export_decompositions", "BACKENDS", "output_size"]
 
-BACKENDS = ("auto", "cupy", "torch", "unfold")
+# The backends that implement the three ops, by name: modules with forward, grad_input and grad_weight, a
+# DEVICE_TYPES tuple (the device types they run on; None: any) and probe(device) -> None when they can run there,
+# else why not (see ops/cupy_backend.py). Imported on first use.
+OP_BACKENDS = {"cupy": "ops.cupy_backend", "torch": "ops.torch_backend"}
+# "auto" takes the first of these that runs on x's device.
+AUTO_ORDER = ("cupy", "torch")
+BACKENDS = ("auto", *OP_BACKENDS, "unfold")
+
+# (backend, device) -> None or why the backend cannot run there; filled eagerly, once per process and device.
+_probes: dict[tuple[str, str], str | None] = {}
+# device -> the backend "auto" chose there.
+_auto_choices: dict[str, str] = {}
 
 
-@functools.cache
-def _cupy_status() -> tuple[bool, str]:
-    """Whether the CuPy backend can run here, and why not (checked once per process)."""
-    try:
-        from ops import cupy_backend
-    except ImportError as error:  # the module itself is always shipped; this guards a broken install
-        return False, f"ops.cupy_backend failed to import: {error}"
-    return cupy_backend.is_available()
+def _backend_module(name: str) -> ModuleType:
+    if name not in OP_BACKENDS:
+        raise ValueError(f"involution backend {name!r} is unknown: choose one of {', '.join(BACKENDS)}")
+    return importlib.import_module(OP_BACKENDS[name])
+
+
+def _runs_on(module: ModuleType, device: torch.device) -> bool:
+    return module.DEVICE_TYPES is None or device.type in module.DEVICE_TYPES
+
+
+def _probe(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on device, else why not; probed once per process and device (a backend's
+    probe may compile its kernels)."""
+    key = (name, str(device))
+    if key not in _probes:
+        _probes[key] = _backend_module(name).probe(device)
+    return _probes[key]
+
+
+# torch.compile must not trace the probes (they call into CuPy and CUDA, which Dynamo cannot trace): Dynamo calls
+# these two functions when it traces and keeps the results as constants. Their arguments are the device's type
+# and index, which are static in a traced graph.
+
+
+@torch.compiler.assume_constant_result
+def _unavailable_reason(name: str, device_type: str, device_index: int) -> str:
+    """Why backend `name` cannot run on the device, or "" when it can."""
+    return _probe(name, _device(device_type, device_index)) or ""
+
+
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str, device_index: int) -> str:
+    """The backend "auto" picks for the device: the first of AUTO_ORDER that runs there. Warns once per device when
+    a faster backend meant for this device cannot run (for example when the CUDA kernels do not compile)."""
+    device = _device(device_type, device_index)
+    key = str(device)
+    if key not in _auto_choices:
+        for name in AUTO_ORDER:
+            if not _runs_on(_backend_module(name), device):
+                continue
+            reason = _probe(name, device)
+            if reason is None:
+                _auto_choices[key] = name
+                break
+            warnings.warn(
+                f"involution backend 'auto': {name!r} cannot run on {device} ({reason}); using the next "
+                f"backend in {AUTO_ORDER} instead (slower)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        else:  # "torch" runs anywhere, so this is only reached with an AUTO_ORDER that lacks it
+            raise RuntimeError(f"involution: no backend of {AUTO_ORDER} runs on {device}")
+    return _auto_choices[key]
+
+
+def _device(device_type: str, device_index: int) -> torch.device:
+    return torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
 
 
 def available_backends() -> list[str]:
-    """The backends that work on this machine ("cupy" only with CuPy and a CUDA device)."""
-    names = ["torch", "unfold"]
-    if _cupy_status()[0]:
-        names.insert(0, "cupy")
-    return names
-
-
-def _backend_module(name: str):
-    if name == "cupy":
-        from ops import cupy_backend
-
-        return cupy_backend
-    return torch_backend
+    """The backends that work on this machine ("cupy" only when its kernels compile and run on the current GPU)."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda", torch.cuda.current_device()))
+    names = [name for name in OP_BACKENDS if any(_probe(name, device) is None for device in devices)]
+    return names + ["unfold"]
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:
+    """The op backend for x: "auto" picks one, a named backend is checked to run on x's device."""
     if backend not in BACKENDS:
         raise ValueError(f"involution backend {backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
+    index = -1 if x.device.index is None else x.device.index
     if backend == "auto":
-        return "cupy" if x.is_cuda and _cupy_status()[0] else "torch"
-    if backend == "cupy":
-        ok, reason = _cupy_status()
-        if not ok:
-            raise RuntimeError(f"involution backend 'cupy' is not available: {reason}")
-        if not x.is_cuda:
-            raise RuntimeError(
-                f"involution backend 'cupy' needs CUDA tensors, got x on {x.device}: "
-                "move the tensors to a GPU or use backend='torch'"
-            )
+        return _auto_backend(x.device.type, index)
+    if backend == "unfold":
+        return backend
+    reason = _unavailable_reason(backend, x.device.type, index)
+    if reason:
+        raise RuntimeError(f"involution backend {backend!r} is not available: {reason}")
     return backend
 
 
-def output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
-    """The convolution formula: (size + 2p − d·(K−1) − 1) // s + 1."""
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
-
-
-def _check_arguments(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> None:
-    for name, tensor in (("x", x), ("weight", weight)):
-        if not tensor.is_floating_point():
-            raise TypeError(f"involution needs floating-point tensors, got {name} of dtype {tensor.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"involution: x is on {x.device} but weight is on {weight.device}: put both on one device")
-    if x.dtype != weight.dtype:
-        raise TypeError(
-            f"involution: x is {x.dtype} but weight is {weight.dtype}: cast one of them (or run under torch.autocast)"
-        )
-    if x.dim() != 4:
-        raise ValueError(f"involution: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 6:
-        raise ValueError(f"involution: weight must be (N, G, K, K, Ho, Wo), got shape {tuple(weight.shape)}")
-    if stride < 1 or dilation < 1 or padding < 0:
-        raise ValueError(
-            f"involution: need stride >= 1, dilation >= 1, padding >= 0; got stride={stride}, "
-            f"dilation={dilation}, padding={padding}"
-        )
-    n, c, h, w = x.shape
-    n_w, groups, k_h, k_w, h_out, w_out = weight.shape
-    if k_h != k_w:
-        raise ValueError(f"involution: weight kernel must be square, got K×K = {k_h}×{k_w} (dims 2 and 3)")
-    if n_w != n:
-        raise ValueError(f"involution: batch size differs: x has N={n}, weight has N={n_w} (dim 0)")
-    if groups < 1 or c % groups != 0:
-        raise ValueError(f"involution: channels C={c} of x must be divisible by groups G={groups} (weight dim 1)")
-    expected = (output_size(h, k_h, stride, padding, dilation), output_size(w, k_h, stride, padding, dilation))
-    if expected[0] < 1 or expected[1] < 1:
-        raise ValueError(
-            f"involution: input {h}×{w} is too small for K={k_h}, stride={stride}, padding={padding}, "
-            f"dilation={dilation} (output would be {expected[0]}×{expected[1]})"
-        )
-    if (h_out, w_out) != expected:
-        raise ValueError(
-            f"involution: weight has output size Ho×Wo = {h_out}×{w_out} (dims 4, 5) but x of {h}×{w} with "
-            f"K={k_h}, stride={stride}, padding={padding}, dilation={dilation} gives {expected[0]}×{expected[1]}"
-        )
+def _op_backend(backend: str, tensor: Tensor) -> ModuleType:
+    """The backend module an op runs on; "auto" and "unfold" (which has no op of its own) resolve as in involution."""
+    name = _resolve_backend(backend, tensor)
+    return _backend_module("torch" if name == "unfold" else name)
 
 
 # Each op's output follows x's layout (ops/layout.py): NCHW, or channels_last with pixel-major kernels. The real and
@@ -113,7 +128,8 @@ def _check_arguments(x: Tensor, weight: Tensor, stride: int, padding: int, dilat
 
 @torch.library.custom_op("rednet::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str) -> Tensor:
-    out = _backend_module(backend).forward(x, weight, stride, padding, dilation)
+    shapes.check_forward(x, weight, stride, padding, dilation)  # the ops are public: torch.ops.rednet.*
+    out = _op_backend(backend, x).forward(x, weight, stride, padding, dilation)
     return layout.as_output(out, layout.is_channels_last(x))
 
 
@@ -128,7 +144,8 @@ def _grad_input_op(
     grad_out: Tensor, weight: Tensor, height: int, width: int, channels: int, stride: int, padding: int,
     dilation: int, backend: str, channels_last: bool,
 ) -> Tensor:  # fmt: skip
-    module = _backend_module(backend)  # each backend reads grad_out in whatever layout it needs
+    shapes.check_grad_input(grad_out, weight, height, width, channels, stride, padding, dilation)
+    module = _op_backend(backend, grad_out)  # each backend reads grad_out in whatever layout it needs
     grad_x = module.grad_input(grad_out, weight, (height, width), channels, stride, padding, dilation, channels_last)
     return layout.as_output(grad_x, channels_last)
 
@@ -143,7 +160,8 @@ def _grad_weight_op(
     grad_out: Tensor, x: Tensor, kernel_size: int, groups: int, stride: int, padding: int, dilation: int,
     backend: str,
 ) -> Tensor:  # fmt: skip
-    module = _backend_module(backend)
+    shapes.check_grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation)
+    module = _op_backend(backend, x)
     grad_w = module.grad_weight(grad_out, x, kernel_size, groups, stride, padding, dilation)
     return layout.as_output(grad_w, layout.is_channels_last(x))
 
@@ -229,7 +247,7 @@ def involution(
     kernel_size = weight.shape[2] if weight.dim() == 6 else 0
     if padding is None:
         padding = dilation * (kernel_size - 1) // 2
-    _check_arguments(x, weight, stride, padding, dilation)
+    shapes.check_forward(x, weight, stride, padding, dilation)
     backend = _resolve_backend(backend, x)
     if backend == "unfold":
         out = torch_backend.involution_unfold(x, weight, stride, padding, dilation)

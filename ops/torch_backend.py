@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["forward", "forward_functional", "grad_input", "grad_weight", "involution_unfold"]
+__all__ = ["forward", "forward_functional", "grad_input", "grad_weight", "involution_unfold", "probe"]
+
+# Runs on every device type (see OP_BACKENDS in ops/involution.py).
+DEVICE_TYPES = None
+
+
+def probe(device: torch.device) -> str | None:
+    """Always None: plain PyTorch runs wherever torch does."""
+    return None
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,8 +1,9 @@
 """Time and memory of the involution backends at RedNet-50's involution shapes.
 
-Prints (and with --out writes) a markdown table: median forward and forward+backward time, peak memory growth of
-forward+backward, and on GPU each time as a multiple of the bandwidth floor (the bytes the op must move divided by
-the bandwidth of a large device-to-device copy measured in the same run).
+Prints (and with --out writes) a markdown table: median forward and forward+backward time (the backward ops' work
+only: torch.autograd.grad, no accumulation into .grad), peak memory growth of forward+backward, and on GPU each time
+as a multiple of the bandwidth floor (the bytes the op must move divided by the bandwidth of a large
+device-to-device copy measured in the same run).
 
     python scripts/benchmark_op.py                      # CPU, float32, batch 8
     python scripts/benchmark_op.py --device cuda --dtypes float32 bfloat16 float16 --out docs/op_h100.md
@@ -110,8 +111,8 @@ def measure(
 
     def step(backward: bool) -> None:
         out = ops.involution(x, weight, shape.stride, backend=backend)
-        if backward:
-            out.backward(grad_out)
+        if backward:  # the gradients themselves: .backward() would also add them into x.grad and weight.grad
+            torch.autograd.grad(out, (x, weight), grad_out)
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -123,8 +124,9 @@ def measure(
     else:
         # Warm up on one sample first: the first call loads code and thread pools that would count as growth.
         x_warm, weight_warm, grad_warm = make_inputs(shape, 1, dtype, device)
-        ops.involution(x_warm, weight_warm, shape.stride, backend=backend).backward(grad_warm)
-        del x_warm, weight_warm, grad_warm
+        out_warm = ops.involution(x_warm, weight_warm, shape.stride, backend=backend)
+        torch.autograd.grad(out_warm, (x_warm, weight_warm), grad_warm)
+        del x_warm, weight_warm, grad_warm, out_warm
         before = monitor.current_rss_bytes()
         step(True)
         peak = monitor.peak_rss_bytes() - before

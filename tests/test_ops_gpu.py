@@ -1,5 +1,6 @@
-"""The "cupy" backend on a GPU: agreement with "unfold" in every dtype, gradcheck, autocast, memory formats,
-streams, 64-bit indexing and torch.compile. Skipped without CUDA; scripts/gpu_check.sh runs these on a GPU machine.
+"""The "cupy" backend on a GPU: agreement with "unfold" for every kernel, dtype, layout and index width, gradcheck,
+autocast, memory formats, misaligned views, edge shapes, streams, CUDA graphs, determinism, 64-bit indexing and
+torch.compile. Skipped without CUDA; scripts/gpu_check.sh runs these on a GPU machine.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ CASES = [
     (2, 64, 4, 56, 56, 7, 1, 1),
     (2, 128, 8, 29, 27, 7, 2, 1),
 ]
-# Tolerances against a float64 reference computed from the same (rounded) inputs.
+# Tolerances against a float64 reference computed from the same (rounded) inputs. The absolute parts also cover
+# CuPy's -ftz=true (float32 subnormals, below 1.2e-38, flushed to zero).
 TOLERANCES = {
     torch.float64: {"rtol": 1e-10, "atol": 1e-10},
     torch.float32: {"rtol": 1e-4, "atol": 1e-4},
@@ -206,3 +208,152 @@ def test_torch_compile_fullgraph(channels_last) -> None:
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-4)
     for grad, expected in zip((p.grad for p in model.parameters()), eager_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-4)
+
+
+# --- what gpu_check.sh's report lists: index widths, alignment, edge shapes, streams, graphs, determinism ---
+
+
+@pytest.fixture
+def force_64bit_indexing(monkeypatch):
+    """Every launch takes the 64-bit kernels (their own module and split of the work), whatever the sizes."""
+    plan = cupy_backend.plan_launch
+
+    def plan_64bit(*args, **kwargs):
+        return plan(*args, **{**kwargs, "index_bits": 64})
+
+    monkeypatch.setattr(cupy_backend, "plan_launch", plan_64bit)
+
+
+@pytest.mark.parametrize("index_bits", [32, 64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_every_kernel_and_index_width(request, dtype, channels_last, index_bits) -> None:
+    """Forward, grad_input and grad_weight (every entry point through its layout and index width) against unfold,
+    on a case with partial channel runs and odd sizes at stride 2."""
+    if index_bits == 64:
+        request.getfixturevalue("force_64bit_indexing")
+    test_cupy_matches_unfold((1, 36, 2, 11, 9, 5, 2, 1), dtype, channels_last)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t one element past an aligned address (same strides), so vector loads cannot be used."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buffer[1:].view(t.shape) if t.is_contiguous() else None
+    if view is None:  # channels_last images, pixel-major weights: keep their strides
+        view = torch.as_strided(buffer, t.shape, t.stride(), storage_offset=1)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_views(dtype, channels_last) -> None:
+    x, weight, grad_out, stride, dilation = _inputs((2, 32, 2, 13, 12, 7, 1, 1), dtype)
+    x, grad_out = layout.to_layout(x, channels_last), layout.to_layout(grad_out, channels_last)
+    weight = layout.weight_to_layout(weight, channels_last)
+    expected = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    views = [_misaligned(t) for t in (x, weight, grad_out)]
+    assert all(v.data_ptr() % 16 == dtype.itemsize for v in views)  # torch's allocations are 512-byte aligned
+    results = _forward_backward(*views, stride, dilation, "cupy")
+    for result, reference in zip(results, expected):
+        torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+# (N, C, G, H, W, K, stride, dilation, padding)
+EDGE_CASES = {
+    "empty_batch": (0, 16, 2, 9, 9, 3, 1, 1, 1),
+    "one_output_pixel": (2, 16, 2, 9, 9, 3, 9, 1, 1),
+    "K1": (2, 16, 2, 9, 8, 1, 1, 1, 0),
+    "padding_beyond_window": (2, 16, 2, 5, 6, 3, 1, 1, 4),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(EDGE_CASES.values()), ids=list(EDGE_CASES))
+def test_edge_shapes(case, channels_last) -> None:
+    n, c, g, h, w, k, stride, dilation, padding = case
+    h_out, w_out = (output_size(size, k, stride, padding, dilation) for size in (h, w))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, c, h, w, device="cuda", generator=generator, dtype=torch.float64)
+    weight = torch.randn(n, g, k, k, h_out, w_out, device="cuda", generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(n, c, h_out, w_out, device="cuda", generator=generator, dtype=torch.float64)
+    results = {}
+    for backend in ("cupy", "unfold"):
+        xb = layout.to_layout(x, channels_last).requires_grad_()
+        wb = layout.weight_to_layout(weight, channels_last).requires_grad_()
+        out = ops.involution(xb, wb, stride, padding, dilation, backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out, (xb, wb), layout.to_layout(grad_out, channels_last)))
+    for got, expected in zip(results["cupy"], results["unfold"]):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+
+
+def test_forward_and_backward_on_a_side_stream() -> None:
+    """Forward and backward queued behind slow work on a side stream must wait for it (torch's current stream)."""
+    x, weight, grad_out, stride, dilation = _inputs((2, 16, 2, 33, 31, 7, 1, 1), torch.float32)
+    expected = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        delayed = torch.zeros_like(x)
+        torch.cuda._sleep(100_000_000)
+        delayed.copy_(x)
+        results = _forward_backward(delayed, weight, grad_out, stride, dilation, "cupy")
+    side.synchronize()
+    for result, reference in zip(results, expected):
+        torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_graph_capture_after_one_warm_up(channels_last) -> None:
+    """As torch.cuda.graphs documents: one warm-up call on a side stream (compiles the kernels, sets CuPy up), then
+    capture forward and backward; replays with new inputs match eager calls."""
+    x, weight, grad_out, stride, dilation = _inputs((2, 32, 2, 15, 14, 7, 1, 1), torch.bfloat16)
+    x, grad_out = layout.to_layout(x, channels_last), layout.to_layout(grad_out, channels_last)
+    weight = layout.weight_to_layout(weight, channels_last)
+    static = [t.clone() for t in (x, weight, grad_out)]
+    warm_up = torch.cuda.Stream()
+    warm_up.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm_up):
+        _forward_backward(*static, stride, dilation, "cupy")
+    torch.cuda.current_stream().wait_stream(warm_up)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _forward_backward(*static, stride, dilation, "cupy")
+    for seed in (1, 2):
+        new = _inputs((2, 32, 2, 15, 14, 7, 1, 1), torch.bfloat16, seed=seed)[:3]
+        new = (
+            layout.to_layout(new[0], channels_last),
+            layout.weight_to_layout(new[1], channels_last),
+            layout.to_layout(new[2], channels_last),
+        )
+        for target, source in zip(static, new):
+            target.copy_(source)
+        graph.replay()
+        expected = _forward_backward(*static, stride, dilation, "cupy")
+        for result, reference in zip(captured, expected):
+            torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reruns_are_bitwise_equal(dtype, channels_last) -> None:
+    """No atomics and a fixed summation order per thread: the same inputs give the same bits."""
+    x, weight, grad_out, stride, dilation = _inputs((4, 64, 4, 28, 28, 7, 1, 1), dtype)
+    x, grad_out = layout.to_layout(x, channels_last), layout.to_layout(grad_out, channels_last)
+    weight = layout.weight_to_layout(weight, channels_last)
+    first = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    second = _forward_backward(x, weight, grad_out, stride, dilation, "cupy")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_auto_picks_cupy_for_cuda_tensors(monkeypatch) -> None:
+    x, weight, *_ = _inputs((1, 16, 2, 9, 9, 3, 1, 1), torch.float32)
+    launched = []
+    launch = cupy_backend._launch
+    monkeypatch.setattr(
+        cupy_backend, "_launch", lambda *args, **kwargs: launched.append(args[0]) or launch(*args, **kwargs)
+    )
+    ops.involution(x, weight)
+    assert launched == ["forward"]

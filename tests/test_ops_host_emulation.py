@@ -218,6 +218,16 @@ def test_other_work_splits(emulated, case, channels, pixels, memory) -> None:
 
 
 @pytest.mark.parametrize("memory", cupy_backend.LAYOUTS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=_case_id)
+def test_64bit_kernels_with_their_own_split(emulated, case, memory) -> None:
+    """The GPU path compiles the 64-bit-index kernels with cupy_backend.WIDE_INDEX_SPLIT (fewer registers)."""
+    channels, pixels = cupy_backend.default_split(64)
+    _check_all_kernels(
+        emulated, case, torch.float32, seed=7, channels=channels, pixels=pixels, index_bits=64, memory=memory
+    )
+
+
+@pytest.mark.parametrize("memory", cupy_backend.LAYOUTS)
 @pytest.mark.parametrize("kind", cupy_backend.KERNEL_KINDS)
 def test_grid_stride_loop_covers_all_work(emulated, kind, memory) -> None:
     """With fewer threads than work items (one block), each thread loops; the result must not change."""

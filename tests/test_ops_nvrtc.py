@@ -3,7 +3,8 @@
 No GPU needed: NVRTC (cuda.bindings.nvrtc, which comes with cupy-cuda13x / torch's CUDA wheels) only compiles.
 The options are CuPy's own (cupy._core.core.assemble_cupy_compiler_options plus the flags its compiler adds),
 with the architecture given explicitly: compute_75 (Turing, the oldest CUDA 13 NVRTC accepts), compute_80
-(A100) and compute_90 (H100), and an sm_90 binary to check that nothing spills to local memory.
+(A100) and compute_90 (H100), and sm_80/sm_90/sm_100 binaries, as CuPy builds them, to check that no kernel
+spills to local memory and that the registers leave room for two blocks per SM.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ops import cupy_backend
+from ops import cupy_backend, occupancy
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ARCHITECTURES = ["compute_75", "compute_80", "compute_90"]
@@ -39,14 +40,15 @@ def nvrtc():
     return nvrtc
 
 
-def _cupy_options(dtype: torch.dtype) -> list[str]:
-    """What cupy.RawModule(code, options=compile_options(dtype)) hands NVRTC, less the architecture."""
+def _cupy_options(dtype: torch.dtype, *module: int) -> list[str]:
+    """What cupy.RawModule(code, options=compile_options(dtype, *module)) hands NVRTC, less the architecture."""
     try:
         from cupy._core.core import assemble_cupy_compiler_options
     except ImportError as error:
         _missing(f"CuPy is unavailable ({error}): pip install -e '.[cuda]'")
-    options = assemble_cupy_compiler_options(cupy_backend.compile_options(dtype))
-    # cupy.cuda.compiler adds these on the way to NVRTC (with -arch, and --pch only when asked for).
+    options = assemble_cupy_compiler_options(cupy_backend.compile_options(dtype, *module))
+    # cupy.cuda.compiler adds these on the way to NVRTC (with -arch, and --pch only when asked for). -ftz=true flushes
+    # float32 subnormals to zero in the kernels (see ops/cupy_backend.py); CuPy gives no way to turn it off.
     return [*options, "-ftz=true", "--device-as-default-execution-space"]
 
 
@@ -91,14 +93,55 @@ def test_compiles_to_ptx(nvrtc, dtype: torch.dtype, architecture: str) -> None:
             assert re.search(rb"ld\.global(\.nc)?\.v\d\.", body), f"{name}: channels are not loaded as vectors"
 
 
+@pytest.mark.parametrize("index_bits", [32, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sm90_binary_does_not_spill(nvrtc, dtype: torch.dtype) -> None:
-    """CuPy compiles straight to a cubin (-arch=sm_XX); register spills would cost memory traffic."""
-    options = [*_cupy_options(dtype), "-arch=sm_90", "--ptxas-options=-v"]
+@pytest.mark.parametrize("architecture", list(occupancy.SM_LIMITS))
+def test_kernels_fit_two_blocks_per_sm_without_spills(nvrtc, architecture, dtype, index_bits) -> None:
+    """Each module as the GPU path compiles it (its dtype, index width and split of the work), to a cubin as CuPy
+    does (-arch=sm_XX): no kernel spills to local memory, and every fp32/fp16/bf16 kernel's registers leave room for
+    MIN_BLOCKS_PER_SM (2) blocks of BLOCK_SIZE threads per SM, so at least 16 warps hide memory latency."""
+    split = cupy_backend.default_split(index_bits)
+    options = [*_cupy_options(dtype, *split, index_bits), f"-arch={architecture}", "--ptxas-options=-v"]
     log, _ = _compile(nvrtc, dtype, options)
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == len(ENTRY_POINTS), f"expected ptxas statistics for every kernel:\n{log}"
-    assert not any(spills), f"register spills in the sm_90 build:\n{log}"
+    kernels = occupancy.parse_ptxas_log(log)
+    names = cupy_backend.kernel_names(index_bits)
+    assert sorted(kernels) == sorted(names), f"expected ptxas statistics for every kernel:\n{log}"
+    spills = {name: r for name, r in kernels.items() if r.spill_stores or r.spill_loads or r.stack_bytes}
+    assert not spills, f"{architecture} {dtype}: kernels spill to local memory: {spills}"
+    limits = occupancy.SM_LIMITS[architecture]
+    blocks = {
+        name: occupancy.blocks_per_sm(r.registers, cupy_backend.BLOCK_SIZE, r.shared_bytes, limits)
+        for name, r in kernels.items()
+    }
+    required = cupy_backend.min_blocks_per_sm(dtype)
+    assert required == (1 if dtype == torch.float64 else 2)
+    low = {name: (kernels[name].registers, b) for name, b in blocks.items() if b < required}
+    assert not low, f"{architecture} {dtype}: (registers, blocks per SM) below {required} blocks: {low}"
+
+
+def test_blocks_per_sm_follows_the_register_file() -> None:
+    """256 threads = 8 warps; 65,536 registers per SM allocated per warp in units of 256."""
+    assert occupancy.blocks_per_sm(128, 256) == 2  # 4096 registers per warp: 16 warps
+    assert occupancy.blocks_per_sm(129, 256) == 1  # rounded up to 4352 per warp: 15 warps
+    assert occupancy.blocks_per_sm(64, 256) == 4
+    assert occupancy.blocks_per_sm(16, 256) == 8  # the 64-warp limit
+    assert occupancy.blocks_per_sm(32, 256, shared_bytes=100 * 1024, limits=occupancy.SM_LIMITS["sm_80"]) == 1
+
+
+def test_ptxas_log_is_parsed() -> None:
+    log = """ptxas info    : Compiling entry function 'k1' for 'sm_90'
+ptxas info    : Function properties for k1
+ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 128 registers, used 0 barriers, 1024 bytes smem, 384 bytes cmem[0]
+ptxas info    : Compiling entry function 'k2' for 'sm_90'
+ptxas info    : Function properties for k2
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 384 bytes cmem[0]
+"""
+    assert occupancy.parse_ptxas_log(log) == {
+        "k1": occupancy.KernelResources(128, 4, 12, 1024, 8),
+        "k2": occupancy.KernelResources(40, 0, 0, 0, 0),
+    }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

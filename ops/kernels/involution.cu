@@ -16,8 +16,13 @@
 //                                  for double)
 //   INVOLUTION_CHANNELS_PER_THREAD channels of a group one thread handles (RedNet: 16 per group)
 //   INVOLUTION_PIXELS_PER_THREAD   adjacent pixels of a row one thread handles (a power of two; NCHW kernels)
+//   INVOLUTION_BLOCK_SIZE          threads per block the kernels are launched with (__launch_bounds__)
+//   INVOLUTION_MIN_BLOCKS          blocks per SM the registers must leave room for (__launch_bounds__): 2 keeps
+//                                  at least 16 warps resident at 256 threads (at most 128 registers per thread)
+//   INVOLUTION_INDEX_BITS          32 or 64: build only those entry points (unset: both, for the host emulation)
 // Each kernel has a 32-bit index variant (_i32), used when every tensor has fewer than 2^31 elements, and a
-// 64-bit one (_i64).
+// 64-bit one (_i64). The GPU path compiles them as separate modules, the 64-bit one with a smaller split of the
+// work per thread (64-bit address arithmetic needs more registers; see ops/cupy_backend.py).
 //
 // The op is memory bound; the kernels are shaped to load each value as few times as possible:
 // - a thread keeps the sums of several channels of a group in registers, so each generated weight is loaded
@@ -44,6 +49,12 @@
 #endif
 #ifndef INVOLUTION_PIXELS_PER_THREAD
 #define INVOLUTION_PIXELS_PER_THREAD 2
+#endif
+#ifndef INVOLUTION_BLOCK_SIZE
+#define INVOLUTION_BLOCK_SIZE 256
+#endif
+#ifndef INVOLUTION_MIN_BLOCKS
+#define INVOLUTION_MIN_BLOCKS 2
 #endif
 
 typedef INVOLUTION_SCALAR scalar_t;
@@ -554,21 +565,27 @@ __device__ __forceinline__ void grad_weight_nhwc_impl(const scalar_t* __restrict
 #define INVOLUTION_SIZE_PARAMS int N, int C, int H, int W, int G, int K, int Ho, int Wo, int stride, int pad, int dil
 #define INVOLUTION_GEOMETRY Geometry{N, C, H, W, G, K, Ho, Wo, stride, pad, dil}
 
-#define INVOLUTION_ENTRY(name, impl, index_t, a, b, out)                                                  \
-    extern "C" __global__ void name(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,          \
-                                    scalar_t* __restrict__ out, INVOLUTION_SIZE_PARAMS) {                     \
-        impl<index_t>(a, b, out, INVOLUTION_GEOMETRY);                                                        \
+// A launch with more threads per block than INVOLUTION_BLOCK_SIZE fails; cupy_backend.plan_launch uses exactly it.
+#define INVOLUTION_ENTRY(name, impl, index_t, a, b, out)                                                   \
+    extern "C" __global__ void __launch_bounds__(INVOLUTION_BLOCK_SIZE, INVOLUTION_MIN_BLOCKS)                 \
+        name(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t* __restrict__ out,       \
+             INVOLUTION_SIZE_PARAMS) {                                                                         \
+        impl<index_t>(a, b, out, INVOLUTION_GEOMETRY);                                                         \
     }
 
+#if !defined(INVOLUTION_INDEX_BITS) || INVOLUTION_INDEX_BITS == 32
 INVOLUTION_ENTRY(involution_forward_i32, forward_impl, int, x, weight, out)
-INVOLUTION_ENTRY(involution_forward_i64, forward_impl, long long, x, weight, out)
 INVOLUTION_ENTRY(involution_grad_input_i32, grad_input_impl, int, grad_out, weight, grad_x)
-INVOLUTION_ENTRY(involution_grad_input_i64, grad_input_impl, long long, grad_out, weight, grad_x)
 INVOLUTION_ENTRY(involution_grad_weight_i32, grad_weight_impl, int, grad_out, x, grad_weight)
-INVOLUTION_ENTRY(involution_grad_weight_i64, grad_weight_impl, long long, grad_out, x, grad_weight)
 INVOLUTION_ENTRY(involution_forward_nhwc_i32, forward_nhwc_impl, int, x, weight, out)
-INVOLUTION_ENTRY(involution_forward_nhwc_i64, forward_nhwc_impl, long long, x, weight, out)
 INVOLUTION_ENTRY(involution_grad_input_nhwc_i32, grad_input_nhwc_impl, int, grad_out, weight, grad_x)
-INVOLUTION_ENTRY(involution_grad_input_nhwc_i64, grad_input_nhwc_impl, long long, grad_out, weight, grad_x)
 INVOLUTION_ENTRY(involution_grad_weight_nhwc_i32, grad_weight_nhwc_impl, int, grad_out, x, grad_weight)
+#endif
+#if !defined(INVOLUTION_INDEX_BITS) || INVOLUTION_INDEX_BITS == 64
+INVOLUTION_ENTRY(involution_forward_i64, forward_impl, long long, x, weight, out)
+INVOLUTION_ENTRY(involution_grad_input_i64, grad_input_impl, long long, grad_out, weight, grad_x)
+INVOLUTION_ENTRY(involution_grad_weight_i64, grad_weight_impl, long long, grad_out, x, grad_weight)
+INVOLUTION_ENTRY(involution_forward_nhwc_i64, forward_nhwc_impl, long long, x, weight, out)
+INVOLUTION_ENTRY(involution_grad_input_nhwc_i64, grad_input_nhwc_impl, long long, grad_out, weight, grad_x)
 INVOLUTION_ENTRY(involution_grad_weight_nhwc_i64, grad_weight_nhwc_impl, long long, grad_out, x, grad_weight)
+#endif

@@ -9,6 +9,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 // __restrict__ is already a GNU C++ keyword.
 
 struct dim3 {
