@@ -74,10 +74,32 @@ template <typename S> struct Kernels {
 constexpr int kRows = 8;      // rows of output (grad_x for grad-input) per work item
 constexpr int kChannels = 4;  // channels summed side by side (forward, grad-input); taps side by side (grad-weight)
 
-template <typename A> struct Lanes { static constexpr int value = 16; };
-template <> struct Lanes<double> { static constexpr int value = 8; };
+// kLanes adjacent pixels as one 64-byte vector (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones,
+// four SSE ones, whatever the target has). Loads and stores go through memcpy: no alignment is assumed.
+typedef float vec_float __attribute__((vector_size(64)));
+typedef double vec_double __attribute__((vector_size(64)));
+template <typename A> struct Vec { typedef vec_float type; };
+template <> struct Vec<double> { typedef vec_double type; };
+template <typename A> struct Lanes { static constexpr int value = int(64 / sizeof(A)); };
+
+template <typename A> static inline typename Vec<A>::type load(const A* p) {
+    typename Vec<A>::type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+template <typename A> static inline void spill(const typename Vec<A>::type& v, A* p) { std::memcpy(p, &v, sizeof(v)); }
 
 static inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
+
+// dst[q] = src[q * stride] for q < count, converted to the accumulation type (a plain, vectorized loop when the
+// source is contiguous).
+template <typename S, typename A> static inline void copy_row(const S* src, i64 stride, int count, A* dst) {
+    if (stride == 1) {
+        for (int q = 0; q < count; ++q) dst[q] = to_acc(src[q]);
+    } else {
+        for (int q = 0; q < count; ++q) dst[q] = to_acc(src[q * stride]);
+    }
+}
 
 // One work item's decomposition: item -> (n, g, first row).
 struct Item {
@@ -133,10 +155,12 @@ template <typename S, typename A> struct Slab {
                         std::fill(dst, dst + Q, A(0));
                         continue;
                     }
-                    for (int q = 0; q < Q; ++q) {
-                        const int w = q * s + phase - g.p;
-                        dst[q] = (w >= 0 && w < g.W) ? to_acc(x.at(n, c0 + c, h, w)) : A(0);
-                    }
+                    // Columns q read x[..., q*s + phase - p]: inside the image for q in [qlo, qhi).
+                    const int qlo = std::min(Q, std::max(0, (g.p - phase + s - 1) / s));
+                    const int qhi = std::max(qlo, std::min(Q, (g.W - 1 + g.p - phase) / s + 1));
+                    std::fill(dst, dst + qlo, A(0));
+                    copy_row(&x.at(n, c0 + c, h, i64(qlo) * s + phase - g.p), x.sw * s, qhi - qlo, dst + qlo);
+                    std::fill(dst + qhi, dst + Q, A(0));
                 }
             }
         }
@@ -156,34 +180,38 @@ template <typename S> struct Forward {
     int cg, wop, q, slab_rows;
     Slab<S, A> slab;
     std::vector<A> wrow;
+    std::vector<int> columns;  // offset in a slab row of tap v's input: phase (v*d) % s, column (v*d) / s
 
     void init() {
         slab.size(slab_rows, q, g.s, cg);
-        wrow.resize(size_t(g.K) * g.K * wop);
+        wrow.resize(size_t(g.K) * g.K * kRows * wop);
+        for (int v = 0; v < g.K; ++v) columns.push_back((v * g.d) % g.s * q + (v * g.d) / g.s);
     }
     template <int CB> void channels(int li, int i, int n, int grp, int c0) {
         const int K = g.K;
+        const int* column = columns.data();
         for (int jb = 0; jb < wop; jb += L) {
-            A acc[CB][L];
-            for (int k = 0; k < CB; ++k)
-                for (int e = 0; e < L; ++e) acc[k][e] = 0;
+            typename Vec<A>::type acc[CB];
+            for (int k = 0; k < CB; ++k) acc[k] = typename Vec<A>::type{};
             for (int u = 0; u < K; ++u) {
                 const int h = i * g.s - g.p + u * g.d;
                 if (h < 0 || h >= g.H) continue;  // a row of padding adds nothing
                 const int r = li * g.s + u * g.d;
+                const A* xr[CB];
+                for (int k = 0; k < CB; ++k) xr[k] = slab.row(c0 + k, r, 0) + jb;
+                const A* wr = wrow.data() + (size_t(u * K) * kRows + li) * wop + jb;
                 for (int v = 0; v < K; ++v) {
-                    const A* wr = wrow.data() + size_t(u * K + v) * wop + jb;
-                    const int phase = (v * g.d) % g.s, off = (v * g.d) / g.s + jb;
-                    for (int k = 0; k < CB; ++k) {
-                        const A* xr = slab.row(c0 + k, r, phase) + off;
-#pragma GCC unroll 16
-                        for (int e = 0; e < L; ++e) acc[k][e] += wr[e] * xr[e];
-                    }
+                    const auto wv = load(wr + size_t(v) * kRows * wop);
+                    const int off = column[v];
+                    for (int k = 0; k < CB; ++k) acc[k] += wv * load(xr[k] + off);
                 }
             }
             const int count = std::min(L, g.Wo - jb);
-            for (int k = 0; k < CB; ++k)
-                for (int e = 0; e < count; ++e) from_acc(acc[k][e], &out.at(n, i64(grp) * cg + c0 + k, i, jb + e));
+            A sums[L];
+            for (int k = 0; k < CB; ++k) {
+                spill(acc[k], sums);
+                for (int e = 0; e < count; ++e) from_acc(sums[e], &out.at(n, i64(grp) * cg + c0 + k, i, jb + e));
+            }
         }
     }
     void operator()(i64 t) {
@@ -191,13 +219,14 @@ template <typename S> struct Forward {
         const Item it = item_of(t, g.G, g.Ho, blocks);
         slab.pack(x, g, it.n, it.g * cg, cg, it.r0 * g.s);
         const int K = g.K;
+        // The kernels of the item's rows, wrow[t][row][j]: tap by tap, so each tap's rows stream in one run.
+        for (int t = 0; t < K * K; ++t)
+            for (int i = it.r0; i < it.r1; ++i) {
+                A* dst = wrow.data() + (size_t(t) * kRows + i - it.r0) * wop;
+                copy_row(&w.at(it.n, it.g, t / K, t % K, i, 0), w.sj, g.Wo, dst);
+                std::fill(dst + g.Wo, dst + wop, A(0));
+            }
         for (int i = it.r0; i < it.r1; ++i) {
-            for (int u = 0; u < K; ++u)
-                for (int v = 0; v < K; ++v) {
-                    A* dst = wrow.data() + size_t(u * K + v) * wop;
-                    for (int j = 0; j < g.Wo; ++j) dst[j] = to_acc(w.at(it.n, it.g, u, v, i, j));
-                    std::fill(dst + g.Wo, dst + wop, A(0));
-                }
             int c0 = 0;
             for (; c0 + kChannels <= cg; c0 += kChannels) channels<kChannels>(i - it.r0, i, it.n, it.g, c0);
             for (; c0 < cg; ++c0) channels<1>(i - it.r0, i, it.n, it.g, c0);
@@ -224,32 +253,29 @@ template <typename S> struct GradWeight {
     }
     template <int TB> void taps(int li, int i, int n, int grp, int t0) {
         const int K = g.K;
-        int r[TB], phase[TB], off[TB];
+        i64 off[TB];  // offset of tap k's input row in channel 0's slab (the channel step is R*s*Q)
         bool inside[TB];
         for (int k = 0; k < TB; ++k) {
             const int u = (t0 + k) / K, v = (t0 + k) % K;
             const int h = i * g.s - g.p + u * g.d;
             inside[k] = h >= 0 && h < g.H;
-            r[k] = li * g.s + u * g.d;
-            phase[k] = (v * g.d) % g.s;
-            off[k] = (v * g.d) / g.s;
+            off[k] = slab.row(0, li * g.s + u * g.d, (v * g.d) % g.s) - slab.row(0, 0, 0) + (v * g.d) / g.s;
         }
+        const i64 channel_step = i64(slab.R) * slab.s * slab.Q;
         for (int jb = 0; jb < wop; jb += L) {
-            A acc[TB][L];
-            for (int k = 0; k < TB; ++k)
-                for (int e = 0; e < L; ++e) acc[k][e] = 0;
-            for (int c = 0; c < cg; ++c) {
-                const A* gr = gyrow.data() + size_t(c) * wop + jb;
-                for (int k = 0; k < TB; ++k) {
-                    const A* xr = slab.row(c, r[k], phase[k]) + off[k] + jb;
-#pragma GCC unroll 16
-                    for (int e = 0; e < L; ++e) acc[k][e] += gr[e] * xr[e];
-                }
+            typename Vec<A>::type acc[TB];
+            for (int k = 0; k < TB; ++k) acc[k] = typename Vec<A>::type{};
+            const A* xc = slab.row(0, 0, 0) + jb;
+            for (int c = 0; c < cg; ++c, xc += channel_step) {
+                const auto gv = load(gyrow.data() + size_t(c) * wop + jb);
+                for (int k = 0; k < TB; ++k) acc[k] += gv * load(xc + off[k]);
             }
             const int count = std::min(L, g.Wo - jb);
+            A sums[L];
             for (int k = 0; k < TB; ++k) {
                 const int u = (t0 + k) / K, v = (t0 + k) % K;
-                for (int e = 0; e < count; ++e) from_acc(inside[k] ? acc[k][e] : A(0), &gw.at(n, grp, u, v, i, jb + e));
+                spill(acc[k], sums);
+                for (int e = 0; e < count; ++e) from_acc(inside[k] ? sums[e] : A(0), &gw.at(n, grp, u, v, i, jb + e));
             }
         }
     }
@@ -261,7 +287,7 @@ template <typename S> struct GradWeight {
         for (int i = it.r0; i < it.r1; ++i) {
             for (int c = 0; c < cg; ++c) {
                 A* dst = gyrow.data() + size_t(c) * wop;
-                for (int j = 0; j < g.Wo; ++j) dst[j] = to_acc(gy.at(it.n, i64(it.g) * cg + c, i, j));
+                copy_row(&gy.at(it.n, i64(it.g) * cg + c, i, 0), gy.sw, g.Wo, dst);
                 std::fill(dst + g.Wo, dst + wop, A(0));
             }
             int t0 = 0;
@@ -300,9 +326,8 @@ template <typename S> struct GradInput {
             const int mhi = (g.p + g.W - 1 - phase) / s;  // inclusive
             if (mhi < mlo) continue;
             for (int mb = mlo; mb <= mhi; mb += L) {
-                A acc[CB][L];
-                for (int k = 0; k < CB; ++k)
-                    for (int e = 0; e < L; ++e) acc[k][e] = 0;
+                typename Vec<A>::type acc[CB];
+                for (int k = 0; k < CB; ++k) acc[k] = typename Vec<A>::type{};
                 for (int u = 0; u < K; ++u) {
                     const int hs = h + g.p - u * g.d;
                     if (hs < 0 || hs % s != 0 || hs / s >= g.Ho) continue;
@@ -311,18 +336,17 @@ template <typename S> struct GradInput {
                     for (int v = 0; v < K; ++v) {
                         if ((v * g.d) % s != phase) continue;
                         const int start = lp + mb - (v * g.d) / s;
-                        const A* wr = wk_row(r, u * K + v) + start;
-                        for (int k = 0; k < CB; ++k) {
-                            const A* gr = gy_row(c0 + k, r) + start;
-#pragma GCC unroll 16
-                            for (int e = 0; e < L; ++e) acc[k][e] += wr[e] * gr[e];
-                        }
+                        const auto wv = load(wk_row(r, u * K + v) + start);
+                        for (int k = 0; k < CB; ++k) acc[k] += wv * load(gy_row(c0 + k, r) + start);
                     }
                 }
                 const int count = std::min(L, mhi - mb + 1);
-                for (int k = 0; k < CB; ++k)
+                A sums[L];
+                for (int k = 0; k < CB; ++k) {
+                    spill(acc[k], sums);
                     for (int e = 0; e < count; ++e)
-                        from_acc(acc[k][e], &gx.at(n, i64(grp) * cg + c0 + k, h, i64(mb + e) * s + phase - g.p));
+                        from_acc(sums[e], &gx.at(n, i64(grp) * cg + c0 + k, h, i64(mb + e) * s + phase - g.p));
+                }
             }
         }
     }
@@ -340,15 +364,15 @@ template <typename S> struct GradInput {
             for (int c = 0; c < cg; ++c) {
                 A* dst = gy_row(c, r);
                 std::fill(dst, dst + len, A(0));
-                for (int j = 0; j < g.Wo; ++j) dst[lp + j] = to_acc(gy.at(it.n, i64(it.g) * cg + c, i, j));
+                copy_row(&gy.at(it.n, i64(it.g) * cg + c, i, 0), gy.sw, g.Wo, dst + lp);
             }
-            for (int u = 0; u < K; ++u)
-                for (int v = 0; v < K; ++v) {
-                    A* dst = wk_row(r, u * K + v);
-                    std::fill(dst, dst + len, A(0));
-                    for (int j = 0; j < g.Wo; ++j) dst[lp + j] = to_acc(w.at(it.n, it.g, u, v, i, j));
-                }
         }
+        for (int t = 0; t < K * K; ++t)  // tap by tap, so each tap's rows stream in one run
+            for (int r = 0; r < rows; ++r) {
+                A* dst = wk_row(r, t);
+                std::fill(dst, dst + len, A(0));
+                copy_row(&w.at(it.n, it.g, t / K, t % K, ilo + r, 0), w.sj, g.Wo, dst + lp);
+            }
         for (int h = it.r0; h < it.r1; ++h) {
             int c0 = 0;
             for (; c0 + kChannels <= cg; c0 += kChannels) channels<kChannels>(h, ilo, rows, it.n, it.g, c0);
