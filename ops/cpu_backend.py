@@ -40,6 +40,7 @@ BASE_FLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-shared", "-fPIC")
 # Tried in order until one builds: the fastest first.
 OPTIONAL_FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 
+SERIAL_BELOW = 2**16  # output elements x K^2 below which a call runs on one thread
 _state: dict[str, object] = {}  # "library" (ctypes.CDLL) or "error" (str), once per process
 
 
@@ -79,7 +80,8 @@ def _build(cxx: str) -> Path:
     errors = []
     for optional in OPTIONAL_FLAG_SETS:
         flags = (*BASE_FLAGS, *optional)
-        key = hashlib.sha256(b"\0".join([source, identity.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+        parts = [source, identity.encode(), " ".join(flags).encode(), _cpu_identity().encode()]
+        key = hashlib.sha256(b"\0".join(parts))
         target = cache_dir() / f"involution_cpu_{key.hexdigest()[:20]}.so"
         if target.is_file():
             return target
@@ -150,9 +152,11 @@ def _call(name: str, a: Tensor, b: Tensor, out: Tensor, geometry: tuple[int, ...
         return out.zero_()
     function = getattr(_library(), f"involution_cpu_{name}")
     sizes = (ctypes.c_int32 * len(geometry))(*geometry)
+    # Small problems run on one thread: starting the others costs more than they save (results are the same).
+    threads = torch.get_num_threads() if out.numel() * geometry[5] ** 2 >= SERIAL_BELOW else 1
     code = function(
         SUPPORTED_DTYPES[out.dtype], a.data_ptr(), _strides(a), b.data_ptr(), _strides(b), out.data_ptr(),
-        _strides(out), sizes, torch.get_num_threads(),
+        _strides(out), sizes, threads,
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"involution_cpu_{name} failed with code {code}")

@@ -7,6 +7,7 @@ Registering the op (and its two backward ops) with ``torch.library`` gives each 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from ops import layout, torch_backend
 
 __all__ = ["involution", "available_backends", "export_decompositions", "BACKENDS"]
 
-BACKENDS = ("auto", "cupy", "torch", "unfold")
+BACKENDS = ("auto", "cupy", "torch", "unfold", "cpu")
 
 
 @functools.cache
@@ -32,12 +33,18 @@ def _cupy_status() -> tuple[bool, str]:
 def available_backends() -> list[str]:
     """The backends that work on this machine ("cupy" only with CuPy and a CUDA device)."""
     names = ["torch", "unfold"]
+    if _cpu_status()[0]:
+        names.insert(0, "cpu")
     if _cupy_status()[0]:
         names.insert(0, "cupy")
     return names
 
 
 def _backend_module(name: str):
+    if name == "cpu":
+        from ops import cpu_backend
+
+        return cpu_backend
     if name == "cupy":
         from ops import cupy_backend
 
@@ -49,7 +56,11 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"involution backend {backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "cupy" if x.is_cuda and _cupy_status()[0] else "torch"
+        if x.is_cuda and _cupy_status()[0]:
+            return "cupy"
+        return "cpu" if _cpu_usable(x) else "torch"
+    if backend == "cpu":
+        _check_cpu_backend(x)
     if backend == "cupy":
         ok, reason = _cupy_status()
         if not ok:
@@ -235,3 +246,49 @@ def involution(
         out = torch_backend.involution_unfold(x, weight, stride, padding, dilation)
         return layout.to_layout(out, layout.is_channels_last(x))
     return _involution_op(x, weight, stride, padding, dilation, backend)
+
+
+# --- the native CPU backend ("cpu", ops/cpu_backend.py): its registration in the dispatch above is the "cpu" entry
+# of BACKENDS, the "cpu" branch of _backend_module, and the two calls in _resolve_backend ("auto": _cpu_usable;
+# "cpu": _check_cpu_backend). ---
+
+_cpu_warned = False
+
+
+def _cpu_status() -> tuple[bool, str]:
+    """Whether the CPU kernels build and load here, and why not (built once per machine, probed once per process)."""
+    from ops import cpu_backend
+
+    return cpu_backend.status()
+
+
+def _cpu_usable(x: Tensor) -> bool:
+    """For "auto": CPU tensors of a dtype the kernels take, and kernels that built; warns once when they did not."""
+    global _cpu_warned
+    from ops import cpu_backend
+
+    if x.device.type != "cpu" or x.dtype not in cpu_backend.SUPPORTED_DTYPES:
+        return False
+    ok, reason = _cpu_status()
+    if not ok and not _cpu_warned:
+        _cpu_warned = True
+        warnings.warn(
+            f"involution: the native CPU kernels are unavailable, backend 'auto' uses 'torch' (slower): {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok
+
+
+def _check_cpu_backend(x: Tensor) -> None:
+    """backend="cpu" needs kernels that built, CPU tensors and a dtype they take; raises naming what is missing."""
+    from ops import cpu_backend
+
+    ok, reason = _cpu_status()
+    if not ok:
+        raise RuntimeError(f"involution backend 'cpu' is not available: {reason}")
+    if x.device.type != "cpu":
+        raise RuntimeError(
+            f"involution backend 'cpu' needs CPU tensors, got x on {x.device}: use backend='auto' or 'cupy'"
+        )
+    cpu_backend.check_dtype(x.dtype)

@@ -120,19 +120,21 @@ static inline Item item_of(i64 t, int G, int rows, int blocks) {
 template <typename F> static void parallel_items(i64 items, int threads, const F& body) {
     if (items <= 0) return;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-    {
-        F local = body;
-        local.init();
+    if (threads > 1 && items > 1) {
+#pragma omp parallel num_threads(int(std::min<i64>(threads, items)))
+        {
+            F local = body;
+            local.init();
 #pragma omp for schedule(dynamic, 1)
-        for (i64 t = 0; t < items; ++t) local(t);
+            for (i64 t = 0; t < items; ++t) local(t);
+        }
+        return;
     }
-#else
+#endif
     (void)threads;
     F local = body;
     local.init();
     for (i64 t = 0; t < items; ++t) local(t);
-#endif
 }
 
 // The padded input rows an item reads: slab[c][row][phase][q] = x[n, c0 + c, row0 + row - p, q*s + phase - p]
