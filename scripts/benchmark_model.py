@@ -147,8 +147,9 @@ def main() -> None:
         )
         result = json.loads(worker.stdout.strip().splitlines()[-1])
         print(f"{name}: {result}", file=sys.stderr, flush=True)
+        label = f"{name} ({args.involution_backend})" if name.startswith("rednet") else name
         rows.append(
-            f"| {name}{f' ({args.involution_backend})' if name.startswith('rednet') else ''} | {result['params']:.2f} | {result['train']:.1f} | {result['infer']:.1f} "
+            f"| {label} | {result['params']:.2f} | {result['train']:.1f} | {result['infer']:.1f} "
             f"| {result['train_mb']:.0f} | {result['infer_mb']:.0f} |"
         )
     settings = (
