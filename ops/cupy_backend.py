@@ -33,6 +33,7 @@ __all__ = ["forward", "grad_input", "grad_weight", "is_available", "probe"]
 
 # Runs on CUDA tensors only (see OP_BACKENDS in ops/involution.py).
 DEVICE_TYPES = ("cuda",)
+DTYPES = None  # every floating dtype: float16, bfloat16, float32, float64
 
 KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "involution.cu"
 # Channels of a group and adjacent pixels of a row that one thread handles (registers per thread grow with both);

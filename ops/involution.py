@@ -20,11 +20,11 @@ from ops.shapes import output_size
 __all__ = ["involution", "available_backends", "export_decompositions", "BACKENDS", "output_size"]
 
 # The backends that implement the three ops, by name: modules with forward, grad_input and grad_weight, a
-# DEVICE_TYPES tuple (the device types they run on; None: any) and probe(device) -> None when they can run there,
-# else why not (see ops/cupy_backend.py). Imported on first use.
-OP_BACKENDS = {"cupy": "ops.cupy_backend", "torch": "ops.torch_backend"}
-# "auto" takes the first of these that runs on x's device.
-AUTO_ORDER = ("cupy", "torch")
+# DEVICE_TYPES tuple (the device types they run on; None: any), a DTYPES tuple (the dtypes they take; None: any) and
+# probe(device) -> None when they can run there, else why not (see ops/cupy_backend.py). Imported on first use.
+OP_BACKENDS = {"cupy": "ops.cupy_backend", "cpu": "ops.cpu_backend", "torch": "ops.torch_backend"}
+# "auto" takes the first of these that runs on x's device and takes x's dtype ("torch" takes every one).
+AUTO_ORDER = ("cupy", "cpu", "torch")
 BACKENDS = ("auto", *OP_BACKENDS, "unfold")
 
 # (backend, device) -> None or why the backend cannot run there; filled eagerly, once per process and device.
@@ -41,6 +41,11 @@ def _backend_module(name: str) -> ModuleType:
 
 def _runs_on(module: ModuleType, device: torch.device) -> bool:
     return module.DEVICE_TYPES is None or device.type in module.DEVICE_TYPES
+
+
+def _takes(name: str, dtype: torch.dtype) -> bool:
+    dtypes = _backend_module(name).DTYPES
+    return dtypes is None or dtype in dtypes
 
 
 def _probe(name: str, device: torch.device) -> str | None:
@@ -107,12 +112,17 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
         raise ValueError(f"involution backend {backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
     index = -1 if x.device.index is None else x.device.index
     if backend == "auto":
-        return _auto_backend(x.device.type, index)
+        chosen = _auto_backend(x.device.type, index)
+        # A backend that runs on the device but not in x's dtype (the CPU kernels and float16) leaves it to "torch".
+        return chosen if _takes(chosen, x.dtype) else "torch"
     if backend == "unfold":
         return backend
     reason = _unavailable_reason(backend, x.device.type, index)
     if reason:
         raise RuntimeError(f"involution backend {backend!r} is not available: {reason}")
+    if not _takes(backend, x.dtype):
+        supported = ", ".join(str(d) for d in _backend_module(backend).DTYPES)
+        raise TypeError(f"involution backend {backend!r} supports {supported}; got {x.dtype}: cast x or use 'torch'")
     return backend
 
 

@@ -17,6 +17,7 @@ __all__ = ["forward", "forward_functional", "grad_input", "grad_weight", "involu
 
 # Runs on every device type (see OP_BACKENDS in ops/involution.py).
 DEVICE_TYPES = None
+DTYPES = None
 
 
 def probe(device: torch.device) -> str | None:

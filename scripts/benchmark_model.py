@@ -54,7 +54,8 @@ def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict
     torch.manual_seed(0)
     base_mb = monitor.current_rss_bytes() / 2**20
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = timm.create_model(name, num_classes=1000).to(device=device, memory_format=memory_format)
+    extra = {"involution_backend": args.involution_backend} if name.startswith("rednet") else {}
+    model = timm.create_model(name, num_classes=1000, **extra).to(device=device, memory_format=memory_format)
     runner = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
@@ -113,6 +114,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10 GPU, 2 CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 30 GPU, 5 CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives stable numbers on a busy host)")
+    parser.add_argument("--involution-backend", default="auto", help="the RedNets' ops.involution backend")
     parser.add_argument("--models", nargs="+", default=[m for pair in PAIRS for m in pair])
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: benchmark one model
@@ -145,8 +147,9 @@ def main() -> None:
         )
         result = json.loads(worker.stdout.strip().splitlines()[-1])
         print(f"{name}: {result}", file=sys.stderr, flush=True)
+        label = f"{name} ({args.involution_backend})" if name.startswith("rednet") else name
         rows.append(
-            f"| {name} | {result['params']:.2f} | {result['train']:.1f} | {result['infer']:.1f} "
+            f"| {label} | {result['params']:.2f} | {result['train']:.1f} | {result['infer']:.1f} "
             f"| {result['train_mb']:.0f} | {result['infer_mb']:.0f} |"
         )
     settings = (

@@ -1,9 +1,9 @@
 """Time and memory of the involution backends at RedNet-50's involution shapes.
 
 Prints (and with --out writes) a markdown table: median forward and forward+backward time (the backward ops' work
-only: torch.autograd.grad, no accumulation into .grad), peak memory growth of forward+backward, and on GPU each time
-as a multiple of the bandwidth floor (the bytes the op must move divided by the bandwidth of a large
-device-to-device copy measured in the same run).
+only: torch.autograd.grad, no accumulation into .grad), peak memory growth of forward+backward, and each time as a
+multiple of the bandwidth floor (the bytes the op must move divided by the bandwidth of a large copy on the device
+measured in the same run). On CPU the backends include "cpu" (the native kernels) when they build.
 
     python scripts/benchmark_op.py                      # CPU, float32, batch 8
     python scripts/benchmark_op.py --device cuda --dtypes float32 bfloat16 float16 --out docs/op_h100.md
@@ -185,19 +185,19 @@ def main() -> None:
     backends = args.backends or [b for b in ops.available_backends() if on_gpu or b != "cupy"]
     layouts = args.layouts or (list(LAYOUTS) if on_gpu else ["nchw"])
     shapes = [s for s in SHAPES if args.shapes is None or s.name in args.shapes]
-    bandwidth = copy_bandwidth("cuda") if on_gpu else None
+    bandwidth = copy_bandwidth(args.device)
 
     lines = [
         f"Device: {device_name(args.device)}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"batch {batch}; median times.",
     ]
-    if bandwidth:
-        lines.append(f"Device-to-device copy bandwidth measured in this run: {bandwidth / 1e9:.0f} GB/s.")
+    lines.append(f"Large-copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s (the floor's denominator).")
     lines += [
         "",
         "| layer (C, H, K, s) | dtype | layout | backend | forward ms | fwd+bwd ms | peak fwd+bwd MiB |"
-        + (" fwd × floor | fwd+bwd × floor |" if on_gpu else " fwd+bwd vs unfold |"),
-        "|---|---|---|---|---:|---:|---:|" + ("---:|---:|" if on_gpu else "---:|"),
+        + " fwd × floor | fwd+bwd × floor |"
+        + ("" if on_gpu else " fwd+bwd vs unfold |"),
+        "|---|---|---|---|---:|---:|---:|---:|---:|" + ("" if on_gpu else "---:|"),
     ]
     print("\n".join(lines), flush=True)
     for shape, dtype, memory in itertools.product(shapes, dtypes, layouts):
@@ -216,10 +216,9 @@ def main() -> None:
                 f"| {label} | {dtype} | {memory} | {backend} | {row['forward'] * 1e3:.3f} | "
                 f"{row['forward_backward'] * 1e3:.3f} | {row['peak_bytes'] / 2**20:.1f} |"
             )
-            if on_gpu:
-                floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
-                line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
-            else:
+            floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
+            line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
+            if not on_gpu:
                 reference = rows.get("unfold")
                 speedup = reference["forward_backward"] / row["forward_backward"] if reference else float("nan")
                 line += f" {speedup:.1f}× faster |"

@@ -1,0 +1,229 @@
+"""The native "cpu" backend (ops/kernels/involution_cpu.cpp through ops/cpu_backend.py) against the "unfold" reference:
+forward, grad-input and grad-weight in both layouts, gradcheck, torch.compile, the build fallback, thread counts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+
+import pytest
+import torch
+
+import ops
+from ops import cpu_backend, layout
+from ops.involution import output_size
+
+involution_module = sys.modules["ops.involution"]  # (ops.involution is also the function)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# (N, C, G, H, W, K, stride, dilation, padding or None for d*(K-1)//2): odd sizes, stride 2, dilation 2, K 3/5/7,
+# several G (1 to 16 channels per group, and 18 = a group wider than the 4 channels summed side by side), N = 0,
+# a 1x1 output, padding other than "same".
+CASES = [
+    (2, 16, 1, 9, 9, 3, 1, 1, None),
+    (2, 32, 2, 11, 7, 7, 2, 1, None),
+    (1, 24, 3, 13, 10, 5, 2, 2, None),
+    (2, 16, 4, 8, 9, 3, 1, 2, None),
+    (1, 32, 2, 15, 15, 7, 1, 1, None),
+    (1, 36, 2, 8, 7, 3, 2, 2, None),
+    (1, 6, 3, 12, 11, 5, 2, 2, 1),
+    (1, 4, 4, 10, 13, 7, 1, 2, None),
+    (2, 16, 1, 3, 3, 7, 2, 1, None),
+    (1, 8, 2, 9, 9, 3, 9, 1, None),  # Ho = Wo = 1
+    (0, 8, 2, 7, 7, 3, 1, 1, None),  # empty batch
+    (1, 8, 1, 6, 5, 3, 1, 1, 0),
+]
+
+
+def _case_id(case) -> str:
+    n, c, g, h, w, k, s, d, p = case
+    return f"N{n}C{c}G{g}-{h}x{w}-K{k}s{s}d{d}p{p}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The kernels must build here (CI has g++); elsewhere, without a compiler, the module is skipped."""
+    ok, reason = cpu_backend.status()
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"the CPU kernels must build in CI: {reason}")
+        pytest.skip(reason)
+
+
+def _problem(case, dtype=torch.float64, channels_last=False, seed=0):
+    n, c, g, h, w, k, s, d, p = case
+    p = d * (k - 1) // 2 if p is None else p
+    h_out, w_out = (output_size(size, k, s, p, d) for size in (h, w))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=generator, dtype=torch.float64).to(dtype)
+    weight = torch.randn(n, g, k, k, h_out, w_out, generator=generator, dtype=torch.float64).to(dtype)
+    grad_out = torch.randn(n, c, h_out, w_out, generator=generator, dtype=torch.float64).to(dtype)
+    x, grad_out = layout.to_layout(x, channels_last), layout.to_layout(grad_out, channels_last)
+    return x, layout.weight_to_layout(weight, channels_last), grad_out, (s, p, d)
+
+
+def _run(backend, x, weight, grad_out, conv):
+    x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    out = ops.involution(x, weight, *conv, backend=backend)
+    out.backward(grad_out)
+    return out, x.grad, weight.grad
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_unfold_forward_and_backward(case, channels_last):
+    x, weight, grad_out, conv = _problem(case, channels_last=channels_last)
+    expected = _run("unfold", x, weight, grad_out, conv)
+    got = _run("cpu", x, weight, grad_out, conv)
+    for name, a, b in zip(("out", "grad_x", "grad_weight"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    if channels_last and x.numel():  # outputs follow x's layout (ops/layout.py; a 1x1 output is both layouts)
+        assert layout.is_channels_last(got[0]) or got[0].shape[-2:] == (1, 1)
+        assert layout.is_channels_last(got[1]) and layout.is_pixel_major(got[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_and_bfloat16_accumulate_in_float32(dtype):
+    x, weight, grad_out, conv = _problem((2, 32, 2, 11, 9, 7, 1, 1, None), dtype=dtype)
+    expected = _run("unfold", x.double(), weight.double(), grad_out.double(), conv)
+    got = _run("cpu", x, weight, grad_out, conv)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # float32 sums: far below bfloat16's rounding of the result
+    for a, b in zip(got, expected):
+        assert a.dtype == dtype
+        assert ((a.double() - b).abs().max() / b.abs().max()) < tolerance
+
+
+def test_non_contiguous_inputs():
+    x, weight, grad_out, conv = _problem((2, 16, 2, 9, 9, 3, 1, 1, None))
+    expected = _run("unfold", x, weight, grad_out, conv)
+    x_t = x.transpose(2, 3).contiguous().transpose(2, 3)  # W-major storage
+    w_big = torch.stack([weight, -weight], dim=-1)[..., 0]  # a strided slice
+    g_t = grad_out.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not (x_t.is_contiguous() or w_big.is_contiguous() or g_t.is_contiguous())
+    for a, b in zip(_run("cpu", x_t, w_big, g_t, conv), expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("stride,dilation,k", [(1, 1, 3), (2, 1, 5), (2, 2, 3)])
+def test_gradcheck_float64(stride, dilation, k):
+    x, weight, _, (s, p, d) = _problem((1, 4, 2, 7, 6, k, stride, dilation, None))
+    x.requires_grad_()
+    weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: ops.involution(a, b, s, p, d, backend="cpu"), (x, weight))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Bitwise: every output element is summed by one thread in one fixed order."""
+    x, weight, grad_out, conv = _problem((3, 32, 2, 13, 11, 7, 1, 1, None), dtype=torch.float32)
+    assert x.numel() * 49 >= cpu_backend.SERIAL_BELOW  # large enough to run on several threads
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(_run("cpu", x, weight, grad_out, conv))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+class TinyInvolutionNet(torch.nn.Module):
+    def __init__(self, backend: str, channels=16, groups=2, kernel_size=3):
+        super().__init__()
+        self.backend, self.groups, self.kernel_size = backend, groups, kernel_size
+        self.generate = torch.nn.Conv2d(channels, groups * kernel_size**2, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        weight = self.generate(x).view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
+        return ops.involution(x, weight, backend=self.backend).relu()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_compile_fullgraph_matches_eager(backend, channels_last):
+    torch.manual_seed(0)
+    model = TinyInvolutionNet(backend)
+    x = torch.randn(2, 16, 10, 10)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)(x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for got, expected in zip([x.grad] + [p.grad for p in model.parameters()], eager_grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_auto_picks_cpu_and_lists_it():
+    assert "cpu" in ops.available_backends()
+    x, weight, _, conv = _problem((1, 8, 2, 7, 7, 3, 1, 1, None))
+    assert involution_module._resolve_backend("auto", x) == "cpu"
+    assert involution_module._resolve_backend("auto", x.half()) == "torch"  # a dtype the kernels do not take
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x, weight, _, conv = _problem((1, 8, 2, 7, 7, 3, 1, 1, None), dtype=torch.float16)
+    with pytest.raises(TypeError, match="backend 'cpu' supports.*got torch.float16"):
+        ops.involution(x, weight, *conv, backend="cpu")
+
+
+@pytest.fixture
+def broken_build(monkeypatch, tmp_path):
+    """A compiler that does not exist, an empty cache: the build fails as on a machine without a C++ compiler."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("REDNET_CPU_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(involution_module, "_probes", {})  # the dispatch's per-process probe and "auto" caches
+    monkeypatch.setattr(involution_module, "_auto_choices", {})
+    cpu_backend.reset()
+    yield
+    cpu_backend.reset()
+
+
+def test_auto_falls_back_to_torch_with_one_warning_when_the_build_fails(broken_build):
+    x, weight, _, conv = _problem((1, 8, 2, 7, 7, 3, 1, 1, None))
+    expected = ops.involution(x, weight, *conv, backend="unfold")
+    with pytest.warns(RuntimeWarning, match="no-such-compiler") as record:
+        out = ops.involution(x, weight, *conv)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    torch.testing.assert_close(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not once per call
+        torch.testing.assert_close(ops.involution(x, weight, *conv), expected)
+    assert "cpu" not in ops.available_backends()
+
+
+def test_explicit_cpu_backend_raises_when_the_build_fails(broken_build):
+    x, weight, _, conv = _problem((1, 8, 2, 7, 7, 3, 1, 1, None))
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available.*no-such-compiler"):
+        ops.involution(x, weight, *conv, backend="cpu")
+
+
+def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
+    """A fresh cache directory gets one library and no temporary files; the next build reuses it untouched.
+    (A tiny stand-in source keeps this fast: the caching does not depend on what is compiled.)"""
+    if shutil.which(cpu_backend.compiler()) is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "tiny.cpp"
+    source.write_text('extern "C" int involution_cpu_has_openmp(void) { return 0; }\n')
+    monkeypatch.setattr(cpu_backend, "KERNEL_FILE", source)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("REDNET_CPU_KERNEL_CACHE", str(cache))
+    first = cpu_backend._build(cpu_backend.compiler())
+    assert [p.name for p in cache.iterdir()] == [first.name]
+    mtime = first.stat().st_mtime_ns
+    assert cpu_backend._build(cpu_backend.compiler()) == first
+    assert first.stat().st_mtime_ns == mtime
+    source.write_text(source.read_text() + "// changed\n")  # another source: another library
+    assert cpu_backend._build(cpu_backend.compiler()) != first
