@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from timm.data import create_transform, resolve_data_config
 
 import rednet
+from rednet.data import open_rgb
 from rednet.models.involution import Involution
 
 # A perceptual dark-to-bright colour map (anchors sampled from matplotlib's "inferno").
@@ -96,7 +97,7 @@ def main() -> None:
     config = resolve_data_config(model=model)
     config["input_size"] = (3, args.size, args.size)
     transform = create_transform(**config)  # the official eval transform: resize, center crop, normalize
-    picture = Image.open(args.image).convert("RGB")
+    picture = open_rgb(args.image)  # as training reads images: EXIF orientation, 16-bit and alpha handled
     image = transform(picture).unsqueeze(0)
     # The cropped image as the network sees it, without normalization, to draw on.
     shown = create_transform(**dict(config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))(picture)
