@@ -60,7 +60,7 @@ def image_extensions() -> frozenset[str]:
 
 def _is_image(name: str) -> bool:
     # Hidden files are never images, even named ._photo.jpg: macOS writes such AppleDouble files beside copies.
-    return not name.startswith(".") and Path(name).suffix.lower() in image_extensions()
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in image_extensions()
 
 
 def _left_out_kind(relative: str) -> str:
@@ -69,11 +69,11 @@ def _left_out_kind(relative: str) -> str:
         return "in subfolders"
     if relative.startswith("."):
         return "hidden"
-    return Path(relative).suffix.lower() or "no extension"
+    return os.path.splitext(relative)[1].lower() or "no extension"
 
 
 def _scan_class_folder(class_dir: Path) -> tuple[int, list[str]]:
-    """(images read, files left out, as paths relative to `class_dir`).
+    """(images found, sorted files left out as paths relative to `class_dir`).
 
     Images in a class's subfolder would be lost without a word (timm labels an image by the folder it is in, which
     is no class), so a subfolder holding images is an error, with the fix.
@@ -83,7 +83,7 @@ def _scan_class_folder(class_dir: Path) -> tuple[int, list[str]]:
     images, left_out = 0, []
     for entry in entries:
         if entry.is_dir():
-            nested = sorted(p.relative_to(class_dir).as_posix() for p in Path(entry.path).rglob("*") if p.is_file())
+            nested = [p.relative_to(class_dir).as_posix() for p in Path(entry.path).rglob("*") if p.is_file()]
             if not entry.name.startswith(".") and any(_is_image(Path(f).name) for f in nested):
                 raise ValueError(
                     f"'{entry.path}' holds images, but only images directly inside a class folder are read (timm "
@@ -95,15 +95,18 @@ def _scan_class_folder(class_dir: Path) -> tuple[int, list[str]]:
             images += 1
         else:
             left_out.append(entry.name)
-    return images, left_out
+    return images, sorted(left_out)
 
 
 def _check_split(split_dir: Path, layout: str) -> list[str]:
     """The class names of one split; logs the files left out, by kind; a class without images is an error."""
-    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = sorted(split_dir.iterdir())
+    class_dirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
     if not class_dirs:
         raise ValueError(f"data.root '{split_dir.parent}' has no class folders under {split_dir.name}/: {layout}")
-    left_out: list[str] = []
+    # (path relative to the split, kind): files outside class folders are no class's either
+    left_out = [(e.name, "outside class folders") for e in entries if not e.is_dir()]
+    left_out += [(f"{e.name}/", "hidden folders") for e in entries if e.is_dir() and e.name.startswith(".")]
     used = 0
     for class_dir in class_dirs:
         images, skipped = _scan_class_folder(class_dir)
@@ -111,17 +114,18 @@ def _check_split(split_dir: Path, layout: str) -> list[str]:
             held = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} files)" if len(skipped) > 10 else "")
             raise ValueError(
                 f"class folder '{class_dir}' holds no image this Pillow can read ({held or 'it is empty'}); add "
-                f"images ({', '.join(sorted(image_extensions()))}), convert the files, or remove the folder"
+                "images (.png, .jpg, .webp, .bmp, .tif, ...: rednet.data.image_extensions() lists them), convert "
+                "the files, or remove the folder"
             )
         used += images
-        left_out += [f"{class_dir.name}/{f}" for f in skipped]
+        left_out += [(f"{class_dir.name}/{f}", _left_out_kind(f)) for f in skipped]
     if left_out:
-        counts = Counter(_left_out_kind(f.split("/", 1)[1]) for f in left_out)
+        counts = Counter(kind for _, kind in left_out)
         _logger.info(
-            "%s/: %d images used, %d files left out (not an image format this Pillow decodes, hidden, or in a "
-            "subfolder): %s; e.g. %s",
+            "%s/: %d images used, %d files left out (not an image format this Pillow decodes, hidden, or not "
+            "directly in a class folder): %s; e.g. %s",
             split_dir.name, used, len(left_out), ", ".join(f"{kind} {n}" for kind, n in counts.most_common()),
-            ", ".join(left_out[:3]),
+            ", ".join(path for path, _ in left_out[:3]),
         )  # fmt: skip
     return [d.name for d in class_dirs]
 

@@ -262,11 +262,12 @@ def test_files_left_out_are_logged_by_kind(tmp_path, caplog):
     (cat / "README").write_text("x")
     (root / "train" / "dog" / "extra").mkdir()
     (root / "train" / "dog" / "extra" / "meta.json").write_text("{}")
+    (root / "train" / "loose.png").write_bytes(b"")  # in no class folder
     caplog.set_level(logging.INFO, logger="rednet")
     classes = data.check_image_folder(root)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("train/"))
-    assert "train/: 24 images used, 6 files left out" in line
-    for count in (".txt 2", "hidden 2", "no extension 1", "in subfolders 1"):
+    assert "train/: 24 images used, 7 files left out" in line
+    for count in (".txt 2", "hidden 2", "no extension 1", "in subfolders 1", "outside class folders 1"):
         assert count in line
     assert not any(r.getMessage().startswith("val/") for r in caplog.records)  # nothing left out there
     train = data.create_image_dataset(_data_cfg(root), "train", classes, is_training=False, replace_bad=False)
