@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import EpsImagePlugin, Image, ImageOps, features
 from timm.data import Mixup, create_dataset, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 
 _logger = logging.getLogger(__name__)
 
@@ -268,26 +268,29 @@ class CheckedImageFolder(Dataset):
 
     @contextlib.contextmanager
     def _augmentation_rng(self, index: int) -> Iterator[None]:
-        """Seed the global generators for sample `index`, then give them back their state.
+        """Seed the global generators for sample `index`; in the training process, give them back their state after.
 
         timm/torchvision transforms draw from Python's, NumPy's and torch's (CPU) global generators. With
-        num_workers=0 those are the main process's, which mixup, dropout and drop-path draw from too: restoring them
-        keeps the run's stream the same whatever the worker count or where the run was resumed.
+        num_workers=0 those are the training process's, which mixup, dropout and drop-path draw from too: restoring
+        them keeps the run's stream the same whatever the worker count or where the run was resumed. A loader
+        worker's generators serve only the augmentation, so it skips the save and restore (NumPy's is costly).
         """
         if self.seed is None:
             yield
             return
         seed = int(np.random.SeedSequence([self.seed, self.epoch.value, index]).generate_state(1)[0])
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            try:
-                random.seed(seed)
-                np.random.seed(seed)
-                torch.default_generator.manual_seed(seed)  # CPU only: the CUDA generators are untouched
-                yield
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        in_worker = get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: the CUDA generators are untouched
+        try:
+            yield
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
     def __len__(self) -> int:
         return len(self.samples)
