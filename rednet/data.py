@@ -5,59 +5,140 @@ Layout (ImageNet's): `<root>/train/<class>/<image>` and `<root>/val/<class>/<ima
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import multiprocessing
 import os
 import random
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import EpsImagePlugin, Image, ImageOps, features
 from timm.data import Mixup, create_dataset, create_transform
-from timm.data.readers.img_extensions import get_img_extensions
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 
 _logger = logging.getLogger(__name__)
 
 
 class BadImageError(RuntimeError):
-    """An image file that cannot be read or decoded."""
+    """An image file that cannot be read or decoded, or whose pixel values have no known range."""
+
+
+# --- which files are images: every format this Pillow can decode
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with the dot) of the formats this Pillow opens and decodes, e.g. '.png', '.webp'.
+
+    timm's default list is .png/.jpg/.jpeg only. Left out: formats whose decoder is missing here (WebP, AVIF or
+    JPEG 2000 without their libraries, EPS without Ghostscript), Pillow's identify-only stubs (HDF5, GRIB, BUFR,
+    WMF/EMF) and MPEG video, which Pillow can name but not decode.
+    """
+    Image.init()
+    undecodable = {"MPEG", "BUFR", "GRIB", "HDF5", "WMF"}
+    if not features.check("webp"):
+        undecodable.add("WEBP")
+    if not features.check("avif"):
+        undecodable.add("AVIF")
+    if not features.check("jpg_2000"):
+        undecodable.add("JPEG2000")
+    if not EpsImagePlugin.has_ghostscript():
+        undecodable.add("EPS")
+    formats = set(Image.OPEN) - undecodable
+    extensions = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in formats}
+    if "JPEG" in formats:
+        extensions.add(".mpo")  # multi-picture JPEGs (camera files), opened by the JPEG plugin
+    return frozenset(extensions)
 
 
 def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in get_img_extensions(as_set=True)
+    # Hidden files are never images, even named ._photo.jpg: macOS writes such AppleDouble files beside copies.
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in image_extensions()
 
 
-def _class_folders(split_dir: Path) -> dict[str, bool]:
-    """Class folder name -> whether it holds an image directly.
+def _left_out_kind(relative: str) -> str:
+    """How a file left out of a class folder is counted in the log: its extension, 'hidden' or 'in subfolders'."""
+    if "/" in relative:
+        return "in subfolders"
+    if relative.startswith("."):
+        return "hidden"
+    return os.path.splitext(relative)[1].lower() or "no extension"
+
+
+def _scan_class_folder(class_dir: Path) -> tuple[int, list[str]]:
+    """(images found, sorted files left out as paths relative to `class_dir`).
 
     Images in a class's subfolder would be lost without a word (timm labels an image by the folder it is in, which
     is no class), so a subfolder holding images is an error, with the fix.
     """
-    folders = {}
-    for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        with os.scandir(class_dir) as scan:  # scandir: file types without a stat per image (1.28M in ImageNet)
-            entries = list(scan)
-        for sub in (e for e in entries if e.is_dir() and not e.name.startswith(".")):
-            if any(_is_image(f.name) for f in Path(sub.path).rglob("*")):
+    with os.scandir(class_dir) as scan:  # scandir: file types without a stat per image (1.28M in ImageNet)
+        entries = list(scan)
+    images, left_out = 0, []
+    for entry in entries:
+        if entry.is_dir():
+            nested = [p.relative_to(class_dir).as_posix() for p in Path(entry.path).rglob("*") if p.is_file()]
+            if not entry.name.startswith(".") and any(_is_image(Path(f).name) for f in nested):
                 raise ValueError(
-                    f"'{sub.path}' holds images, but only images directly inside a class folder are read (timm "
+                    f"'{entry.path}' holds images, but only images directly inside a class folder are read (timm "
                     f"labels an image by its own folder): move them into '{class_dir}' (e.g. Tiny-ImageNet's "
                     "train/<class>/images/ layout)"
                 )
-        folders[class_dir.name] = any(_is_image(e.name) for e in entries)
-    return folders
+            left_out += nested
+        elif _is_image(entry.name):
+            images += 1
+        else:
+            left_out.append(entry.name)
+    return images, sorted(left_out)
+
+
+def _check_split(split_dir: Path, layout: str) -> list[str]:
+    """The class names of one split; logs the files left out, by kind; a class without images is an error."""
+    entries = sorted(split_dir.iterdir())
+    class_dirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+    if not class_dirs:
+        raise ValueError(f"data.root '{split_dir.parent}' has no class folders under {split_dir.name}/: {layout}")
+    # (path relative to the split, kind): files outside class folders are no class's either
+    left_out = [(e.name, "outside class folders") for e in entries if not e.is_dir()]
+    left_out += [(f"{e.name}/", "hidden folders") for e in entries if e.is_dir() and e.name.startswith(".")]
+    used = 0
+    for class_dir in class_dirs:
+        images, skipped = _scan_class_folder(class_dir)
+        if images == 0:
+            held = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} files)" if len(skipped) > 10 else "")
+            raise ValueError(
+                f"class folder '{class_dir}' holds no image this Pillow can read ({held or 'it is empty'}); add "
+                "images (.png, .jpg, .webp, .bmp, .tif, ...: rednet.data.image_extensions() lists them), convert "
+                "the files, or remove the folder"
+            )
+        used += images
+        left_out += [(f"{class_dir.name}/{f}", _left_out_kind(f)) for f in skipped]
+    if left_out:
+        counts = Counter(kind for _, kind in left_out)
+        _logger.info(
+            "%s/: %d images used, %d files left out (not an image format this Pillow decodes, hidden, or not "
+            "directly in a class folder): %s; e.g. %s",
+            split_dir.name, used, len(left_out), ", ".join(f"{kind} {n}" for kind, n in counts.most_common()),
+            ", ".join(path for path, _ in left_out[:3]),
+        )  # fmt: skip
+    return [d.name for d in class_dirs]
 
 
 def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
-    """Check `root` holds the same non-empty class folders in each split; return the sorted class names.
+    """Check `root` holds the same class folders in each split, each with images; return the sorted class names.
+
+    Images are the files directly in a class folder whose extension is one of `image_extensions()` (any case);
+    the other files are counted by kind in an INFO log line per split.
 
     Raises:
-        FileNotFoundError / ValueError: naming the bad path and the expected layout, before any work starts.
+        FileNotFoundError / ValueError: naming the bad path and the expected layout, before any work starts; a
+            class folder without images lists the files it holds.
     """
     root = Path(root).expanduser()
     layout = "expected <root>/" + "|".join(splits) + "/<class>/<image> (ImageNet layout)"
@@ -66,18 +147,7 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
     for split in splits:
         if not (root / split).is_dir():
             raise FileNotFoundError(f"data.root '{root}' has no '{split}' folder; {layout}")
-    classes: dict[str, list[str]] = {}
-    for split in splits:
-        split_dir = root / split
-        counts = _class_folders(split_dir)
-        if not counts:
-            raise ValueError(f"data.root '{root}' has no class folders under {split}/: {layout}")
-        empty = [c for c, has_images in counts.items() if not has_images]
-        if empty:
-            raise ValueError(
-                f"class folders without images under '{split_dir}': {empty[:10]}; remove them or add images"
-            )
-        classes[split] = sorted(counts)
+    classes = {split: _check_split(root / split, layout) for split in splits}
     first = splits[0]
     for split in splits[1:]:
         if classes[split] != classes[first]:
@@ -88,6 +158,88 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
                 f"only in {split}/: {only_b}; both splits need the same class folders"
             )
     return classes[first]
+
+
+# --- pixels: every image mode to 8-bit RGB
+
+ALPHA_BACKGROUND = 255  # transparent pixels are composited over white, as a browser or document shows them
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _composite_over_background(img: Image.Image) -> Image.Image:
+    # out = (c * a + bg * (255 - a)) / 255, rounded; the colour under a transparent pixel is often arbitrary (what
+    # convert("RGB") would keep), so it must not reach the model.
+    if img.mode == "La":  # premultiplied; Pillow converts it to RGBA only by way of LA
+        img = img.convert("LA")
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
+    alpha = rgba[..., 3:]
+    rgb = (rgba[..., :3] * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB, each mode scaled from its own full range (README "Image files and modes").
+
+    - RGB as is; L, 1 (0/255), CMYK ((255-C)(255-K)/255), YCbCr, LAB, HSV, RGBX: Pillow's conversion; embedded ICC
+      profiles are not applied.
+    - P: its palette colours; with transparency, and LA, La, PA, RGBA, RGBa: alpha composited over white.
+    - I;16 (any byte order; 16-bit PNG/TIFF): round(v / 257), so 0..65535 maps onto 0..255 and nothing saturates.
+    - I (32-bit integer): taken as 16-bit data (what Pillow gives for 16-bit files and uint16 arrays), same scale.
+    - F (32-bit float): taken as 0.0..1.0, round(v * 255).
+
+    Raises:
+        ValueError: an I image with values outside 0..65535 or an F image outside 0.0..1.0 (or NaN): no range can
+            be assumed (stretching each image to its own min..max would make images that differ only in
+            brightness identical), so the message says to rescale the files.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" not in img.info:
+        return img.convert("RGB")
+    if mode in _ALPHA_MODES or mode == "P":
+        return _composite_over_background(img)
+    if mode in _UINT16_MODES or mode == "I":
+        values = np.asarray(img)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"mode I (32-bit integer) image with values {values.min()}..{values.max()}: only 0..65535 (16-bit "
+                "data) is read; rescale the file to 16 or 8 bits"
+            )
+        return _gray_to_rgb((values.astype(np.uint32) + 128) // 257)  # == round(v / 257): 257 is odd, no ties
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(
+                f"mode F (32-bit float) image with values {np.nanmin(values):.6g}..{np.nanmax(values):.6g}: only "
+                "0.0..1.0 is read (no NaN or inf); rescale the file to 0..1, or save it as 8- or 16-bit"
+            )
+        return _gray_to_rgb(np.rint(values * 255))
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Read an image file as 8-bit RGB: decoded, EXIF orientation applied (as a viewer shows it), `to_rgb`.
+
+    Multi-frame files (GIF, TIFF stacks) give their first frame.
+
+    Raises:
+        OSError / SyntaxError / ValueError / Image.DecompressionBombError: unreadable or undecodable file, or a
+            mode whose values have no known range (see `to_rgb`).
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()  # decode now: truncated files fail here, while the file is open
+        ImageOps.exif_transpose(img, in_place=True)
+        return to_rgb(img)
+
+
+# --- datasets, samplers, loaders
 
 
 class CheckedImageFolder(Dataset):
@@ -114,12 +266,31 @@ class CheckedImageFolder(Dataset):
         """The epoch whose augmentation the next samples get (with a `seed`)."""
         self.epoch.value = epoch
 
-    def _seed_augmentation(self, index: int) -> None:
-        # timm/torchvision transforms draw from Python's, NumPy's and torch's (CPU) global generators.
+    @contextlib.contextmanager
+    def _augmentation_rng(self, index: int) -> Iterator[None]:
+        """Seed the global generators for sample `index`; in the training process, give them back their state after.
+
+        timm/torchvision transforms draw from Python's, NumPy's and torch's (CPU) global generators. With
+        num_workers=0 those are the training process's, which mixup, dropout and drop-path draw from too: restoring
+        them keeps the run's stream the same whatever the worker count or where the run was resumed. A loader
+        worker's generators serve only the augmentation, so it skips the save and restore (NumPy's is costly).
+        """
+        if self.seed is None:
+            yield
+            return
         seed = int(np.random.SeedSequence([self.seed, self.epoch.value, index]).generate_state(1)[0])
+        in_worker = get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
         random.seed(seed)
         np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: the CUDA generators are untouched
+        try:
+            yield
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -127,8 +298,7 @@ class CheckedImageFolder(Dataset):
     def _load(self, index: int) -> Image.Image | None:
         path = self.samples[index][0]
         try:
-            with open(path, "rb") as f:
-                return Image.open(f).convert("RGB")  # convert() decodes, so truncated files fail here
+            return open_rgb(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_bad_images:
                 raise BadImageError(
@@ -141,13 +311,12 @@ class CheckedImageFolder(Dataset):
             return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        if self.seed is not None:
-            self._seed_augmentation(index)
         for offset in range(len(self.samples) if self.replace_bad else 1):
             i = (index + offset) % len(self.samples)
             img = self._load(i)
             if img is not None:
-                return self.dataset.transform(img), self.samples[i][1]
+                with self._augmentation_rng(index):
+                    return self.dataset.transform(img), self.samples[i][1]
         if self.replace_bad:
             raise BadImageError(f"no readable image in the {len(self.samples)} files of this dataset")
         return None
@@ -241,13 +410,59 @@ def create_image_dataset(
         search_split=True,
         class_map={c: i for i, c in enumerate(classes)},
         is_training=is_training,
+        input_key=";".join(sorted(image_extensions())),  # timm's folder reader: the extensions to take
     )
+    # The files `check_image_folder` counted as images: timm's reader would also take hidden ._x.jpg files.
+    dataset.reader.samples = [s for s in dataset.reader.samples if _is_image(os.path.basename(s[0]))]
     dataset.transform = create_transforms(data_cfg, is_training)
     return CheckedImageFolder(dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad, seed=seed)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: cgroups, taskset, SLURM bindings), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpus_per_process(cpus: int | None = None, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """This process's share of the CPUs (at least 1), and how it was found.
+
+    `usable_cpus()` is divided among the processes torchrun started on this node (LOCAL_WORLD_SIZE), which share
+    one affinity mask; a process SLURM started itself (srun, submitit) gets at most SLURM_CPUS_PER_TASK.
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env and env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        share = max(1, min(cpus, int(env["SLURM_CPUS_PER_TASK"])))
+        return share, f"{cpus} usable, SLURM_CPUS_PER_TASK={env['SLURM_CPUS_PER_TASK']}"
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, cpus // local), f"{cpus} usable, shared by {local} local process(es)"
+
+
+def capped_workers(requested: int, cpus: int | None = None, env: Mapping[str, str] | None = None) -> int:
+    """data.num_workers, lowered to this process's CPUs (`cpus_per_process`) with a log line when it was more:
+    more workers than CPUs only compete with the training process (torch warns about it).
+
+    Raises:
+        ValueError: a negative `requested`.
+    """
+    if requested < 0:
+        raise ValueError(f"data.num_workers={requested} is negative: set 0 (load in the training process) or more")
+    share, how = cpus_per_process(cpus, env)
+    if requested <= share:
+        return requested
+    _log_once(f"data.num_workers={requested} lowered to {share}, the CPUs this process may use ({how})")
+    return share
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    _logger.info(message)  # the train and val loaders would each say it
+
+
 def _loader_kwargs(data_cfg: Any, device: torch.device) -> dict[str, Any]:
-    workers = data_cfg.num_workers
+    workers = capped_workers(data_cfg.num_workers)
     return dict(
         num_workers=workers,
         pin_memory=bool(data_cfg.pin_memory) and device.type == "cuda",

@@ -1,15 +1,18 @@
-"""What a run reports: train.log, TensorBoard scalars, tqdm progress bars, peak memory. Rank 0 only."""
+"""What a run reports: train.log, TensorBoard scalars, progress (tqdm bars on a terminal, plain lines elsewhere),
+peak memory. Rank 0 only."""
 
 from __future__ import annotations
 
 import logging
 import resource
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -58,9 +61,66 @@ def log_scalars(writer: SummaryWriter | None, scalars: dict[str, float], step: i
         writer.add_scalar(tag, value, step)
 
 
-def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None) -> tqdm:
-    """A tqdm bar over `iterable`, silent on ranks other than 0."""
-    return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False)
+PLAIN_PROGRESS_EVERY_S = 60.0  # seconds between progress lines when stderr is not a terminal
+_PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+class PlainProgress:
+    """The part of a tqdm bar the loop uses (iterate, `set_postfix`, `close`), written as one plain log line every
+    `every_s` seconds: a log file or a batch system's output gets a line a minute, not every bar frame."""
+
+    def __init__(self, iterable: Iterable, desc: str, total: int | None, every_s: float) -> None:
+        self.iterable, self.desc, self.every_s = iterable, desc, every_s
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.postfix = ""
+
+    def __iter__(self) -> Iterator[Any]:
+        start = last = time.monotonic()
+        for done, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= self.every_s:
+                last = now
+                line = tqdm.format_meter(
+                    done,
+                    self.total,
+                    now - start,
+                    prefix=self.desc,
+                    postfix=self.postfix,
+                    unit="batch",
+                    bar_format=_PLAIN_FORMAT,
+                )
+                logging.getLogger("rednet.progress").info(line)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+
+def progress(
+    iterable: Iterable,
+    desc: str,
+    enabled: bool = True,
+    total: int | None = None,
+    file: TextIO | None = None,
+    every_s: float = PLAIN_PROGRESS_EVERY_S,
+) -> tqdm | PlainProgress:
+    """A progress display over `iterable` on rank 0 when `enabled`: a tqdm bar when `file` (default stderr) is a
+    terminal, else a `PlainProgress` log line every `every_s` seconds. Silent elsewhere."""
+    file = sys.stderr if file is None else file
+    enabled = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
+    if enabled and not _is_terminal(file):
+        return PlainProgress(iterable, desc, total, every_s)
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False, file=file)
+
+
+def _is_terminal(file: TextIO) -> bool:
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def current_rss_bytes() -> int:

@@ -17,6 +17,7 @@ from timm.data import create_transform, resolve_data_config
 
 import rednet
 from rednet import engine
+from rednet.data import open_rgb
 from rednet.models.involution import Involution
 
 # A perceptual dark-to-bright colour map (anchors sampled from matplotlib's "inferno").
@@ -101,7 +102,7 @@ def main() -> None:
     # The weights' preprocessing (their pretrained_cfg: size, crop, interpolation, mean/std), unless --size.
     config = resolve_data_config({} if args.size is None else {"input_size": (3, args.size, args.size)}, model=model)
     transform = create_transform(**config)  # the eval transform: resize, center crop, normalize
-    picture = Image.open(args.image).convert("RGB")
+    picture = open_rgb(args.image)  # as training reads images: EXIF orientation, 16-bit and alpha handled
     image = transform(picture).unsqueeze(0)
     # The cropped image as the network sees it, without normalization, to draw on.
     shown = create_transform(**dict(config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))(picture)

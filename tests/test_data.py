@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from train_utils import REPO, compose_config, make_image_folder
+from PIL import Image
+from train_utils import REPO, TINY, compose_config, make_image_folder
 
-from rednet import data
+from rednet import checkpoint, data, engine, monitor
 
 
 def _data_cfg(root: Path, *overrides: str):
@@ -206,3 +210,193 @@ def test_prepare_imagenet_sorts_val_into_class_folders(tmp_path):
     (val / "ILSVRC2012_val_00000009.JPEG").write_bytes(b"jpeg")
     with pytest.raises(ValueError, match="1 images in .* have no label"):
         module.sort_into_class_folders(val, labels)
+
+
+# --- which files are read: every format Pillow decodes, the rest reported
+
+
+MIXED_EXTENSIONS = (".png", ".JPG", ".webp", ".bmp", ".tif", ".TIFF")
+
+
+def _mixed_folder(root: Path, per_class: int = 12, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """Class folders whose images cycle through MIXED_EXTENSIONS, each file a valid image of its format."""
+    for split, n in (("train", per_class), ("val", 2)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.full((8, 8, 3), 60 + 120 * c, np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}{MIXED_EXTENSIONS[i % len(MIXED_EXTENSIONS)]}")
+    return root
+
+
+def test_every_pillow_format_in_any_case_is_used(tmp_path):
+    root = _mixed_folder(tmp_path)
+    cfg = _data_cfg(root, "data.img_size=8")
+    classes = data.check_image_folder(root)
+    train = data.create_image_dataset(cfg, "train", classes, is_training=False, replace_bad=False)
+    assert len(train) == 24  # 12 per class, 2 of each extension
+    assert sorted({Path(p).suffix for p, _ in train.samples}) == sorted(MIXED_EXTENSIONS)
+    for i in range(len(train)):
+        image, target = train[i]
+        assert image.shape == (3, 8, 8) and Path(train.samples[i][0]).parent.name == classes[target]
+
+
+def test_a_class_of_webp_only_is_read(tmp_path):
+    root = make_image_folder(tmp_path, n_train=2, n_val=1)
+    for image in (root / "train" / "fox").iterdir():
+        Image.open(image).save(image.with_suffix(".webp"))
+        image.unlink()
+    classes = data.check_image_folder(root)
+    train = data.create_image_dataset(_data_cfg(root), "train", classes, is_training=False, replace_bad=False)
+    assert sum(classes[t] == "fox" for _, t in train.samples) == 2
+
+
+def test_files_left_out_are_logged_by_kind(tmp_path, caplog):
+    root = _mixed_folder(tmp_path)
+    cat = root / "train" / "cat"
+    (cat / "notes.txt").write_text("x")
+    (cat / "labels.TXT").write_text("x")
+    (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cat / "._0.png").write_bytes(b"\0\5\26\7")  # macOS AppleDouble: not an image, whatever its name
+    (cat / "README").write_text("x")
+    (root / "train" / "dog" / "extra").mkdir()
+    (root / "train" / "dog" / "extra" / "meta.json").write_text("{}")
+    (root / "train" / "loose.png").write_bytes(b"")  # in no class folder
+    caplog.set_level(logging.INFO, logger="rednet")
+    classes = data.check_image_folder(root)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("train/"))
+    assert "train/: 24 images used, 7 files left out" in line
+    for count in (".txt 2", "hidden 2", "no extension 1", "in subfolders 1", "outside class folders 1"):
+        assert count in line
+    assert not any(r.getMessage().startswith("val/") for r in caplog.records)  # nothing left out there
+    train = data.create_image_dataset(_data_cfg(root), "train", classes, is_training=False, replace_bad=False)
+    assert len(train) == 24  # the dataset takes exactly the files counted as images: not ._0.png
+
+
+def test_a_class_without_readable_images_lists_its_files(tmp_path):
+    root = make_image_folder(tmp_path, n_train=1, n_val=1)
+    for image in (root / "train" / "fox").iterdir():
+        image.unlink()
+    (root / "train" / "fox" / "scan.heic").write_bytes(b"heic")
+    (root / "train" / "fox" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"'.*train/fox' holds no image this Pillow can read \(notes.txt, scan.heic\)"):
+        data.check_image_folder(root)
+
+
+def test_image_extensions_cover_pillows_common_formats():
+    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"} <= data.image_extensions()
+    assert not {".txt", ".h5", ".mpg", ".pdf"} & data.image_extensions()  # not images, or not decodable by Pillow
+
+
+# --- results do not depend on the worker count (per-sample augmentation has generators of its own)
+
+# Mixup/cutmix draw from NumPy's global generator and drop-path from torch's: the ones the per-sample augmentation
+# seeding would reseed in the main process with num_workers=0.
+STOCHASTIC = ("trainer.epochs=1", "data.mixup=0.4", "data.cutmix=1.0", "model.drop_path_rate=0.2", "data.hflip=0.5")
+
+
+def _train_final_weights(image_root: Path, run_dir: Path, *overrides: str) -> dict[str, torch.Tensor]:
+    import train
+
+    train.train(compose_config("train", [*TINY, f"data.root={image_root}", *STOCHASTIC, *overrides]), run_dir)
+    return checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def no_workers_run(tmp_path_factory, single_thread):
+    image_root = make_image_folder(tmp_path_factory.mktemp("images"))
+    return image_root, _train_final_weights(image_root, tmp_path_factory.mktemp("run"), "data.num_workers=0")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_weights_do_not_depend_on_the_worker_count(no_workers_run, tmp_path):
+    image_root, expected = no_workers_run
+    assert data.capped_workers(2) > 0  # the run below really loads in worker processes
+    with_workers = _train_final_weights(image_root, tmp_path, "data.num_workers=2")
+    for key, value in expected.items():
+        assert torch.equal(with_workers[key], value), key
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_resuming_with_another_worker_count_ends_as_the_uninterrupted_run(no_workers_run, tmp_path):
+    import train
+
+    image_root, expected = no_workers_run
+    cfg = compose_config("train", [*TINY, f"data.root={image_root}", *STOCHASTIC, "data.num_workers=2"])
+    steps = iter(range(100))
+    stopped = train.train(cfg, tmp_path, should_stop=lambda: next(steps) == 2)  # last.pt after step 3 of 6
+    assert stopped == {"stopped": True, "epoch": 0, "step": 3}
+    resumed = _train_final_weights(image_root, tmp_path, "data.num_workers=0", "resume=auto")
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), key
+
+
+# --- worker counts and progress output fit the machine and the output
+
+
+@pytest.mark.parametrize(
+    ("requested", "cpus", "env", "expected"),
+    [
+        (8, 2, {}, 2),  # the default 8 workers on a 2-core machine
+        (1, 2, {}, 1),
+        (0, 1, {}, 0),
+        (8, 16, {"LOCAL_WORLD_SIZE": "4"}, 4),  # torchrun: 4 processes share the 16 CPUs
+        (8, 2, {"LOCAL_WORLD_SIZE": "4"}, 1),  # at least one each
+        (8, 64, {"SLURM_CPUS_PER_TASK": "6"}, 6),  # a SLURM task is bound to its own CPUs
+        (8, 64, {"SLURM_CPUS_PER_TASK": "6", "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8"}, 8),
+    ],
+)
+def test_workers_are_capped_by_this_process_cpus(requested, cpus, env, expected):
+    assert data.capped_workers(requested, cpus=cpus, env=env) == expected
+
+
+def test_capping_is_logged_and_reaches_the_loader(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(data, "usable_cpus", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    caplog.set_level(logging.INFO, logger="rednet")
+    root = make_image_folder(tmp_path, n_train=2, n_val=1)
+    cfg = _data_cfg(root, "data.num_workers=7", "data.persistent_workers=false")
+    val = data.create_image_dataset(cfg, "val", data.check_image_folder(root), is_training=False, replace_bad=False)
+    assert data.create_eval_loader(val, cfg, 1, 0, torch.device("cpu")).num_workers == 1
+    assert "data.num_workers=7 lowered to 1, the CPUs this process may use (1 usable" in caplog.text
+    with pytest.raises(ValueError, match="data.num_workers=-1 is negative"):
+        data.capped_workers(-1)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(caplog):
+    caplog.set_level(logging.INFO, logger="rednet")
+    terminal = _Terminal()
+    list(monitor.progress(range(50), "train 0", file=terminal))
+    assert terminal.getvalue().startswith("\rtrain 0:   0%|")  # tqdm's frames
+    log_file = io.StringIO()
+    bar = monitor.progress(range(50), "train 0", file=log_file, every_s=0.0)
+    for _ in bar:
+        bar.set_postfix(loss="0.1234")
+    bar.close()
+    assert log_file.getvalue() == ""  # no frames
+    lines = [r.getMessage() for r in caplog.records if r.name == "rednet.progress"]
+    assert len(lines) == 50 and lines[-1].startswith("train 0: 50/50 (100%) [") and "loss=0.1234" in lines[-1]
+    caplog.clear()
+    list(monitor.progress(range(50), "train 0", file=log_file))  # the default: a line a minute at most
+    assert not caplog.records and log_file.getvalue() == ""
+    list(monitor.progress(range(5), "val", enabled=False, file=terminal))
+    assert "val" not in terminal.getvalue()
+
+
+def test_training_without_a_terminal_writes_no_bar_frames(capsys):
+    model = torch.nn.Linear(4, 2)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.train_one_epoch(
+        model, batches, optimizer, torch.nn.CrossEntropyLoss(), engine.TrainProgress(), device=torch.device("cpu")
+    )
+    engine.evaluate(model, batches, torch.device("cpu"))
+    err = capsys.readouterr().err  # pytest's captured stderr is no terminal
+    assert "\r" not in err and "it/s" not in err
