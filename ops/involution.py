@@ -29,8 +29,9 @@ BACKENDS = ("auto", *OP_BACKENDS, "unfold")
 
 # (backend, device) -> None or why the backend cannot run there; filled eagerly, once per process and device.
 _probes: dict[tuple[str, str], str | None] = {}
-# device -> the backend "auto" chose there.
-_auto_choices: dict[str, str] = {}
+# (device, dtype) -> the backend "auto" chose there; (backend, device) pairs "auto" warned about.
+_auto_choices: dict[tuple[str, torch.dtype], str] = {}
+_auto_warned: set[tuple[str, str]] = set()
 
 
 def _backend_module(name: str) -> ModuleType:
@@ -57,9 +58,9 @@ def _probe(name: str, device: torch.device) -> str | None:
     return _probes[key]
 
 
-# torch.compile must not trace the probes (they call into CuPy and CUDA, which Dynamo cannot trace): Dynamo calls
-# these two functions when it traces and keeps the results as constants. Their arguments are the device's type
-# and index, which are static in a traced graph.
+# torch.compile must not trace the probes (they call into CuPy and CUDA, which Dynamo cannot trace) nor the backend
+# imports: Dynamo calls these functions when it traces and keeps the results as constants. Their arguments (the
+# device's type and index, the dtype) are static in a traced graph.
 
 
 @torch.compiler.assume_constant_result
@@ -69,25 +70,36 @@ def _unavailable_reason(name: str, device_type: str, device_index: int) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _auto_backend(device_type: str, device_index: int) -> str:
-    """The backend "auto" picks for the device: the first of AUTO_ORDER that runs there. Warns once per device when
-    a faster backend meant for this device cannot run (for example when the CUDA kernels do not compile)."""
+def _dtype_refusal(name: str, dtype: torch.dtype) -> str:
+    """Why backend `name` does not take `dtype`, or "" when it does."""
+    if _takes(name, dtype):
+        return ""
+    supported = ", ".join(str(d) for d in _backend_module(name).DTYPES)
+    return f"involution backend {name!r} supports {supported}; got {dtype}: cast the tensors or use backend='torch'"
+
+
+@torch.compiler.assume_constant_result
+def _auto_backend(device_type: str, device_index: int, dtype: torch.dtype) -> str:
+    """The backend "auto" picks: the first of AUTO_ORDER that runs on the device and takes the dtype. Warns once per
+    backend and device when a faster backend meant for this device cannot run (e.g. its kernels do not compile)."""
     device = _device(device_type, device_index)
-    key = str(device)
+    key = (str(device), dtype)
     if key not in _auto_choices:
         for name in AUTO_ORDER:
-            if not _runs_on(_backend_module(name), device):
+            if not _runs_on(_backend_module(name), device) or not _takes(name, dtype):
                 continue
             reason = _probe(name, device)
             if reason is None:
                 _auto_choices[key] = name
                 break
-            warnings.warn(
-                f"involution backend 'auto': {name!r} cannot run on {device} ({reason}); using the next "
-                f"backend in {AUTO_ORDER} instead (slower)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            if (name, str(device)) not in _auto_warned:
+                _auto_warned.add((name, str(device)))
+                warnings.warn(
+                    f"involution backend 'auto': {name!r} cannot run on {device} ({reason}); using the next "
+                    f"backend in {AUTO_ORDER} instead (slower)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         else:  # "torch" runs anywhere, so this is only reached with an AUTO_ORDER that lacks it
             raise RuntimeError(f"involution: no backend of {AUTO_ORDER} runs on {device}")
     return _auto_choices[key]
@@ -112,17 +124,15 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
         raise ValueError(f"involution backend {backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
     index = -1 if x.device.index is None else x.device.index
     if backend == "auto":
-        chosen = _auto_backend(x.device.type, index)
-        # A backend that runs on the device but not in x's dtype (the CPU kernels and float16) leaves it to "torch".
-        return chosen if _takes(chosen, x.dtype) else "torch"
+        return _auto_backend(x.device.type, index, x.dtype)
     if backend == "unfold":
         return backend
     reason = _unavailable_reason(backend, x.device.type, index)
     if reason:
         raise RuntimeError(f"involution backend {backend!r} is not available: {reason}")
-    if not _takes(backend, x.dtype):
-        supported = ", ".join(str(d) for d in _backend_module(backend).DTYPES)
-        raise TypeError(f"involution backend {backend!r} supports {supported}; got {x.dtype}: cast x or use 'torch'")
+    refusal = _dtype_refusal(backend, x.dtype)
+    if refusal:
+        raise TypeError(refusal)
     return backend
 
 

@@ -276,7 +276,7 @@ def test_cupy_backend_on_cpu_tensors_is_a_clear_error():
 
 def test_unknown_backend():
     x, weight = make_inputs(1, 8, 2, 7, 7, 3, 1, 1)
-    with pytest.raises(ValueError, match=r"'triton' is unknown.*auto, cupy, torch, unfold"):
+    with pytest.raises(ValueError, match=r"'triton' is unknown.*auto, cupy, cpu, torch, unfold"):
         ops.involution(x, weight, backend="triton")
 
 

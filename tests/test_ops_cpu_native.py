@@ -186,6 +186,7 @@ def broken_build(monkeypatch, tmp_path):
     monkeypatch.setenv("REDNET_CPU_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(involution_module, "_probes", {})  # the dispatch's per-process probe and "auto" caches
     monkeypatch.setattr(involution_module, "_auto_choices", {})
+    monkeypatch.setattr(involution_module, "_auto_warned", set())
     cpu_backend.reset()
     yield
     cpu_backend.reset()

@@ -23,6 +23,7 @@ def fresh_probes(monkeypatch):
     """Empty probe and "auto" caches for one test (they are per process otherwise)."""
     monkeypatch.setattr(dispatch, "_probes", {})
     monkeypatch.setattr(dispatch, "_auto_choices", {})
+    monkeypatch.setattr(dispatch, "_auto_warned", set())
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
