@@ -15,7 +15,9 @@ import rednet
 from ops import cupy_backend, torch_backend
 from rednet.models.involution import Involution
 
-MODELS = rednet.list_models()
+# The deepest models only add blocks: their scripting and feature runs (most of this file's time) are slow tests.
+MODELS = [pytest.param(name, marks=pytest.mark.slow) if name in ("rednet101", "rednet152") else name
+          for name in rednet.list_models()]  # fmt: skip
 FEATURES = ["stem", "layer1", "layer2", "layer3", "layer4"]  # feature_info's modules, forward_intermediates' order
 
 pytestmark = [
@@ -72,7 +74,7 @@ def script_and_reload(model: torch.nn.Module) -> torch.jit.ScriptModule:
     return torch.jit.load(buffer)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", rednet.list_models())
 def test_fx_symbolic_trace_matches_eager(name):
     model = make(name)
     graph_module = torch.fx.symbolic_trace(model)
