@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test quickstart lint install clean
+.PHONY: test test-fast quickstart lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# The edit-test loop: stops at the first failure, last failures first, without the slow tests (training runs).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x --ff -m "not slow"
 
 quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py

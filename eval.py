@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rednet import data, distributed, engine, monitor, weights
+from rednet import config_schema, data, distributed, engine, monitor, weights
 from rednet.checkpoint import PREPROCESSING_KEYS, WeightsSettings
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         print(f"top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}")
     distributed.cleanup()
     return results
+
+
+config_schema.register()  # the typed schemas that configs/*.yaml name in their defaults lists
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

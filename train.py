@@ -33,7 +33,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
-from rednet import checkpoint, data, distributed, engine, monitor, preemption
+from rednet import checkpoint, config_schema, data, distributed, engine, monitor, preemption
 
 log = logging.getLogger(__name__)
 # configs/hydra/launcher/submitit_*.yaml replace the plugin's configs of the same name on purpose (DDP defaults).
@@ -395,6 +395,9 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         log.info("done: val top-1 %.2f (best %.2f); run dir %s", results["top1"], results["best_top1"], run_dir)
     distributed.cleanup()
     return results
+
+
+config_schema.register()  # the typed schemas that configs/*.yaml name in their defaults lists
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

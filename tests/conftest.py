@@ -5,6 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Modules that run whole trainings (minutes on a CPU): marked slow, so `make test-fast` (-m "not slow") skips them.
+SLOW_MODULES = ("test_train.py", "test_distributed.py", "test_fault_tolerance.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module")
 def single_thread():

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from PIL import Image
-from train_utils import CONFIG_DIR, compose_config
+from train_utils import CONFIG_DIR, TINY, compose_config
 
 import train
-from rednet import data, engine
+from rednet import config_schema, data, engine
 
 GROUPS = ("model", "data", "optim", "sched", "trainer")
 
@@ -116,8 +119,78 @@ def test_documented_key_names_exist():
         assert key in cfg.data
     for key in ("epochs", "device", "amp", "channels_last", "compile", "grad_accum"):
         assert key in cfg.trainer
-    for key in ("opt", "lr", "weight_decay", "momentum"):
+    for key in ("opt", "lr", "weight_decay", "momentum"):  # the default optim=sgd has momentum
         assert key in cfg.optim
     for key in ("sched", "warmup_epochs", "min_lr"):
         assert key in cfg.sched
     assert cfg.resume is None and "seed" in cfg and "pretrained" in cfg
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.epochs=abc", "trainer.epochs"),
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("optim.lr=fast", "optim.lr"),
+        ("trainer.model_ema=maybe", "trainer.model_ema"),
+        ("optim.momentum=abc", "optim.momentum"),
+        ("data.scale=[small,1]", "data.scale"),
+        ("seed=1.5", "seed"),
+    ],
+)
+def test_wrong_value_types_fail_at_composition_naming_the_key(override, key):
+    with pytest.raises(ConfigCompositionException, match=re.escape(override)) as error:
+        compose_config("train", [override, "data.root=/unused"])
+    assert f"full_key: {key}" in str(error.value.__cause__)
+
+
+def test_sched_step_keys_are_typed():
+    with pytest.raises(ConfigCompositionException, match="sched.decay_rate"):
+        compose_config("train", ["sched=step", "sched.decay_rate=abc", "data.root=/unused"])
+
+
+def test_unknown_keys_fail_and_timm_keyword_groups_take_new_ones_with_plus():
+    with pytest.raises(ConfigCompositionException, match=r"trainer\.epoch\b"):
+        compose_config("train", ["trainer.epoch=3", "data.root=/unused"])
+    cfg = compose_config("train", ["+model.memory_efficient=true", "optim=adamw", "+optim.betas=[0.9,0.95]"])
+    assert cfg.model.memory_efficient is True and list(cfg.optim.betas) == [0.9, 0.95]
+    assert "momentum" not in cfg.optim  # an AdamW config has no SGD-only keys
+    with pytest.raises(ConfigCompositionException, match="data.colour_jitter"):
+        compose_config("eval", ["data.colour_jitter=0.4"])
+
+
+def test_values_get_their_schema_types():
+    cfg = compose_config("train", ["trainer.clip_grad=1", "data.hflip=1", "pretrained=/ckpt/best.pt", "resume=auto"])
+    assert isinstance(cfg.trainer.clip_grad, float) and isinstance(cfg.data.hflip, float)
+    assert (cfg.pretrained, cfg.resume) == ("/ckpt/best.pt", "auto")
+    assert compose_config("train", ["pretrained=true"]).pretrained is True
+
+
+def test_schema_declares_every_shipped_key():
+    # Every key of every YAML file is a field of its schema (no key is typed Any by being absent).
+    checks = {"data": config_schema.DataConfig, "trainer": config_schema.TrainerConfig}
+    for group, schema in checks.items():
+        fields = set(schema.__dataclass_fields__)
+        for option in _options(group):
+            assert set(compose_config("train", [f"{group}={option}"])[group]) == fields, (group, option)
+    for group, base in (("model", config_schema.ModelConfig), ("optim", config_schema.OptimConfig),
+                        ("sched", config_schema.SchedConfig)):  # fmt: skip
+        for option in _options(group):
+            node = compose_config("train", [f"{group}={option}"])[group]
+            schema = OmegaConf.get_type(node)
+            assert issubclass(schema, base) and set(node) == set(schema.__dataclass_fields__), (group, option)
+    train_keys = set(config_schema.TrainConfig.__dataclass_fields__)
+    assert set(compose_config("train")) == train_keys
+    assert set(compose_config("eval")) == set(config_schema.EvalConfig.__dataclass_fields__)
+
+
+def test_debug_tiny_is_the_tests_tiny_run():
+    tiny = compose_config("train", ["debug=tiny", "data.root=/d"])
+    assert (tiny.data.img_size, tiny.data.batch_size, tiny.data.num_workers, tiny.trainer.epochs) == (32, 4, 0, 1)
+    assert (tiny.trainer.device, tiny.trainer.progress_bar) == ("cpu", False)
+    # TINY = debug=tiny with the tests' recipe choices; keeps the two in step.
+    recipe = ["data=small", "optim=adamw", "optim.lr=1e-3", "optim.lr_base_size=null", "sched.warmup_epochs=1"]
+    assert compose_config("train", ["debug=tiny", *recipe]) == compose_config("train", [*TINY, "trainer.epochs=1"])
+    # After an experiment it keeps the experiment's recipe at tiny sizes.
+    cfg = compose_config("train", ["experiment=rednet50_paper", "debug=tiny", "data.root=/d"])
+    assert (cfg.model.name, cfg.optim.opt, cfg.data.img_size, cfg.trainer.epochs) == ("rednet50", "sgd", 32, 1)

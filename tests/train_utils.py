@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
+from rednet import config_schema
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
 if str(REPO) not in sys.path:  # train.py and eval.py live at the repository root
@@ -54,6 +56,7 @@ def make_image_folder(
 
 def compose_config(name: str = "train", overrides: list[str] | None = None) -> DictConfig:
     """The config that `python <name>.py <overrides>` would run with."""
+    config_schema.register()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
 

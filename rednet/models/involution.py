@@ -1,7 +1,8 @@
 """The involution layer of RedNet: a per-pixel kernel generator followed by the involution operator.
 
 Parameter names follow the official mmcv modules (``conv1.conv``, ``conv1.bn``, ``conv2.conv``), so official
-checkpoints load by a prefix rename only.
+checkpoints load by a prefix rename only. The layer works under torch.fx (the operator stays one graph node) and
+torch.jit.script (it calls the registered ``torch.ops.rednet.involution`` op directly).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import functools
 import inspect
 
 import torch
+import torch.fx
 import torch.nn as nn
+from timm.layers import register_notrace_module
 from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -32,6 +35,27 @@ _RECOMPUTE_KERNELS_ONLY = functools.partial(create_selective_checkpoint_contexts
 _CHECKPOINT_OPTIONS = {"use_reentrant": False, "context_fn": _RECOMPUTE_KERNELS_ONLY}
 if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
     _CHECKPOINT_OPTIONS["respect_saved_tensors_hooks"] = True
+
+
+def _involution(x: Tensor, kernels: Tensor, stride: int, dilation: int, backend: str) -> Tensor:
+    return ops.involution(x, kernels, stride=stride, dilation=dilation, backend=backend)
+
+
+# torch.fx records the operator as one call: its argument checks and backend dispatch are Python that a trace
+# cannot run on proxies.
+torch.fx.wrap("_involution")
+
+
+def _involution_scripted(x: Tensor, kernels: Tensor, stride: int, dilation: int, backend: str) -> Tensor:
+    """The involution for TorchScript: what ops.involution does around its custom op (autocast cast, default
+    padding), then ``torch.ops.rednet.involution``. ``backend`` is "cupy" or "torch", already resolved; the shapes
+    are right by construction, so ops.involution's argument checks are not repeated."""
+    # ops.involution casts both inputs to the autocast dtype. Here the kernels, a conv output, already have it, and
+    # without autocast x has their dtype (conv1 refuses any other), so x goes to the kernels' dtype. TorchScript
+    # cannot ask for the autocast state: torch.is_autocast_cpu_enabled() crashes when scripted under autocast.
+    x = x.to(kernels.dtype)
+    padding = dilation * (kernels.shape[2] - 1) // 2
+    return torch.ops.rednet.involution(x, kernels, stride, padding, dilation, backend)
 
 
 class ConvModule(nn.Module):
@@ -65,6 +89,7 @@ class ConvModule(nn.Module):
         return x
 
 
+@register_notrace_module  # one node in timm's fx feature extractors, which then keep memory_efficient at run time
 class Involution(nn.Module):
     """Involution (Li et al., CVPR 2021): K×K kernels generated per pixel, shared by the channels of a group.
 
@@ -82,6 +107,11 @@ class Involution(nn.Module):
             tensor, about 3× the input's size at K=7 (selective activation checkpointing: only ``conv2`` runs again,
             the operator's output is kept). Costs one extra 1×1 conv per step.
         backend: operator backend ("auto", "cupy", "torch", "unfold"; see ``ops.involution``).
+
+    Under torch.jit.script and a plain torch.fx trace the layer stores the kernels even when memory_efficient
+    (neither can run torch.utils.checkpoint; timm's grad_checkpointing is skipped the same way); the output is the
+    same. A scripted layer resolves backend "auto" when it is scripted: CuPy for CUDA inputs if CuPy works on the
+    machine that scripts it, else torch; "unfold" runs as "torch" (the same values; the reference is not scripted).
     """
 
     def __init__(
@@ -114,21 +144,44 @@ class Involution(nn.Module):
         return self._kernels_from_features(self.conv1(self.avgpool(x)))
 
     def _kernels_from_features(self, reduced: Tensor) -> Tensor:
-        kernels = self.conv2(reduced)
-        n, _, h, w = kernels.shape
         # Channel index g·K² + u·K + v, as the official code lays the kernels out; a view even in channels_last.
-        return kernels.view(n, self.groups, self.kernel_size, self.kernel_size, h, w)
+        return self.conv2(reduced).unflatten(1, (self.groups, self.kernel_size, self.kernel_size))
 
     def _aggregate(self, x: Tensor, reduced: Tensor) -> Tensor:
         kernels = self._kernels_from_features(reduced)
-        return ops.involution(x, kernels, stride=self.stride, dilation=self.dilation, backend=self.backend)
+        if torch.jit.is_scripting():
+            return _involution_scripted(x, kernels, self.stride, self.dilation, self._scripted_backend(x))
+        return _involution(x, kernels, self.stride, self.dilation, self.backend)
 
     def forward(self, x: Tensor) -> Tensor:
         # conv1 (with its BN) runs outside the checkpoint: recomputing it would update BN running stats twice.
         reduced = self.conv1(self.avgpool(x))
-        if self.memory_efficient and torch.is_grad_enabled():
-            return checkpoint(self._aggregate, x, reduced, **_CHECKPOINT_OPTIONS)
+        if torch.jit.is_scripting():
+            return self._aggregate(x, reduced)
+        if self.memory_efficient and torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy):
+            return self._checkpointed_aggregate(x, reduced)
         return self._aggregate(x, reduced)
+
+    @torch.jit.unused  # torch.utils.checkpoint is Python that TorchScript cannot compile
+    def _checkpointed_aggregate(self, x: Tensor, reduced: Tensor) -> Tensor:
+        return checkpoint(self._aggregate, x, reduced, **_CHECKPOINT_OPTIONS)
+
+    def __prepare_scriptable__(self) -> Involution:
+        # torch.jit.script calls this first: the part of ops.involution's backend choice that depends on the
+        # machine (does CuPy work?) is fixed here, since the scripted code cannot ask.
+        cupy_works = "cupy" in ops.available_backends()
+        if self.backend == "cupy" and not cupy_works:
+            raise RuntimeError(
+                "Involution backend 'cupy' does not work here (see ops.available_backends()): "
+                "script the model where CuPy works, or use backend 'auto' or 'torch'"
+            )
+        self.scripted_cuda_backend = "cupy" if cupy_works and self.backend != "torch" else "torch"
+        return self
+
+    def _scripted_backend(self, x: Tensor) -> str:
+        if self.backend == "cupy" or (self.backend == "auto" and x.is_cuda):
+            return self.scripted_cuda_backend
+        return "torch"  # for "unfold" too: the reference is not scripted; "torch" gives the same values
 
     def extra_repr(self) -> str:
         return (

@@ -263,12 +263,13 @@ class RedNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.stem(x))
-        layers = [self.layer1, self.layer2, self.layer3, self.layer4]
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(layers, x, flatten=True)
-        for layer in layers:
-            x = layer(x)
-        return x
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        # Written out, not looped over a list: TorchScript cannot call a list of differently typed stages.
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -1,0 +1,184 @@
+"""Types of the training and evaluation config keys: Hydra checks every value when it composes a config, so
+`trainer.epochs=abc` fails at once, naming the key, instead of after the data scan.
+
+Each YAML file in configs/ has a dataclass here; configs/train.yaml and configs/eval.yaml list their schema first in
+their defaults, group options with keys of their own (optim/sgd.yaml, sched/step.yaml) list theirs. A new key in a
+YAML file needs a field here (composition names it otherwise): the YAML files give the values, so fields have no
+defaults (MISSING) except in the groups whose keys go to timm as keyword arguments (model, optim, sched): those
+are open to extra keys (from a YAML file, or `+optim.betas=[0.9,0.95]` on the command line), and their fields
+default to timm's values so that no MISSING reaches timm. OmegaConf 1.3's types have no unions: `Any` where a key
+takes a bool or a path. `register()` must run before composing (train.py, eval.py and the tests call it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict  # noqa: UP035
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = ["DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "SchedConfig", "TrainConfig", "register"]
+
+# A Dict[str, Any] base is OmegaConf 2.x's way to let a structured config take extra keys (dict[str, Any] does not
+# work; deprecated for an OmegaConf 2.4 that hydra-core 1.3 does not use); it warns at every composition.
+OpenKeys = Dict[str, Any]  # noqa: UP006
+warnings.filterwarnings("ignore", message=r"Class `\w+Config` subclasses `Dict`", category=UserWarning)
+
+
+@dataclass
+class ModelConfig(OpenKeys):
+    """configs/model/*.yaml: `name` and rednet.create_model / timm.create_model keyword arguments (open)."""
+
+    name: str = MISSING
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """configs/data/*.yaml: the image folders, loader and timm transform settings."""
+
+    root: str = MISSING
+    train_split: str = MISSING
+    val_split: str = MISSING
+    img_size: int = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    pin_memory: bool = MISSING
+    persistent_workers: bool = MISSING
+    skip_bad_images: bool = MISSING
+    scale: list[float] = MISSING
+    ratio: list[float] = MISSING
+    hflip: float = MISSING
+    color_jitter: Any = MISSING  # timm takes a float or 3-4 floats
+    auto_augment: str | None = MISSING
+    re_prob: float = MISSING
+    re_mode: str = MISSING
+    re_count: int = MISSING
+    interpolation: str = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    crop_pct: float = MISSING
+    mixup: float = MISSING
+    cutmix: float = MISSING
+    mixup_prob: float = MISSING
+    mixup_switch_prob: float = MISSING
+
+
+@dataclass
+class OptimConfig(OpenKeys):
+    """configs/optim/*.yaml: timm.optim.create_optimizer_v2 keyword arguments (open), and lr_base_size."""
+
+    opt: str = MISSING
+    lr: float = MISSING
+    lr_base_size: int | None = None
+    weight_decay: float = 0.0
+    filter_bias_and_bn: bool = True
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    """configs/optim/sgd.yaml."""
+
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedConfig(OpenKeys):
+    """configs/sched/*.yaml: timm.scheduler.create_scheduler_v2 keyword arguments (open), and warmup_ratio."""
+
+    sched: str = MISSING
+    warmup_epochs: int = 0
+    warmup_ratio: float = MISSING
+    warmup_prefix: bool = False
+    min_lr: float = 0.0
+    cooldown_epochs: int = 0
+    step_on_epochs: bool = True
+
+
+@dataclass
+class StepSchedConfig(SchedConfig):
+    """configs/sched/step.yaml."""
+
+    decay_epochs: float = 90
+    decay_rate: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """configs/trainer/*.yaml: device, precision, loop, EMA, logging and checkpoint settings."""
+
+    epochs: int = MISSING
+    device: str = MISSING
+    amp: str = MISSING  # none | bf16 | fp16, checked by train.py (an Enum would put Enum objects in checkpoints)
+    channels_last: bool = MISSING
+    compile: bool = MISSING
+    sync_bn: bool = MISSING
+    grad_accum: int = MISSING
+    clip_grad: float | None = MISSING
+    clip_mode: str = MISSING
+    label_smoothing: float = MISSING
+    model_ema: bool = MISSING
+    model_ema_decay: float = MISSING
+    model_ema_warmup: bool = MISSING
+    log_interval: int = MISSING
+    ckpt_every_steps: int = MISSING
+    keep_last: int = MISSING
+    progress_bar: bool = MISSING
+
+
+@dataclass
+class TrainConfig:
+    """configs/train.yaml."""
+
+    task_name: str = MISSING
+    seed: int = MISSING
+    resume: str | None = MISSING  # null | auto | a path
+    pretrained: Any = MISSING  # false | true | a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class EvalModelConfig(ModelConfig):
+    """eval.yaml's model: a null name takes the checkpoint's architecture."""
+
+    name: str | None = None
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    """eval.yaml's data: null preprocessing takes the weights' values (rednet.checkpoint.PREPROCESSING_KEYS)."""
+
+    img_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class EvalConfig:
+    """configs/eval.yaml."""
+
+    task_name: str = MISSING
+    checkpoint: str | None = MISSING
+    pretrained: Any = MISSING  # false | true | a path or URL
+    use_ema: bool = MISSING
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore under the names the YAML defaults lists use (safe to call again)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    store.store(group="optim", name="sgd_schema", node=SGDConfig)
+    store.store(group="sched", name="step_schema", node=StepSchedConfig)
