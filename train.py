@@ -402,7 +402,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns val top-1 so that sweeps can optimize it (nan when a signal stopped the run)."""
-    with preemption.StopOnSignal() as stop:
+    # An error on one of several ranks ends that process at once, naming its rank: the job stops (no hang).
+    with distributed.end_job_on_error(), preemption.StopOnSignal() as stop:
         results = train(cfg, HydraConfig.get().runtime.output_dir, should_stop=stop)
     if results.get("stopped"):
         preemption.requeue_under_submitit(stop.received)  # a time-limit warning under submitit: requeue the job

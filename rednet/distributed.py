@@ -5,14 +5,20 @@ A single process is the world-size-1 case of the same code, so train.py has one 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+_logger = logging.getLogger(__name__)
 
 # Small CPU collectives (stop flags, picked objects) go through gloo even when the default group is NCCL, so
 # polling a flag every step costs no GPU synchronization.
@@ -162,3 +168,38 @@ def shared_run_dir(own_dir: str | Path) -> Path:
     if run_dir != own_dir and own_dir.is_dir() and {p.name for p in own_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(own_dir, ignore_errors=True)
     return run_dir
+
+
+@contextlib.contextmanager
+def end_job_on_error() -> Iterator[None]:
+    """In a job of several processes, end this process at once when an exception leaves the block.
+
+    Unwinding normally after an error on one rank can enter a collective the other ranks never join (a checkpoint's
+    all_gather, a loss all_reduce, a process-group destructor): every rank then waits for the process-group
+    timeout (30 min), and a rank blocked in a collective cannot run Python's SIGTERM handler. Instead the error is
+    logged with this rank's number (stderr, and train.log on rank 0), written to torchrun's error file (its failure
+    summary then names the rank and the error), and the process exits with status 1 without touching the process
+    group. The other ranks' collectives then fail on the closed connection and end them the same way, and torchrun
+    stops whatever is left (SIGTERM, then SIGKILL). Checkpoints already written stay: they are written atomically.
+
+    A single process re-raises, as without the block.
+    """
+    try:
+        yield
+    except Exception as error:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if world_size <= 1:
+            raise
+        rank = os.environ.get("RANK", "?")
+        _logger.error(
+            "rank %s of %d failed: %s: %s; ending this process so that the whole job stops",
+            rank, world_size, type(error).__name__, error, exc_info=error,
+        )  # fmt: skip
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's per-worker error file (torch's @record format)
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(error)
+        logging.shutdown()  # flush train.log and the console
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

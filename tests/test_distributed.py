@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -229,3 +230,87 @@ def test_slurm_launcher_config_makes_one_task_per_gpu_and_a_requeue_signal(tmp_p
     for option in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@180", "--time=4320"):
         assert f"#SBATCH {option}\n" in sbatch
     assert executors[0]._executor.max_num_timeout == 20
+
+
+# --- one failing rank ends the whole job: the error and its rank printed, a non-zero exit, the checkpoints kept
+
+FAIL_LIMIT_S = 60  # from the failure to the end of every process (torchrun waits for all of its workers)
+
+
+def _torchrun_failing(image_root: Path, run_dir: Path, probe_fail: str = "", on_first_checkpoint=None):
+    """train.py under torchrun --standalone, 2 gloo processes, last.pt after every step; returns (exit status,
+    output, seconds from the failure to the end). `on_first_checkpoint()` runs once last.pt exists and returns the
+    failure time; else the probe's PROBE_FAIL=KIND:RANK:N injects it and reports the time."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/ddp_probe.py"]
+    cmd += [str(run_dir.parent), *RUN, f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
+    env = {**ENV, "PROBE_FAIL": probe_fail}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failed_at = None
+    try:
+        if on_first_checkpoint is not None:
+            deadline = time.monotonic() + 120
+            while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            failed_at = on_first_checkpoint()
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    ended = time.time()
+    if failed_at is None:
+        failed_at = float(re.search(r"PROBE injected \w+ at ([\d.]+)", output).group(1))
+    return proc.returncode, output, ended - failed_at
+
+
+def _assert_job_failed(returncode: int, output: str, elapsed: float, error: str, rank: str = r"\d") -> re.Match:
+    assert returncode != 0, output[-3000:]
+    assert elapsed < FAIL_LIMIT_S, output[-3000:]
+    found = re.search(rf"rank ({rank}) of 2 failed: {error}", output)
+    assert found, output[-5000:]
+    return found
+
+
+@pytest.fixture()
+def fresh_images(tmp_path):
+    return make_image_folder(tmp_path / "images", n_val=3)
+
+
+def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_path):
+    """An image that becomes unreadable mid-run (garbage bytes): read by one rank, it ends both, with the name."""
+    bad = fresh_images / "train" / "cat" / "3.png"
+
+    def damage() -> float:
+        bad.write_bytes(b"not a png" * 50)
+        return time.time()
+
+    run_dir = tmp_path / "run"
+    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=damage)
+    _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'")
+    assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 1  # the work saved before
+
+
+def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):
+    bad = fresh_images / "val" / "dog" / "img3.png"
+    bad.write_bytes(b"not a png" * 50)
+    run_dir = tmp_path / "run"
+    started = time.time()
+    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=lambda: started)
+    # val/ in order: cat 0-2, dog 0-2, dog/img3 is the 7th image (index 6), rank 6 % 2 = 0's shard
+    _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'", "0")
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)  # the first epoch's training, saved step by step, is kept
+
+
+@pytest.mark.parametrize(
+    "probe_fail, error, rank, step",
+    [
+        ("forward:1:2", "RuntimeError: injected failure in forward on rank 1", "1", 1),
+        ("nan:1:2", r"NonFiniteLossError: training loss is nan at step 2", "[01]", 1),  # one rank's NaN stops both
+        ("save:0:3", r"OSError: \[Errno 28\] No space left on device \(injected\)", "0", 2),
+    ],
+    ids=["exception-in-forward-on-rank-1", "nan-loss-on-rank-1", "checkpoint-write-fails-on-rank-0"],
+)
+def test_failure_on_one_rank_ends_the_job(image_root, tmp_path, probe_fail, error, rank, step):
+    run_dir = tmp_path / "run"
+    returncode, output, elapsed = _torchrun_failing(image_root, run_dir, probe_fail)
+    _assert_job_failed(returncode, output, elapsed, error, rank)
+    assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == step  # the last good save
