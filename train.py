@@ -73,10 +73,73 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1 (optimizer steps per log point)"
         )
+    if cfg.data.batch_size < 1:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1 (images per process and step)")
     if cfg.trainer.grad_accum < 1:
         raise ValueError(f"trainer.grad_accum={cfg.trainer.grad_accum} must be >= 1")
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be even with mixup/cutmix")
+
+
+def check_classes(cfg: DictConfig, classes: list[str]) -> None:
+    """Errors for class folders a classifier cannot learn from, or that disagree with the config."""
+    if len(classes) < 2:
+        raise ValueError(
+            f"data.root '{cfg.data.root}' has {len(classes)} class folder under {cfg.data.train_split}/ "
+            f"({classes}): a classifier needs at least 2 classes (with one, every prediction is right and the loss "
+            "is 0 from the start); add one folder per class"
+        )
+    configured = cfg.model.get("num_classes")
+    if configured is not None and configured != len(classes):
+        raise ValueError(
+            f"model.num_classes={configured} but data.root '{cfg.data.root}' has {len(classes)} class folders: the "
+            "classifier's size comes from the class folders; remove model.num_classes"
+        )
+
+
+def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int) -> None:
+    """Before the first epoch: a batch of one sample for BatchNorm, and one image of data.img_size through the model.
+
+    Every training forward gets exactly data.batch_size samples per process (the loader drops a partial last batch;
+    trainer.grad_accum adds micro-batches, not samples to a batch). In training mode BatchNorm normalizes each
+    channel over the batch: one sample gives it no statistics (torch fails on a 1x1 map with "Expected more than 1
+    value per channel when training", and larger maps turn it into a per-image norm the evaluation does not use).
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    batch, name = cfg.data.batch_size, cfg.model.name
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    synced = cfg.trainer.sync_bn and world_size > 1  # SyncBatchNorm: the batch of all processes
+    if batch == 1 and norms and not synced:
+        raise ValueError(
+            f"data.batch_size=1: every training batch would reach {name}'s {len(norms)} BatchNorm layers with one "
+            "sample per process, which gives them no batch statistics; set data.batch_size=2 or more "
+            "(trainer.grad_accum keeps the memory per step and scales the global batch)"
+        )
+    size = cfg.data.img_size
+    image = torch.zeros(
+        1, 3, *((size, size) if isinstance(size, int) else size), device=next(model.parameters()).device
+    )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(image)  # eval mode: BatchNorm statistics and dropout untouched
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"{name} cannot take data.img_size={size} images ({type(e).__name__}: {e}); set data.img_size to a size "
+            "the model accepts (its pretrained_cfg input_size, e.g.)"
+        ) from e
+    finally:
+        model.train(was_training)
+    if logits.shape[-1] != num_classes:
+        raise ValueError(f"{name} outputs {logits.shape[-1]} classes but the data has {num_classes}")
+    reduction = (getattr(model, "feature_info", None) or [{}])[-1].get("reduction", 1)
+    if min(image.shape[-2:]) < reduction:
+        log.warning(
+            "data.img_size=%s is smaller than %s's %dx downsampling: its last stages see 1x1 maps made mostly of "
+            "padding; data.img_size=%d or more uses the whole model", size, name, reduction, reduction,
+        )  # fmt: skip
 
 
 def out_of_memory_advice(cfg: DictConfig) -> str:
@@ -199,6 +262,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
     # --- data
     classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    check_classes(cfg, classes)
     if resume is not None:
         check_resume_classes(resume[1], resume[0], cfg, classes)
     train_set = data.create_image_dataset(
@@ -226,6 +290,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    check_model_fits_data(model, cfg, len(classes), dist.world_size)
     model_ema = (
         ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
     )

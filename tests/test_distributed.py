@@ -237,12 +237,19 @@ def test_slurm_launcher_config_makes_one_task_per_gpu_and_a_requeue_signal(tmp_p
 FAIL_LIMIT_S = 60  # from the failure to the end of every process (torchrun waits for all of its workers)
 
 
-def _torchrun_failing(image_root: Path, run_dir: Path, probe_fail: str = "", on_first_checkpoint=None):
-    """train.py under torchrun --standalone, 2 gloo processes, last.pt after every step; returns (exit status,
-    output, seconds from the failure to the end). `on_first_checkpoint()` runs once last.pt exists and returns the
-    failure time; else the probe's PROBE_FAIL=KIND:RANK:N injects it and reports the time."""
+# Checkpoints at epoch ends only and losses checked every 50 steps: an error in the middle of an epoch meets
+# unchecked losses (whose check is a collective) and no checkpoint write in progress.
+EPOCH_END_RUN = [*(a for a in RUN if not a.startswith(("trainer.log_interval", "trainer.ckpt_every"))), "seed=1"]
+
+
+def _torchrun_failing(
+    image_root: Path, run_dir: Path, probe_fail: str = "", on_first_checkpoint=None, run: list[str] = RUN
+) -> tuple[int, str, float]:
+    """train.py under torchrun --standalone, 2 gloo processes; returns (exit status, output, seconds from the failure
+    to the end). `on_first_checkpoint()` runs once last.pt exists and returns the failure time; else the probe's
+    PROBE_FAIL=KIND:RANK:N injects it and reports the time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/ddp_probe.py"]
-    cmd += [str(run_dir.parent), *RUN, f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
+    cmd += [str(run_dir.parent), *run, f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
     env = {**ENV, "PROBE_FAIL": probe_fail}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     failed_at = None
@@ -275,7 +282,8 @@ def fresh_images(tmp_path):
 
 
 def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_path):
-    """An image that becomes unreadable mid-run (garbage bytes): read by one rank, it ends both, with the name."""
+    """An image that becomes unreadable after the first epoch (garbage bytes): read by one rank in the middle of
+    the second epoch, it ends both, naming the file (this hung: the failing rank entered a collective)."""
     bad = fresh_images / "train" / "cat" / "3.png"
 
     def damage() -> float:
@@ -283,9 +291,10 @@ def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_pa
         return time.time()
 
     run_dir = tmp_path / "run"
-    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=damage)
+    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, None, damage, EPOCH_END_RUN)
     _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'")
-    assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 1  # the work saved before
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)  # the first epoch is kept
 
 
 def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):

@@ -371,3 +371,41 @@ def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
     overrides[2] = f"checkpoint={plain}"
     with pytest.raises(ValueError, match="has a 3-class classifier but the val folder has 2 class folders"):
         eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval2")
+
+
+# --- settings that cannot train fail before the first epoch, naming the fix
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["data.batch_size=1"], r"data.batch_size=1: every training batch would reach rednet26's \d+ BatchNorm"),
+        (["data.batch_size=1", "trainer.grad_accum=4"], r"data.batch_size=1: .*set data.batch_size=2 or more"),
+        (["data.batch_size=1", "data.img_size=64"], r"data.batch_size=1: .*no batch statistics"),  # not only 1x1
+        (["data.batch_size=0"], r"data.batch_size=0 must be >= 1"),
+        (["data.batch_size=25"], r"data.batch_size=25 is larger than the 24 training images per process"),
+        (["model.name=vit_tiny_patch16_224"], r"vit_tiny_patch16_224 cannot take data.img_size=32 images .*224"),
+        (["+model.num_classes=5"], r"model.num_classes=5 but data.root '.*' has 3 class folders: .*remove"),
+    ],
+    ids=["batch-1", "batch-1-accum", "batch-1-large-images", "batch-0", "batch-above-images", "img-size", "classes"],
+)
+def test_settings_that_cannot_train_fail_before_the_first_epoch(image_root, tmp_path, monkeypatch, overrides, match):
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("an epoch started"))
+    with pytest.raises(ValueError, match=match):
+        train.train(_train_cfg(image_root, *overrides), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_single_class_folder_is_refused(tmp_path, monkeypatch):
+    """One class "trained" to loss 0 and 100% top-1 without a word."""
+    root = make_image_folder(tmp_path / "images", classes=("digits",))
+    monkeypatch.setattr(data, "create_image_dataset", lambda *args, **kwargs: pytest.fail("data was loaded"))
+    with pytest.raises(ValueError, match=r"has 1 class folder under train/ \(\['digits'\]\): a classifier needs at "):
+        train.train(_train_cfg(root), tmp_path / "run")
+
+
+def test_images_smaller_than_the_downsampling_train_with_a_warning(image_root, tmp_path):
+    """RedNet's padding carries any size >= 1 px through its 32x downsampling; below 32 px the log says so."""
+    results = train.train(_train_cfg(image_root, "data.img_size=16"), tmp_path, should_stop=lambda: True)
+    assert results["stopped"]
+    assert "data.img_size=16 is smaller than rednet26's 32x downsampling" in (tmp_path / "train.log").read_text()
