@@ -158,11 +158,6 @@ def out_of_memory_advice(cfg: DictConfig) -> str:
 def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from: resume=null (none), auto (this run's newest, chosen by rank 0), or a path."""
     if cfg.resume is None:
-        if (ckpt_dir / "last.pt").exists():
-            raise FileExistsError(
-                f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "
-                "or choose another hydra.run.dir"
-            )
         return None
     if cfg.resume == "auto":
         found = checkpoint.find_resume_checkpoint(ckpt_dir)  # on every rank: an error stops them all
@@ -173,6 +168,31 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
         return found if found and found[0] == chosen else (chosen, checkpoint.load_checkpoint(chosen))
     path = Path(cfg.resume).expanduser()
     return path, checkpoint.load_checkpoint(path)
+
+
+def check_new_run_dir(cfg: DictConfig, ckpt_dir: Path) -> None:
+    """A new run (resume=null) never writes into a directory that holds another run's checkpoints."""
+    if cfg.resume is None and (ckpt_dir / "last.pt").exists():
+        raise FileExistsError(
+            f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's .hydra/ files (config, hydra, overrides), in the directory this run claimed.
+
+    configs/train.yaml sets hydra.output_subdir to null: Hydra would write them into the directory it named, which
+    a run started in the same second shares (see distributed.claim_run_dir).
+    """
+    if not HydraConfig.initialized():  # train() called from Python, not through Hydra
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -247,9 +267,19 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     """
     # --- set-up: processes, run directory, logging, early checks
     dist = distributed.init_distributed(cfg.trainer.device)
-    run_dir = distributed.shared_run_dir(run_dir)  # rank 0's directory for all ranks
+    own_dir = Path(run_dir)
+    # The directory rank 0 claimed, for all ranks: Hydra's, or <it>_1 when a run started in the same second has it.
+    run_dir = distributed.shared_run_dir(own_dir, continue_run=cfg.resume is not None)
     ckpt_dir = run_dir / "checkpoints"
+    check_new_run_dir(cfg, ckpt_dir)  # before train.log opens: not a line into another run's log
     monitor.setup_logging(run_dir / "train.log", dist.is_main)
+    if dist.is_main:
+        if run_dir != own_dir:
+            log.warning(
+                "run directory %s belongs to another run (%s): this run writes to %s",
+                own_dir, distributed.claim_holder(own_dir), run_dir,
+            )  # fmt: skip
+        save_hydra_files(run_dir, cfg)
     check_config(cfg)
     engine.check_model_name(cfg.model.name)
     resume = load_resume_checkpoint(cfg, ckpt_dir)  # a bad model name or resume path fails before data is read

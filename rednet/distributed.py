@@ -6,10 +6,13 @@ A single process is the world-size-1 case of the same code, so train.py has one 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,16 +160,62 @@ def barrier() -> None:
         dist.barrier(group=_cpu_group)
 
 
-def shared_run_dir(own_dir: str | Path) -> Path:
-    """Rank 0's run directory, for every rank.
+CLAIM_FILE = ".run_claim"
+
+
+def _claim(run_dir: Path, exclusive: bool) -> bool:
+    """Create `run_dir`/.run_claim (naming host, process and time); False when `exclusive` and it exists already."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else os.O_TRUNC)
+    try:
+        fd = os.open(run_dir / CLAIM_FILE, flags, 0o644)  # O_EXCL: one creator wins, atomically (also on NFS 3+)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"host {socket.gethostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    return True
+
+
+def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
+    """The directory this run owns: `run_dir`, or the first free `run_dir`_1, _2, ... when another run has it.
+
+    Hydra names the default directory by the second (outputs/train/<date>/<time>) and creates it before our code
+    runs, so two runs started in the same second share it. A run claims its directory by creating .run_claim in it
+    exclusively; whoever comes second takes a directory of its own, so no run writes into another's. A run that
+    continues one (`continue_run`: resume=auto or a path) uses `run_dir` as it is, and so does a new run in a
+    directory that already holds checkpoints (train.py then asks for resume=auto).
+    """
+    run_dir = Path(run_dir)
+    if continue_run or (run_dir / "checkpoints" / "last.pt").exists():
+        _claim(run_dir, exclusive=False)
+        return run_dir
+    for attempt in itertools.count():
+        candidate = run_dir.with_name(f"{run_dir.name}_{attempt}") if attempt else run_dir
+        if _claim(candidate, exclusive=True):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def claim_holder(run_dir: Path) -> str:
+    """Who claimed `run_dir` ("host H pid P at T"), for messages."""
+    try:
+        return (run_dir / CLAIM_FILE).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def shared_run_dir(own_dir: str | Path, continue_run: bool = False) -> Path:
+    """The directory rank 0 claimed (see `claim_run_dir`), for every rank.
 
     Hydra names the directory from each process's own clock, so ranks started in different seconds get different
-    ones: rank 0 decides, and a rank whose Hydra made another directory removes it if it holds only Hydra's files.
+    ones: rank 0 decides, and a rank whose Hydra made another directory removes it if it holds only Hydra's files
+    (none for train.py, whose hydra.output_subdir is null: it writes .hydra/ into the claimed directory itself).
     """
     own_dir = Path(own_dir)
-    run_dir = Path(broadcast_object(str(own_dir)))
+    claimed = claim_run_dir(own_dir, continue_run) if int(os.environ.get("RANK", 0)) == 0 else own_dir
+    run_dir = Path(broadcast_object(str(claimed)))
     if run_dir != own_dir and own_dir.is_dir() and {p.name for p in own_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(own_dir, ignore_errors=True)
+        shutil.rmtree(own_dir, ignore_errors=True)  # (another run's directory of that name holds its claim)
     return run_dir
 
 

@@ -251,7 +251,9 @@ def _torchrun_failing(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/ddp_probe.py"]
     cmd += [str(run_dir.parent), *run, f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
     env = {**ENV, "PROBE_FAIL": probe_fail}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     failed_at = None
     try:
         if on_first_checkpoint is not None:
@@ -261,7 +263,7 @@ def _torchrun_failing(
             failed_at = on_first_checkpoint()
         output, _ = proc.communicate(timeout=180)
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers, should they hang (the failure tested here)
     ended = time.time()
     if failed_at is None:
         failed_at = float(re.search(r"PROBE injected \w+ at ([\d.]+)", output).group(1))
@@ -291,7 +293,9 @@ def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_pa
         return time.time()
 
     run_dir = tmp_path / "run"
-    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, None, damage, EPOCH_END_RUN)
+    returncode, output, elapsed = _torchrun_failing(
+        fresh_images, run_dir, on_first_checkpoint=damage, run=EPOCH_END_RUN
+    )
     _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'")
     ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 3)  # the first epoch is kept
