@@ -4,6 +4,7 @@ environment, preempted by SIGUSR1, requeued, resumed exactly); the SLURM launche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -263,7 +264,8 @@ def _torchrun_failing(
             failed_at = on_first_checkpoint()
         output, _ = proc.communicate(timeout=180)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers, should they hang (the failure tested here)
+        with contextlib.suppress(ProcessLookupError):  # torchrun and its workers, should they hang (the failure here)
+            os.killpg(proc.pid, signal.SIGKILL)
     ended = time.time()
     if failed_at is None:
         failed_at = float(re.search(r"PROBE injected \w+ at ([\d.]+)", output).group(1))
