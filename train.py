@@ -8,7 +8,9 @@
 
 Read top to bottom: set-up, data, model, optimizer and schedule, resume, then the epoch loop (train, evaluate,
 checkpoint). The pieces live in rednet/{data,engine,checkpoint,monitor,distributed,preemption}.py. SIGTERM and
-SIGUSR1 stop the run after the current step with last.pt written (see rednet/preemption.py).
+SIGUSR1 stop the run after the current step with last.pt written (see rednet/preemption.py). An error on any rank
+of a multi-process job ends every process, with the error and its rank in the output and the checkpoints kept
+(distributed.end_job_on_error). A run claims its directory: a run started in the same second gets <dir>_1.
 """
 
 from __future__ import annotations

@@ -183,10 +183,11 @@ def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
     runs, so two runs started in the same second share it. A run claims its directory by creating .run_claim in it
     exclusively; whoever comes second takes a directory of its own, so no run writes into another's. A run that
     continues one (`continue_run`: resume=auto or a path) uses `run_dir` as it is, and so does a new run in a
-    directory that already holds checkpoints (train.py then asks for resume=auto).
+    directory that already holds checkpoints (train.py then asks for resume=auto) or whose run ended before saving
+    any (on this host).
     """
     run_dir = Path(run_dir)
-    if continue_run or (run_dir / "checkpoints" / "last.pt").exists():
+    if continue_run or (run_dir / "checkpoints" / "last.pt").exists() or _abandoned(run_dir):
         _claim(run_dir, exclusive=False)
         return run_dir
     for attempt in itertools.count():
@@ -194,6 +195,21 @@ def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
         if _claim(candidate, exclusive=True):
             return candidate
     raise AssertionError("unreachable")
+
+
+def _abandoned(run_dir: Path) -> bool:
+    """Whether `run_dir` was claimed by a process of this host that has ended without saving a checkpoint (a run
+    that failed during set-up, e.g. on a wrong data.root): rerunning the same command may take the directory over."""
+    holder = claim_holder(run_dir).split()
+    if len(holder) < 4 or holder[0] != "host" or holder[1] != socket.gethostname() or holder[2] != "pid":
+        return False
+    try:
+        os.kill(int(holder[3]), 0)
+    except ProcessLookupError:
+        return not (run_dir / "checkpoints").exists()
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def claim_holder(run_dir: Path) -> str:

@@ -459,3 +459,14 @@ def test_a_claimed_directory_without_checkpoints_is_not_shared(tmp_path):
     assert distributed.claim_run_dir(tmp_path / "run") == tmp_path / "run_2"
     assert distributed.claim_run_dir(tmp_path / "run", continue_run=True) == tmp_path / "run"
     assert f"pid {os.getpid()}" in distributed.claim_holder(tmp_path / "run")
+
+
+def test_a_directory_whose_run_failed_in_set_up_is_taken_over(image_root, tmp_path):
+    """A run that ended before its first checkpoint (here: a typo in data.root) leaves its directory to a rerun."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", f"from rednet import distributed; distributed.claim_run_dir({str(run_dir)!r})"], cwd=REPO
+    )
+    assert done.returncode == 0 and (run_dir / distributed.CLAIM_FILE).exists()
+    assert distributed.claim_run_dir(run_dir) == run_dir  # its process has ended, no checkpoints: taken over
+    assert distributed.claim_run_dir(run_dir) == tmp_path / "run_1"  # this process is alive: not taken over
