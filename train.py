@@ -75,6 +75,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1 (optimizer steps per log point)"
         )
+    if cfg.trainer.epochs < 1:
+        raise ValueError(
+            f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (0 would only evaluate the initial weights)"
+        )
     if cfg.data.batch_size < 1:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1 (images per process and step)")
     if cfg.trainer.grad_accum < 1:
@@ -427,8 +431,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
                 show_progress=tcfg.progress_bar,
             )  # fmt: skip
         except data.BadImageError:
-            if not dist.distributed:  # (other ranks wait in a collective: the last periodic checkpoint stays)
-                save()  # keep the work done up to the last update; resume=auto continues from there
+            # One rank's error path has no collective (the other ranks would never join it): several processes keep
+            # the last periodic checkpoint; one process saves the work done up to the last update.
+            if not dist.distributed:
+                save()
             log.error("stopped on an unreadable image; %s holds the last saved step", ckpt_dir / "last.pt")
             raise
         except torch.OutOfMemoryError as e:
@@ -454,9 +460,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
                 engine.evaluate(model_ema.module, val_loader, desc="val ema", **eval_kwargs) if model_ema else None
             )
         except data.BadImageError:
-            if not dist.distributed:  # (other ranks wait in a collective: the last periodic checkpoint stays)
+            if not dist.distributed:  # (no collective on one rank's error path: the last periodic checkpoint stays)
                 save()  # the epoch's training is kept: resume=auto goes straight to this evaluation
-            log.error("stopped on an unreadable validation image; %s holds the trained epoch", ckpt_dir / "last.pt")
+            kept = "the last saved step" if dist.distributed else "the trained epoch"
+            log.error("stopped on an unreadable validation image; %s holds %s", ckpt_dir / "last.pt", kept)
             raise
         skipped += val_set.take_bad_count()  # after this epoch's evaluation, so the count is this epoch's
         primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates

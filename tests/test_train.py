@@ -385,11 +385,21 @@ def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
         (["data.batch_size=1", "trainer.grad_accum=4"], r"data.batch_size=1: .*set data.batch_size=2 or more"),
         (["data.batch_size=1", "data.img_size=64"], r"data.batch_size=1: .*no batch statistics"),  # not only 1x1
         (["data.batch_size=0"], r"data.batch_size=0 must be >= 1"),
+        (["trainer.epochs=0"], r"trainer.epochs=0 must be >= 1"),
         (["data.batch_size=25"], r"data.batch_size=25 is larger than the 24 training images per process"),
         (["model.name=vit_tiny_patch16_224"], r"vit_tiny_patch16_224 cannot take data.img_size=32 images .*224"),
         (["+model.num_classes=5"], r"model.num_classes=5 but data.root '.*' has 3 class folders: .*remove"),
     ],
-    ids=["batch-1", "batch-1-accum", "batch-1-large-images", "batch-0", "batch-above-images", "img-size", "classes"],
+    ids=[
+        "batch-1",
+        "batch-1-accum",
+        "batch-1-large-images",
+        "batch-0",
+        "epochs-0",
+        "batch-above",
+        "img-size",
+        "classes",
+    ],
 )
 def test_settings_that_cannot_train_fail_before_the_first_epoch(image_root, tmp_path, monkeypatch, overrides, match):
     monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("an epoch started"))
