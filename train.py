@@ -131,6 +131,8 @@ def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: 
     try:
         with torch.no_grad():
             logits = model.eval()(image)  # eval mode: BatchNorm statistics and dropout untouched
+    except torch.OutOfMemoryError:
+        raise  # not the image size: the caller adds its advice
     except (RuntimeError, ValueError, AssertionError) as e:
         raise ValueError(
             f"{name} cannot take data.img_size={size} images ({type(e).__name__}: {e}); set data.img_size to a size "
@@ -326,7 +328,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    check_model_fits_data(model, cfg, len(classes), dist.world_size)
+    try:
+        check_model_fits_data(model, cfg, len(classes), dist.world_size)
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
     model_ema = (
         ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
     )
