@@ -8,7 +8,9 @@
 
 Read top to bottom: set-up, data, model, optimizer and schedule, resume, then the epoch loop (train, evaluate,
 checkpoint). The pieces live in rednet/{data,engine,checkpoint,monitor,distributed,preemption}.py. SIGTERM and
-SIGUSR1 stop the run after the current step with last.pt written (see rednet/preemption.py).
+SIGUSR1 stop the run after the current step with last.pt written (see rednet/preemption.py). An error on any rank
+of a multi-process job ends every process, with the error and its rank in the output and the checkpoints kept
+(distributed.end_job_on_error). A run claims its directory: a run started in the same second gets <dir>_1.
 """
 
 from __future__ import annotations
@@ -73,10 +75,79 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1 (optimizer steps per log point)"
         )
+    if cfg.trainer.epochs < 1:
+        raise ValueError(
+            f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (0 would only evaluate the initial weights)"
+        )
+    if cfg.data.batch_size < 1:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1 (images per process and step)")
     if cfg.trainer.grad_accum < 1:
         raise ValueError(f"trainer.grad_accum={cfg.trainer.grad_accum} must be >= 1")
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be even with mixup/cutmix")
+
+
+def check_classes(cfg: DictConfig, classes: list[str]) -> None:
+    """Errors for class folders a classifier cannot learn from, or that disagree with the config."""
+    if len(classes) < 2:
+        raise ValueError(
+            f"data.root '{cfg.data.root}' has {len(classes)} class folder under {cfg.data.train_split}/ "
+            f"({classes}): a classifier needs at least 2 classes (with one, every prediction is right and the loss "
+            "is 0 from the start); add one folder per class"
+        )
+    configured = cfg.model.get("num_classes")
+    if configured is not None and configured != len(classes):
+        raise ValueError(
+            f"model.num_classes={configured} but data.root '{cfg.data.root}' has {len(classes)} class folders: the "
+            "classifier's size comes from the class folders; remove model.num_classes"
+        )
+
+
+def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int) -> None:
+    """Before the first epoch: a batch of one sample for BatchNorm, and one image of data.img_size through the model.
+
+    Every training forward gets exactly data.batch_size samples per process (the loader drops a partial last batch;
+    trainer.grad_accum adds micro-batches, not samples to a batch). In training mode BatchNorm normalizes each
+    channel over the batch: one sample gives it no statistics (torch fails on a 1x1 map with "Expected more than 1
+    value per channel when training", and larger maps turn it into a per-image norm the evaluation does not use).
+
+    Raises:
+        ValueError: naming the setting and the fix.
+    """
+    batch, name = cfg.data.batch_size, cfg.model.name
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    synced = cfg.trainer.sync_bn and world_size > 1  # SyncBatchNorm: the batch of all processes
+    if batch == 1 and norms and not synced:
+        raise ValueError(
+            f"data.batch_size=1: every training batch would reach {name}'s {len(norms)} BatchNorm layers with one "
+            "sample per process, which gives them no batch statistics; set data.batch_size=2 or more "
+            "(trainer.grad_accum keeps the memory per step and scales the global batch)"
+        )
+    size = cfg.data.img_size
+    image = torch.zeros(
+        1, 3, *((size, size) if isinstance(size, int) else size), device=next(model.parameters()).device
+    )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(image)  # eval mode: BatchNorm statistics and dropout untouched
+    except torch.OutOfMemoryError:
+        raise  # not the image size: the caller adds its advice
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"{name} cannot take data.img_size={size} images ({type(e).__name__}: {e}); set data.img_size to a size "
+            "the model accepts (its pretrained_cfg input_size, e.g.)"
+        ) from e
+    finally:
+        model.train(was_training)
+    if logits.shape[-1] != num_classes:
+        raise ValueError(f"{name} outputs {logits.shape[-1]} classes but the data has {num_classes}")
+    reduction = (getattr(model, "feature_info", None) or [{}])[-1].get("reduction", 1)
+    if min(image.shape[-2:]) < reduction:
+        log.warning(
+            "data.img_size=%s is smaller than %s's %dx downsampling: its last stages see 1x1 maps made mostly of "
+            "padding; data.img_size=%d or more uses the whole model", size, name, reduction, reduction,
+        )  # fmt: skip
 
 
 def out_of_memory_advice(cfg: DictConfig) -> str:
@@ -95,11 +166,6 @@ def out_of_memory_advice(cfg: DictConfig) -> str:
 def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from: resume=null (none), auto (this run's newest, chosen by rank 0), or a path."""
     if cfg.resume is None:
-        if (ckpt_dir / "last.pt").exists():
-            raise FileExistsError(
-                f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "
-                "or choose another hydra.run.dir"
-            )
         return None
     if cfg.resume == "auto":
         found = checkpoint.find_resume_checkpoint(ckpt_dir)  # on every rank: an error stops them all
@@ -110,6 +176,31 @@ def load_resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path, dict[
         return found if found and found[0] == chosen else (chosen, checkpoint.load_checkpoint(chosen))
     path = Path(cfg.resume).expanduser()
     return path, checkpoint.load_checkpoint(path)
+
+
+def check_new_run_dir(cfg: DictConfig, ckpt_dir: Path) -> None:
+    """A new run (resume=null) never writes into a directory that holds another run's checkpoints."""
+    if cfg.resume is None and (ckpt_dir / "last.pt").exists():
+        raise FileExistsError(
+            f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """Hydra's .hydra/ files (config, hydra, overrides), in the directory this run claimed.
+
+    configs/train.yaml sets hydra.output_subdir to null: Hydra would write them into the directory it named, which
+    a run started in the same second shares (see distributed.claim_run_dir).
+    """
+    if not HydraConfig.initialized():  # train() called from Python, not through Hydra
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -184,9 +275,19 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     """
     # --- set-up: processes, run directory, logging, early checks
     dist = distributed.init_distributed(cfg.trainer.device)
-    run_dir = distributed.shared_run_dir(run_dir)  # rank 0's directory for all ranks
+    own_dir = Path(run_dir)
+    # The directory rank 0 claimed, for all ranks: Hydra's, or <it>_1 when a run started in the same second has it.
+    run_dir = distributed.shared_run_dir(own_dir, continue_run=cfg.resume is not None)
     ckpt_dir = run_dir / "checkpoints"
+    check_new_run_dir(cfg, ckpt_dir)  # before train.log opens: not a line into another run's log
     monitor.setup_logging(run_dir / "train.log", dist.is_main)
+    if dist.is_main:
+        if run_dir != own_dir:
+            log.warning(
+                "run directory %s belongs to another run (%s): this run writes to %s",
+                own_dir, distributed.claim_holder(own_dir), run_dir,
+            )  # fmt: skip
+        save_hydra_files(run_dir, cfg)
     check_config(cfg)
     engine.check_model_name(cfg.model.name)
     resume = load_resume_checkpoint(cfg, ckpt_dir)  # a bad model name or resume path fails before data is read
@@ -199,6 +300,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
     # --- data
     classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
+    check_classes(cfg, classes)
     if resume is not None:
         check_resume_classes(resume[1], resume[0], cfg, classes)
     train_set = data.create_image_dataset(
@@ -226,6 +328,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         model = convert_sync_batchnorm(model)
     memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    try:
+        check_model_fits_data(model, cfg, len(classes), dist.world_size)
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
     model_ema = (
         ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
     )
@@ -328,8 +434,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
                 show_progress=tcfg.progress_bar,
             )  # fmt: skip
         except data.BadImageError:
-            if not dist.distributed:  # (other ranks wait in a collective: the last periodic checkpoint stays)
-                save()  # keep the work done up to the last update; resume=auto continues from there
+            # One rank's error path has no collective (the other ranks would never join it): several processes keep
+            # the last periodic checkpoint; one process saves the work done up to the last update.
+            if not dist.distributed:
+                save()
             log.error("stopped on an unreadable image; %s holds the last saved step", ckpt_dir / "last.pt")
             raise
         except torch.OutOfMemoryError as e:
@@ -355,9 +463,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
                 engine.evaluate(model_ema.module, val_loader, desc="val ema", **eval_kwargs) if model_ema else None
             )
         except data.BadImageError:
-            if not dist.distributed:  # (other ranks wait in a collective: the last periodic checkpoint stays)
+            if not dist.distributed:  # (no collective on one rank's error path: the last periodic checkpoint stays)
                 save()  # the epoch's training is kept: resume=auto goes straight to this evaluation
-            log.error("stopped on an unreadable validation image; %s holds the trained epoch", ckpt_dir / "last.pt")
+            kept = "the last saved step" if dist.distributed else "the trained epoch"
+            log.error("stopped on an unreadable validation image; %s holds %s", ckpt_dir / "last.pt", kept)
             raise
         skipped += val_set.take_bad_count()  # after this epoch's evaluation, so the count is this epoch's
         primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates
@@ -403,7 +512,8 @@ config_schema.register()  # the typed schemas that configs/*.yaml name in their 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns val top-1 so that sweeps can optimize it (nan when a signal stopped the run)."""
-    with preemption.StopOnSignal() as stop:
+    # An error on one of several ranks ends that process at once, naming its rank: the job stops (no hang).
+    with distributed.end_job_on_error(), preemption.StopOnSignal() as stop:
         results = train(cfg, HydraConfig.get().runtime.output_dir, should_stop=stop)
     if results.get("stopped"):
         preemption.requeue_under_submitit(stop.received)  # a time-limit warning under submitit: requeue the job

@@ -5,14 +5,23 @@ A single process is the world-size-1 case of the same code, so train.py has one 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import os
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+_logger = logging.getLogger(__name__)
 
 # Small CPU collectives (stop flags, picked objects) go through gloo even when the default group is NCCL, so
 # polling a flag every step costs no GPU synchronization.
@@ -151,14 +160,111 @@ def barrier() -> None:
         dist.barrier(group=_cpu_group)
 
 
-def shared_run_dir(own_dir: str | Path) -> Path:
-    """Rank 0's run directory, for every rank.
+CLAIM_FILE = ".run_claim"
+
+
+def _claim(run_dir: Path, exclusive: bool) -> bool:
+    """Create `run_dir`/.run_claim (naming host, process and time); False when `exclusive` and it exists already."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else os.O_TRUNC)
+    try:
+        fd = os.open(run_dir / CLAIM_FILE, flags, 0o644)  # O_EXCL: one creator wins, atomically (also on NFS 3+)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"host {socket.gethostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    return True
+
+
+def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
+    """The directory this run owns: `run_dir`, or the first free `run_dir`_1, _2, ... when another run has it.
+
+    Hydra names the default directory by the second (outputs/train/<date>/<time>) and creates it before our code
+    runs, so two runs started in the same second share it. A run claims its directory by creating .run_claim in it
+    exclusively; whoever comes second takes a directory of its own, so no run writes into another's. A run that
+    continues one (`continue_run`: resume=auto or a path) uses `run_dir` as it is, and so does a new run in a
+    directory that already holds checkpoints (train.py then asks for resume=auto) or whose run ended before saving
+    any (on this host).
+    """
+    run_dir = Path(run_dir)
+    if continue_run or (run_dir / "checkpoints" / "last.pt").exists() or _abandoned(run_dir):
+        _claim(run_dir, exclusive=False)
+        return run_dir
+    for attempt in itertools.count():
+        candidate = run_dir.with_name(f"{run_dir.name}_{attempt}") if attempt else run_dir
+        if _claim(candidate, exclusive=True):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _abandoned(run_dir: Path) -> bool:
+    """Whether `run_dir` was claimed by a process of this host that has ended without saving a checkpoint (a run
+    that failed during set-up, e.g. on a wrong data.root): rerunning the same command may take the directory over."""
+    holder = claim_holder(run_dir).split()
+    if len(holder) < 4 or holder[0] != "host" or holder[1] != socket.gethostname() or holder[2] != "pid":
+        return False
+    try:
+        os.kill(int(holder[3]), 0)
+    except ProcessLookupError:
+        return not (run_dir / "checkpoints").exists()
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def claim_holder(run_dir: Path) -> str:
+    """Who claimed `run_dir` ("host H pid P at T"), for messages."""
+    try:
+        return (run_dir / CLAIM_FILE).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def shared_run_dir(own_dir: str | Path, continue_run: bool = False) -> Path:
+    """The directory rank 0 claimed (see `claim_run_dir`), for every rank.
 
     Hydra names the directory from each process's own clock, so ranks started in different seconds get different
-    ones: rank 0 decides, and a rank whose Hydra made another directory removes it if it holds only Hydra's files.
+    ones: rank 0 decides, and a rank whose Hydra made another directory removes it if it holds only Hydra's files
+    (none for train.py, whose hydra.output_subdir is null: it writes .hydra/ into the claimed directory itself).
     """
     own_dir = Path(own_dir)
-    run_dir = Path(broadcast_object(str(own_dir)))
+    claimed = claim_run_dir(own_dir, continue_run) if int(os.environ.get("RANK", 0)) == 0 else own_dir
+    run_dir = Path(broadcast_object(str(claimed)))
     if run_dir != own_dir and own_dir.is_dir() and {p.name for p in own_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(own_dir, ignore_errors=True)
+        shutil.rmtree(own_dir, ignore_errors=True)  # (another run's directory of that name holds its claim)
     return run_dir
+
+
+@contextlib.contextmanager
+def end_job_on_error() -> Iterator[None]:
+    """In a job of several processes, end this process at once when an exception leaves the block.
+
+    Unwinding normally after an error on one rank can enter a collective the other ranks never join (a checkpoint's
+    all_gather, a loss all_reduce, a process-group destructor): every rank then waits for the process-group
+    timeout (30 min), and a rank blocked in a collective cannot run Python's SIGTERM handler. Instead the error is
+    logged with this rank's number (stderr, and train.log on rank 0), written to torchrun's error file (its failure
+    summary then names the rank and the error), and the process exits with status 1 without touching the process
+    group. The other ranks' collectives then fail on the closed connection and end them the same way, and torchrun
+    stops whatever is left (SIGTERM, then SIGKILL). Checkpoints already written stay: they are written atomically.
+
+    A single process re-raises, as without the block.
+    """
+    try:
+        yield
+    except Exception as error:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if world_size <= 1:
+            raise
+        rank = os.environ.get("RANK", "?")
+        _logger.error(
+            "rank %s of %d failed: %s: %s; ending this process so that the whole job stops",
+            rank, world_size, type(error).__name__, error, exc_info=error,
+        )  # fmt: skip
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's per-worker error file (torch's @record format)
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(error)
+        logging.shutdown()  # flush train.log and the console
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

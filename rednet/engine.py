@@ -274,7 +274,8 @@ def train_one_epoch(
         try:
             batch = next(batches)
         except BadImageError:
-            flush()  # the caller saves the state on this error: its pending losses must be checked first
+            if world_size == 1:  # no collective on one rank's error path: the other ranks would never join it
+                flush()  # the caller saves the state on this error: its pending losses must be checked first
             raise
         images, targets = _to_device(batch, device, channels_last)
         if mixup is not None:

@@ -4,8 +4,10 @@ environment, preempted by SIGUSR1, requeued, resumed exactly); the SLURM launche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -229,3 +231,101 @@ def test_slurm_launcher_config_makes_one_task_per_gpu_and_a_requeue_signal(tmp_p
     for option in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@180", "--time=4320"):
         assert f"#SBATCH {option}\n" in sbatch
     assert executors[0]._executor.max_num_timeout == 20
+
+
+# --- one failing rank ends the whole job: the error and its rank printed, a non-zero exit, the checkpoints kept
+
+FAIL_LIMIT_S = 60  # from the failure to the end of every process (torchrun waits for all of its workers)
+
+
+# Checkpoints at epoch ends only and losses checked every 50 steps: an error in the middle of an epoch meets
+# unchecked losses (whose check is a collective) and no checkpoint write in progress.
+EPOCH_END_RUN = [*(a for a in RUN if not a.startswith(("trainer.log_interval", "trainer.ckpt_every"))), "seed=1"]
+
+
+def _torchrun_failing(
+    image_root: Path, run_dir: Path, probe_fail: str = "", on_first_checkpoint=None, run: list[str] = RUN
+) -> tuple[int, str, float]:
+    """train.py under torchrun --standalone, 2 gloo processes; returns (exit status, output, seconds from the failure
+    to the end). `on_first_checkpoint()` runs once last.pt exists and returns the failure time; else the probe's
+    PROBE_FAIL=KIND:RANK:N injects it and reports the time."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/ddp_probe.py"]
+    cmd += [str(run_dir.parent), *run, f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
+    env = {**ENV, "PROBE_FAIL": probe_fail}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    failed_at = None
+    try:
+        if on_first_checkpoint is not None:
+            deadline = time.monotonic() + 120
+            while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            failed_at = on_first_checkpoint()
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # torchrun and its workers, should they hang (the failure here)
+            os.killpg(proc.pid, signal.SIGKILL)
+    ended = time.time()
+    if failed_at is None:
+        failed_at = float(re.search(r"PROBE injected \w+ at ([\d.]+)", output).group(1))
+    return proc.returncode, output, ended - failed_at
+
+
+def _assert_job_failed(returncode: int, output: str, elapsed: float, error: str, rank: str = r"\d") -> re.Match:
+    assert returncode != 0, output[-3000:]
+    assert elapsed < FAIL_LIMIT_S, output[-3000:]
+    found = re.search(rf"rank ({rank}) of 2 failed: {error}", output)
+    assert found, output[-5000:]
+    return found
+
+
+@pytest.fixture()
+def fresh_images(tmp_path):
+    return make_image_folder(tmp_path / "images", n_val=3)
+
+
+def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_path):
+    """An image that becomes unreadable after the first epoch (garbage bytes): read by one rank in the middle of
+    the second epoch, it ends both, naming the file (this hung: the failing rank entered a collective)."""
+    bad = fresh_images / "train" / "cat" / "3.png"
+
+    def damage() -> float:
+        bad.write_bytes(b"not a png" * 50)
+        return time.time()
+
+    run_dir = tmp_path / "run"
+    returncode, output, elapsed = _torchrun_failing(
+        fresh_images, run_dir, on_first_checkpoint=damage, run=EPOCH_END_RUN
+    )
+    _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'")
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 3)  # the first epoch is kept
+
+
+def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):
+    bad = fresh_images / "val" / "dog" / "img3.png"
+    bad.write_bytes(b"not a png" * 50)
+    run_dir = tmp_path / "run"
+    started = time.time()
+    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=lambda: started)
+    # val/ in order: cat 0-2, dog 0-2, dog/img3 is the 7th image (index 6), rank 6 % 2 = 0's shard
+    _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'", "0")
+    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)  # the first epoch's training, saved step by step, is kept
+
+
+@pytest.mark.parametrize(
+    "probe_fail, error, rank, step",
+    [
+        ("forward:1:2", "RuntimeError: injected failure in forward on rank 1", "1", 1),
+        ("nan:1:2", r"NonFiniteLossError: training loss is nan at step 2", "[01]", 1),  # one rank's NaN stops both
+        ("save:0:3", r"OSError: \[Errno 28\] No space left on device \(injected\)", "0", 2),
+    ],
+    ids=["exception-in-forward-on-rank-1", "nan-loss-on-rank-1", "checkpoint-write-fails-on-rank-0"],
+)
+def test_failure_on_one_rank_ends_the_job(image_root, tmp_path, probe_fail, error, rank, step):
+    run_dir = tmp_path / "run"
+    returncode, output, elapsed = _torchrun_failing(image_root, run_dir, probe_fail)
+    _assert_job_failed(returncode, output, elapsed, error, rank)
+    assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == step  # the last good save

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -247,3 +249,44 @@ def test_lr_scales_with_batch_and_accumulation(image_root, tmp_path):
     ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 4 * 2 / 4)
     assert "global batch 8, lr 0.002" in (tmp_path / "train.log").read_text()
+
+
+BLOCKED_RANK = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+from rednet import preemption
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+if rank == 1:
+    time.sleep(120)  # never joins the barrier
+with preemption.StopOnSignal(blocked_exit_s=2):
+    print("blocked", flush=True)
+    dist.barrier()  # Python's signal handler cannot run in here
+"""
+
+
+def test_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
+    """Rank 0 waits in a barrier rank 1 never joins: SIGTERM still ends it, 2 s later, instead of never."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = BLOCKED_RANK.format(repo=str(REPO), port=port)
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", code, str(r)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for r in range(2)
+    ]
+    try:
+        assert ranks[0].stdout.readline() == b"blocked\n"
+        time.sleep(0.5)
+        ranks[0].send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, stderr = ranks[0].communicate(timeout=30)
+        assert time.monotonic() - sent < 15
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert ranks[0].returncode == 128 + signal.SIGTERM, stderr.decode()[-2000:]
+    assert b"SIGTERM not handled for 2 s (blocked outside Python" in stderr

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from train_utils import REPO, TINY, compose_config, make_image_folder
 
 import eval as eval_script
 import train
-from rednet import checkpoint, data, engine
+from rednet import checkpoint, data, distributed, engine
 
 UPDATES_PER_EPOCH = 6  # 3 classes x 8 train images, batch 4
 
@@ -372,3 +374,110 @@ def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
     overrides.append("model=rednet26")  # a bare state dict does not name its architecture
     with pytest.raises(ValueError, match="has a 3-class classifier but the val folder has 2 class folders"):
         eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval2")
+
+
+# --- settings that cannot train fail before the first epoch, naming the fix
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["data.batch_size=1"], r"data.batch_size=1: every training batch would reach rednet26's \d+ BatchNorm"),
+        (["data.batch_size=1", "trainer.grad_accum=4"], r"data.batch_size=1: .*set data.batch_size=2 or more"),
+        (["data.batch_size=1", "data.img_size=64"], r"data.batch_size=1: .*no batch statistics"),  # not only 1x1
+        (["data.batch_size=0"], r"data.batch_size=0 must be >= 1"),
+        (["trainer.epochs=0"], r"trainer.epochs=0 must be >= 1"),
+        (["data.batch_size=25"], r"data.batch_size=25 is larger than the 24 training images per process"),
+        (["model.name=vit_tiny_patch16_224"], r"vit_tiny_patch16_224 cannot take data.img_size=32 images .*224"),
+        (["+model.num_classes=5"], r"model.num_classes=5 but data.root '.*' has 3 class folders: .*remove"),
+    ],
+    ids=[
+        "batch-1",
+        "batch-1-accum",
+        "batch-1-large-images",
+        "batch-0",
+        "epochs-0",
+        "batch-above",
+        "img-size",
+        "classes",
+    ],
+)
+def test_settings_that_cannot_train_fail_before_the_first_epoch(image_root, tmp_path, monkeypatch, overrides, match):
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("an epoch started"))
+    with pytest.raises(ValueError, match=match):
+        train.train(_train_cfg(image_root, *overrides), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_single_class_folder_is_refused(tmp_path, monkeypatch):
+    """One class "trained" to loss 0 and 100% top-1 without a word."""
+    root = make_image_folder(tmp_path / "images", classes=("digits",))
+    monkeypatch.setattr(data, "create_image_dataset", lambda *args, **kwargs: pytest.fail("data was loaded"))
+    with pytest.raises(ValueError, match=r"has 1 class folder under train/ \(\['digits'\]\): a classifier needs at "):
+        train.train(_train_cfg(root), tmp_path / "run")
+
+
+def test_images_smaller_than_the_downsampling_train_with_a_warning(image_root, tmp_path):
+    """RedNet's padding carries any size >= 1 px through its 32x downsampling; below 32 px the log says so."""
+    results = train.train(_train_cfg(image_root, "data.img_size=16"), tmp_path, should_stop=lambda: True)
+    assert results["stopped"]
+    assert "data.img_size=16 is smaller than rednet26's 32x downsampling" in (tmp_path / "train.log").read_text()
+
+
+# --- two runs started in the same second from one folder
+
+
+def test_two_runs_in_one_default_directory_each_get_their_own(image_root, tmp_path):
+    """Started together from one folder with the default directory pattern (here per day, so they surely clash):
+    the second to claim it takes <dir>_1; each directory holds one run's log, config, checkpoints and results."""
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"data.root={image_root}", "trainer.epochs=1"]
+    cmd += ["hydra.run.dir=outputs/${task_name}/${now:%Y-%m-%d}"]  # the default pattern, coarser
+    runs = [
+        subprocess.Popen([*cmd, f"seed={seed}"], cwd=tmp_path, stderr=subprocess.PIPE, text=True) for seed in (1, 2)
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+    first, *others = sorted((tmp_path / "outputs" / "train").iterdir())
+    assert [p.name for p in others] == [f"{first.name}_1"]  # (two days' names if midnight fell between the starts)
+    seeds = set()
+    for run_dir in (first, *others):
+        log = (run_dir / "train.log").read_text()
+        assert log.count("rednet26: 3 classes") == 1 and log.count("done: val top-1") == 1  # one run's lines only
+        seed = OmegaConf.load(run_dir / "config.yaml").seed
+        assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed == seed
+        assert f"seed={seed}" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+        assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["seed"] == seed
+        assert json.loads((run_dir / "results.json").read_text())["step"] == UPDATES_PER_EPOCH
+        seeds.add(seed)
+    assert seeds == {1, 2}
+    assert "belongs to another run (host " in (others[0] / "train.log").read_text()
+
+
+def test_resume_auto_continues_in_the_claimed_directory(trained, image_root, tmp_path):
+    """resume says the directory is this run's: no new directory, even though another run claimed it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    assert (run_dir / distributed.CLAIM_FILE).exists()
+    results = train.train(_train_cfg(image_root, "resume=auto", "trainer.epochs=2"), run_dir)
+    assert results["epoch"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_claimed_directory_without_checkpoints_is_not_shared(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert distributed.claim_run_dir(tmp_path / "run") == tmp_path / "run"
+    assert distributed.claim_run_dir(tmp_path / "run") == tmp_path / "run_1"
+    assert distributed.claim_run_dir(tmp_path / "run") == tmp_path / "run_2"
+    assert distributed.claim_run_dir(tmp_path / "run", continue_run=True) == tmp_path / "run"
+    assert f"pid {os.getpid()}" in distributed.claim_holder(tmp_path / "run")
+
+
+def test_a_directory_whose_run_failed_in_set_up_is_taken_over(image_root, tmp_path):
+    """A run that ended before its first checkpoint (here: a typo in data.root) leaves its directory to a rerun."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", f"from rednet import distributed; distributed.claim_run_dir({str(run_dir)!r})"], cwd=REPO
+    )
+    assert done.returncode == 0 and (run_dir / distributed.CLAIM_FILE).exists()
+    assert distributed.claim_run_dir(run_dir) == run_dir  # its process has ended, no checkpoints: taken over
+    assert distributed.claim_run_dir(run_dir) == tmp_path / "run_1"  # this process is alive: not taken over
