@@ -144,7 +144,8 @@ config_schema.register()  # the typed schemas that configs/*.yaml name in their 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns top-1."""
-    return evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)["top1"]
+    with distributed.end_job_on_error():  # an error on one of several ranks ends the job instead of hanging it
+        return evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)["top1"]
 
 
 if __name__ == "__main__":
