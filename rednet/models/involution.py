@@ -110,8 +110,8 @@ class Involution(nn.Module):
 
     Under torch.jit.script and a plain torch.fx trace the layer stores the kernels even when memory_efficient
     (neither can run torch.utils.checkpoint; timm's grad_checkpointing is skipped the same way); the output is the
-    same. A scripted layer resolves backend "auto" when it is scripted: CuPy for CUDA inputs if CuPy works on the
-    machine that scripts it, else torch; "unfold" runs as "torch" (the same values; the reference is not scripted).
+    same. A scripted layer passes its backend to the registered op, which resolves "auto" when it runs, as in eager
+    mode; "unfold" runs as "torch" (the same values; the reference is not scripted).
     """
 
     def __init__(
@@ -150,7 +150,7 @@ class Involution(nn.Module):
     def _aggregate(self, x: Tensor, reduced: Tensor) -> Tensor:
         kernels = self._kernels_from_features(reduced)
         if torch.jit.is_scripting():
-            return _involution_scripted(x, kernels, self.stride, self.dilation, self._scripted_backend(x))
+            return _involution_scripted(x, kernels, self.stride, self.dilation, self._scripted_backend())
         return _involution(x, kernels, self.stride, self.dilation, self.backend)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,22 +166,10 @@ class Involution(nn.Module):
     def _checkpointed_aggregate(self, x: Tensor, reduced: Tensor) -> Tensor:
         return checkpoint(self._aggregate, x, reduced, **_CHECKPOINT_OPTIONS)
 
-    def __prepare_scriptable__(self) -> Involution:
-        # torch.jit.script calls this first: the part of ops.involution's backend choice that depends on the
-        # machine (does CuPy work?) is fixed here, since the scripted code cannot ask.
-        cupy_works = "cupy" in ops.available_backends()
-        if self.backend == "cupy" and not cupy_works:
-            raise RuntimeError(
-                "Involution backend 'cupy' does not work here (see ops.available_backends()): "
-                "script the model where CuPy works, or use backend 'auto' or 'torch'"
-            )
-        self.scripted_cuda_backend = "cupy" if cupy_works and self.backend != "torch" else "torch"
-        return self
-
-    def _scripted_backend(self, x: Tensor) -> str:
-        if self.backend == "cupy" or (self.backend == "auto" and x.is_cuda):
-            return self.scripted_cuda_backend
-        return "torch"  # for "unfold" too: the reference is not scripted; "torch" gives the same values
+    def _scripted_backend(self) -> str:
+        # The custom op resolves "auto" (and checks a named backend) when it runs, as in eager mode, on the machine
+        # that runs the scripted model; "unfold" has no op of its own and runs as "torch" (the same values).
+        return "torch" if self.backend == "unfold" else self.backend
 
     def extra_repr(self) -> str:
         return (
