@@ -218,19 +218,15 @@ def log_epoch(writer, epoch: int, tcfg: DictConfig, step: int, stats, metrics, e
     )  # fmt: skip
 
 
-def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Run a full training as configured, writing everything into `run_dir`; return the final metrics.
+def start_run(cfg: DictConfig, own_dir: Path) -> tuple[distributed.DistInfo, Path]:
+    """Join the processes, claim the run directory, open train.log, and check the config before any data is read.
 
-    `should_stop` is polled after every optimizer step on every rank (e.g. `preemption.StopOnSignal`, which makes
-    the ranks agree): when it returns True, last.pt is written at that step and the run returns `stopped: True`.
+    Returns the process info and the directory rank 0 claimed, for all ranks: Hydra's, or <it>_1 when a run started
+    in the same second has it.
     """
-    # --- set-up: processes, run directory, logging, early checks
     dist = distributed.init_distributed(cfg.trainer.device)
-    device, tcfg, own_dir = dist.device, cfg.trainer, Path(run_dir)
-    # The directory rank 0 claimed, for all ranks: Hydra's, or <it>_1 when a run started in the same second has it.
     run_dir = distributed.shared_run_dir(own_dir, continue_run=cfg.resume is not None)
-    ckpt_dir = run_dir / "checkpoints"
-    check_new_run_dir(cfg, ckpt_dir)  # before train.log opens: not a line into another run's log
+    check_new_run_dir(cfg, run_dir / "checkpoints")  # before train.log opens: not a line into another run's log
     monitor.setup_logging(run_dir / "train.log", dist.is_main)
     if dist.is_main:
         if run_dir != own_dir:
@@ -239,6 +235,18 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         save_hydra_files(run_dir, cfg)
     check_config(cfg)
     factory.check_model_name(cfg.model.name)
+    return dist, run_dir
+
+
+def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run a full training as configured, writing everything into `run_dir`; return the final metrics.
+
+    `should_stop` is polled after every optimizer step on every rank (e.g. `preemption.StopOnSignal`, which makes
+    the ranks agree): when it returns True, last.pt is written at that step and the run returns `stopped: True`.
+    """
+    # --- set-up: processes, run directory, logging, early checks
+    dist, run_dir = start_run(cfg, Path(run_dir))
+    device, tcfg, ckpt_dir = dist.device, cfg.trainer, run_dir / "checkpoints"
     # A bad model name, resume path or a checkpoint of another model fails before data is read.
     resume = run_state.find_resume(cfg.resume, ckpt_dir, cfg.model.name)
     random_seed(cfg.seed)  # the same initial weights on every rank
