@@ -320,7 +320,13 @@ def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):
     [
         ("forward:1:2", "RuntimeError: injected failure in forward on rank 1", "1", 1),
         ("nan:1:2", r"NonFiniteLossError: training loss is nan at step 2", "[01]", 1),  # one rank's NaN stops both
-        ("save:0:3", r"OSError: \[Errno 28\] No space left on device \(injected\)", "0", 2),
+        (
+            "save:0:3",
+            r"CheckpointError: could not write checkpoint '\S+/last.pt': the disk is full "
+            r"\(OSError: \[Errno 28\] No space left on device \(injected\)\)",
+            "0",
+            2,
+        ),
     ],
     ids=["exception-in-forward-on-rank-1", "nan-loss-on-rank-1", "checkpoint-write-fails-on-rank-0"],
 )
