@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from rednet import config_schema, data, distributed, engine, monitor, weights
+from rednet import config_schema, data, distributed, engine, factory, monitor, weights
 from rednet.checkpoint import PREPROCESSING_KEYS, WeightsSettings
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,13 @@ def load_model(cfg: DictConfig, num_classes: int, classes: list[str]) -> tuple[n
     if isinstance(source, str):
         path = weights.fetch(source)
         ckpt = weights.read_checkpoint(path)
-        model, settings = engine.model_from_checkpoint(
+        model, settings = factory.model_from_checkpoint(
             ckpt, path, cfg.model.name, num_classes, cfg.use_ema, classes, **model_kwargs
         )
         return model, settings, ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
     if cfg.model.name is None:
         raise ValueError("pretrained=true evaluates a registered model's weights: set model=<name> (model=rednet50)")
-    model = engine.build_model(cfg.model.name, num_classes, pretrained=True, **model_kwargs)
+    model = factory.build_model(cfg.model.name, num_classes, pretrained=True, **model_kwargs)
     if num_classes != model.pretrained_cfg.get("num_classes", num_classes):
         raise ValueError(
             f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "

@@ -1,17 +1,14 @@
-"""Training checkpoints: plain dicts written atomically, loaded with torch.load(weights_only=True), resumed.
+"""Checkpoint files: the project's one torch.load, and the settings that travel with a checkpoint's weights.
 
 `read_torch_file` is the project's one torch.load: every loader (resume, eval, pretrained=, the scripts) reads through
 it. It unpickles tensors, plain containers and a short allow-list of harmless metadata types that other tools write
 (timm's and torchvision's `args` Namespace, numpy scalars in mmcv's `meta`), never arbitrary objects.
 
-Besides the training state, a checkpoint carries what belongs to its weights (`weights_metadata`): `arch`,
-`model_kwargs` (shape arguments such as stem_kernel_size), `num_classes`, `classes` and a timm-style `pretrained_cfg`
-(input_size, crop_pct, interpolation, mean, std as the data config used them). `weights_settings` reads them back,
-also from older checkpoints (their saved `config`) and from timm / torchvision checkpoints (their `args`).
-
-Layout of a run's `checkpoints/` folder: `last.pt` (newest state, each epoch and every N steps), `last_prev.pt` (the
-one before it), `best.pt` (best val top-1), `epoch_NNNN.pt` (the last k epoch ends). When last.pt is damaged, resume
-falls back to last_prev.pt, then to the newest epoch_NNNN.pt.
+Besides the training state (rednet.run_state), a checkpoint carries what belongs to its weights (`weights_metadata`):
+`arch`, `model_kwargs` (shape arguments such as stem_kernel_size), `num_classes`, `classes` and a timm-style
+`pretrained_cfg` (input_size, crop_pct, interpolation, mean, std as the data config used them). `weights_settings`
+reads them back, also from older checkpoints (their saved `config`) and from timm / torchvision checkpoints (their
+`args`).
 """
 
 from __future__ import annotations
@@ -21,9 +18,7 @@ import dataclasses
 import logging
 import os
 import pickle
-import random
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,9 +27,6 @@ import numpy as np
 import torch
 
 _logger = logging.getLogger(__name__)
-
-REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "arch")
-
 
 # Model arguments that change how a model runs or trains, not the shape of its weights: not carried with them.
 RUNTIME_MODEL_KWARGS = frozenset(
@@ -61,7 +53,6 @@ def _safe_globals() -> list[Any]:
     """Globals that torch.load(weights_only=True) may build, beyond tensors and plain containers: argparse.Namespace
     (timm's CheckpointSaver and torchvision's references save `args`), numpy scalars, arrays and numeric dtypes
     (mmcv's `meta`, under numpy 2 and numpy 1 names), and mmengine's log buffers as `InertMetadata`."""
-    import numpy as np
     from numpy._core.multiarray import _reconstruct, scalar
 
     numeric = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
@@ -115,66 +106,6 @@ def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Make `dst` hold `src`'s bytes atomically; a hard link costs no I/O, a copy is the fallback."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def write_checkpoints(
-    state: dict[str, Any], ckpt_dir: str | Path, *, epoch_end: bool, is_best: bool, keep_last: int
-) -> Path:
-    """Write last.pt (the old one becomes last_prev.pt), and at an epoch end also epoch_NNNN.pt (keeping the newest
-    `keep_last`) and best.pt."""
-    ckpt_dir = Path(ckpt_dir)
-    last = ckpt_dir / "last.pt"
-    if last.is_file():
-        _link_or_copy(last, ckpt_dir / "last_prev.pt")
-    save_checkpoint(state, last)
-    if epoch_end and keep_last > 0:
-        _link_or_copy(last, ckpt_dir / f"epoch_{state['epoch']:04d}.pt")
-        for old in sorted(ckpt_dir.glob("epoch_*.pt"))[:-keep_last]:
-            old.unlink()
-    if is_best:
-        _link_or_copy(last, ckpt_dir / "best.pt")
-    return last
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a training checkpoint written by `save_checkpoint`, with errors that say what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; give the path of a .pt file written by train.py")
-    ckpt = read_torch_file(path, map_location)
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"'{path}' is not a rednet training checkpoint: keys {missing} are missing "
-            "(model weights alone load with eval.py checkpoint=PATH)"
-        )
-    return ckpt
 
 
 def _model_name(name: Any) -> str | None:
@@ -307,71 +238,3 @@ def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
     if isinstance(args, Mapping):
         return _settings_from_args(args, ckpt)
     return WeightsSettings(arch=_model_name(ckpt.get("arch")), classes=ckpt.get("classes"))
-
-
-def find_resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest loadable checkpoint of a run (last.pt, last_prev.pt, the newest epoch_NNNN.pt), or None if none.
-
-    A damaged last.pt (e.g. the disk filled up) falls back to an older one with a warning, never silently to scratch.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    candidates = [ckpt_dir / "last.pt", ckpt_dir / "last_prev.pt"] + sorted(ckpt_dir.glob("epoch_*.pt"), reverse=True)
-    existing = [p for p in candidates if p.is_file()]
-    for path in existing:
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as e:
-            _logger.warning("skipping damaged checkpoint, trying an older one: %s", e)
-    if existing:
-        raise CheckpointError(f"no loadable checkpoint in '{ckpt_dir}' (tried {[str(p) for p in existing]})")
-    return None
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states of torch, CUDA, numpy and Python as tensors and plain lists (weights_only-safe)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-
-
-def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any] | None:
-    """This rank's entry of a checkpoint's RNG states (one per rank), or None when the world size changed."""
-    if isinstance(saved, dict):  # a single process's state
-        saved = [saved]
-    if len(saved) != world_size:
-        _logger.warning(
-            "the checkpoint holds RNG states of %d processes, this run has %d: random augmentation continues from "
-            "fresh per-rank seeds (the run is not bit-exact with an uninterrupted one)",
-            len(saved),
-            world_size,
-        )
-        return None
-    return saved[rank]
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    npy = state["numpy"]
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-
-
-def clean_stale_temp_files(ckpt_dir: str | Path) -> None:
-    """Remove temp files left by a process killed in the middle of a write."""
-    for tmp in Path(ckpt_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)

@@ -135,16 +135,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Give every rank `src`'s buffers (BatchNorm statistics drift apart on each rank's last batches).
-
-    Evaluating with rank 0's buffers on every shard makes the logged metrics those of the checkpoint rank 0 saves.
-    """
-    if _active():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=src)
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (e.g. the ranks' RNG states for a checkpoint)."""
     if not _active():
@@ -152,12 +142,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj, group=_cpu_group)
     return gathered
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op for a single process)."""
-    if _active():
-        dist.barrier(group=_cpu_group)
 
 
 CLAIM_FILE = ".run_claim"

@@ -1,4 +1,4 @@
-"""The training loop's pieces: model creation, one training epoch, evaluation with exact counts."""
+"""The training loop: one training epoch (`train_one_epoch`, set by `LoopSettings`) and evaluation with exact counts."""
 
 from __future__ import annotations
 
@@ -7,19 +7,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.utils import dispatch_clip_grad
+from timm.utils import dispatch_clip_grad, unwrap_model
 from torch import nn
 
-import rednet
 from rednet import distributed, monitor
-from rednet.checkpoint import WeightsSettings, check_arch, weights_settings
 from rednet.data import BadImageError
+from rednet.run_state import TrainProgress, schedule_position
 
 _logger = logging.getLogger(__name__)
 
@@ -28,151 +25,6 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf."""
-
-
-@dataclass
-class TrainProgress:
-    """Where training stands; saved in every checkpoint so a resumed run continues at the same batch.
-
-    Attributes:
-        epoch: the epoch in progress (0-based); after an epoch ends, the next one.
-        step: optimizer updates done since the start of training.
-        epoch_batches: batches of `epoch` consumed by the updates done (0 at an epoch boundary).
-        best_top1: best validation top-1 so far (-1 before the first evaluation).
-        schedule_offset: added to `step` to place the LR schedule. Not saved: a resume sets it to
-            epoch × updates per epoch + the epoch's updates − step, which is 0 unless the updates per epoch changed.
-    """
-
-    epoch: int = 0
-    step: int = 0
-    epoch_batches: int = 0
-    best_top1: float = -1.0
-    schedule_offset: int = 0
-
-
-def check_model_name(name: str) -> None:
-    """Fail early on a model name that is neither a RedNet nor a timm model, listing the RedNets."""
-    if name not in rednet.list_models() and not timm.is_model(name):
-        raise ValueError(
-            f"unknown model {name!r}: set model=<one of {', '.join(rednet.list_models())}> "
-            "(any timm model name, e.g. model.name=resnet50, works too)"
-        )
-
-
-def build_model(name: str, num_classes: int, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    """A RedNet by name (rednet.create_model), or any other timm model.
-
-    ``pretrained``: True (the registered weights, with their pretrained_cfg) or a checkpoint path/URL in any layout
-    rednet.weights reads: the model then takes the checkpoint's model arguments (``kwargs`` win) and carries its
-    preprocessing in ``model.pretrained_cfg``; a classifier of another class count is left fresh (fine-tuning).
-    """
-    check_model_name(name)
-    if isinstance(pretrained, (str, Path)):
-        from rednet import weights
-
-        path = weights.fetch(pretrained)
-        model, _ = model_from_checkpoint(weights.read_checkpoint(path), path, name, num_classes, **kwargs)
-        return model
-    if name in rednet.list_models():
-        return rednet.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
-
-
-def model_from_checkpoint(
-    ckpt: dict[str, Any],
-    path: str | Path,
-    name: str | None = None,
-    num_classes: int | None = None,
-    use_ema: bool = True,
-    classes: list[str] | None = None,
-    **kwargs: Any,
-) -> tuple[nn.Module, WeightsSettings]:
-    """Build the model a loaded checkpoint holds and load its weights; one path for eval, fine-tuning and scripts.
-
-    Args:
-        ckpt: a checkpoint as ``rednet.weights.read_checkpoint`` returns it (any layout it reads).
-        path: where it came from, for messages.
-        name: model name; None takes the checkpoint's architecture (an error when it names none).
-        num_classes: classifier outputs; None takes the checkpoint's. Another count than the checkpoint's leaves the
-            classifier fresh, with a warning (fine-tuning); with ``classes`` it is an error instead.
-        use_ema: load the EMA weights when the checkpoint has them.
-        classes: the evaluation folder's classes: the checkpoint must predict exactly these, in this order.
-        **kwargs: model arguments; they win over the checkpoint's (``WeightsSettings.model_kwargs``).
-
-    Returns:
-        the model, on the CPU, with the checkpoint's preprocessing merged into ``model.pretrained_cfg``, and the
-        settings read from the checkpoint.
-    """
-    from rednet import weights
-
-    settings = weights_settings(ckpt)
-    if name is None:
-        name = settings.arch
-        if name is None:
-            raise ValueError(
-                f"checkpoint '{path}' does not name its architecture: set model=<name> (e.g. model=rednet50, or "
-                "model.name=<timm model>)"
-            )
-    check_model_name(name)
-    check_arch(ckpt, name, path)
-    state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
-    shape = {**settings.model_kwargs, **weights.model_kwargs_from_state_dict(state_dict)}
-    if name not in rednet.list_models():
-        shape = {key: value for key, value in shape.items() if key in settings.model_kwargs and key != "num_classes"}
-    checkpoint_classes = shape.pop("num_classes", None) or settings.num_classes
-    model_kwargs = {**shape, **kwargs}
-    num_classes = num_classes or checkpoint_classes
-    if num_classes is not None:
-        model_kwargs["num_classes"] = num_classes
-    create = rednet.create_model if name in rednet.list_models() else timm.create_model
-    model = create(name, pretrained=False, **model_kwargs)
-    if classes is not None:
-        check_checkpoint_classes(ckpt, state_dict, model, classes, Path(path))
-    weights.load_state_dict(model, state_dict)
-    model.pretrained_cfg = {**model.pretrained_cfg, **settings.pretrained_cfg}
-    return model, settings
-
-
-def model_from_weights(source: str | Path | None, name: str | None, default_name: str, **kwargs: Any) -> nn.Module:
-    """A model for inference scripts (export, visualization), in eval mode: from a checkpoint path/URL with its
-    architecture, shape arguments and preprocessing (``model.pretrained_cfg``), or ``name`` / ``default_name`` with
-    random weights when ``source`` is None. ``kwargs`` (e.g. num_classes) win over the checkpoint's."""
-    if source is None:
-        return timm.create_model(name or default_name, pretrained=False, **kwargs).eval()
-    from rednet import weights
-
-    path = weights.fetch(source)
-    model, _ = model_from_checkpoint(weights.read_checkpoint(path), path, name, **kwargs)
-    return model.eval()
-
-
-def class_difference(trained: list[str] | None, classes: list[str]) -> str:
-    """How ``classes`` differ from a checkpoint's ``trained`` ones ("" when they match or are unknown)."""
-    if trained is None or list(trained) == list(classes):
-        return ""
-    missing, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
-    if not missing and not extra:
-        return "same names in another order"
-    return f"missing: {missing[:5]}, not in the checkpoint: {extra[:5]}"
-
-
-def check_checkpoint_classes(
-    ckpt: dict[str, Any], state_dict: dict[str, torch.Tensor], model: nn.Module, classes: list[str], path: Path
-) -> None:
-    """Refuse to evaluate a checkpoint on class folders other than the ones it was trained on."""
-    difference = class_difference(ckpt.get("classes"), classes)
-    if difference:
-        raise ValueError(
-            f"checkpoint '{path}' was trained on {len(ckpt['classes'])} classes but the val folder has "
-            f"{len(classes)} ({difference}): evaluate on the data it was trained on"
-        )
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    weight = state_dict.get(f"{classifier}.weight") if classifier else None
-    if weight is not None and weight.shape[0] != len(classes):
-        raise ValueError(
-            f"checkpoint '{path}' has a {weight.shape[0]}-class classifier but the val folder has {len(classes)} "
-            "class folders: evaluate on the data it was trained on"
-        )
 
 
 def amp_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -184,12 +36,6 @@ def amp_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP and torch.compile wrappers (what checkpoints and EMA hold)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = batch
     images = images.to(device, non_blocking=True)
@@ -198,56 +44,55 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[t
     return images, targets.to(device, non_blocking=True)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    progress: TrainProgress,
-    *,
-    device: torch.device,
-    scheduler: Any = None,
-    scaler: torch.amp.GradScaler | None = None,
-    amp: str = "none",
-    channels_last: bool = False,
-    grad_accum: int = 1,
-    clip_grad: float | None = None,
-    clip_mode: str = "norm",
-    mixup: Callable | None = None,
-    model_ema: nn.Module | None = None,
-    writer: Any = None,
-    log_interval: int = 50,
-    checkpoint_every: int = 0,
-    save_checkpoint: Callable[[], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    show_progress: bool = True,
-) -> dict[str, float]:
-    """Train over `loader` (already positioned at `progress.epoch_batches`), updating `progress` after each update.
+@dataclass(frozen=True)
+class LoopSettings:
+    """How `train_one_epoch` trains (from the trainer config).
 
-    The loss is checked for NaN/inf without a device sync per step: at each log interval and before any checkpoint
-    is written, so a checkpoint never holds weights updated from a non-finite loss.
-
-    Returns:
-        mean training loss, throughput (images/s over all ranks) and whether `should_stop` ended the epoch early.
+    Attributes:
+        device: where batches go.
+        epoch_updates: optimizer updates in a whole epoch (run_state.updates_per_epoch), to place the LR schedule.
+        amp: none | bf16 | fp16 (fp16 needs a GradScaler).
+        channels_last: batches in channels-last memory format.
+        grad_accum: micro-batches per optimizer update (the epoch's last update may take fewer).
+        clip_grad: gradient clipping value (None: no clipping), in `clip_mode` (timm's norm | value | agc).
+        log_interval: optimizer updates per logged point.
+        ckpt_every_steps: save a checkpoint every this many updates (0: only at epoch ends).
+        show_progress: a progress bar.
     """
-    model.train()
-    num_batches = len(loader) // grad_accum * grad_accum  # a partial accumulation group at the end is dropped
-    world_size = distributed.get_world_size()
-    pending: list[torch.Tensor] = []  # per-update losses not yet checked
-    epoch_loss, epoch_updates, epoch_images = 0.0, 0, 0
-    window_images, window_start, epoch_start = 0, time.perf_counter(), time.perf_counter()
-    accum_loss = torch.zeros((), device=device)
-    stopped = False
 
-    def flush() -> None:
-        # One sync for all pending losses: find the first bad step, else log the window. The losses are averaged
-        # over ranks first, so that every rank stops at the same step when one rank's loss is not finite.
-        nonlocal epoch_loss, epoch_updates, window_images, window_start
-        if not pending:
+    device: torch.device
+    epoch_updates: int
+    amp: str = "none"
+    channels_last: bool = False
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    log_interval: int = 50
+    ckpt_every_steps: int = 0
+    show_progress: bool = True
+
+
+class _LossLog:
+    """The per-update losses of an epoch: checked for NaN/inf and logged in windows, one device sync per window."""
+
+    def __init__(self, writer: Any, optimizer: torch.optim.Optimizer, bar: Any) -> None:
+        self.writer, self.optimizer, self.bar = writer, optimizer, bar
+        self.pending: list[torch.Tensor] = []  # per-update losses not yet checked
+        self.loss_sum, self.updates, self.window_images = 0.0, 0, 0
+        self.window_start = time.perf_counter()
+
+    def flush(self, progress: TrainProgress) -> None:
+        """Check the pending losses (first bad step raises), then log the window at `progress.step`.
+
+        The losses are averaged over ranks first, so that every rank stops at the same step when one rank's loss is
+        not finite.
+        """
+        if not self.pending:
             return
-        losses = (distributed.all_reduce_sum(torch.stack(pending).float()) / world_size).cpu()
-        first_step = progress.step - len(pending) + 1
-        pending.clear()
+        world_size = distributed.get_world_size()
+        losses = (distributed.all_reduce_sum(torch.stack(self.pending).float()) / world_size).cpu()
+        first_step = progress.step - len(self.pending) + 1
+        self.pending.clear()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise NonFiniteLossError(
@@ -255,19 +100,68 @@ def train_one_epoch(
                 f"(epoch {progress.epoch}); stopped without saving it: the last checkpoint holds the last good state. "
                 "Lower optim.lr, set trainer.clip_grad, or use trainer.amp=bf16 instead of fp16, then resume"
             )
-        epoch_loss += losses.sum().item()
-        epoch_updates += len(losses)
-        elapsed = time.perf_counter() - window_start
+        self.loss_sum += losses.sum().item()
+        self.updates += len(losses)
+        elapsed = time.perf_counter() - self.window_start
         scalars = {
             "train/loss": losses.mean().item(),
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/throughput": window_images * world_size / max(elapsed, 1e-9),
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/throughput": self.window_images * world_size / max(elapsed, 1e-9),
         }
-        monitor.log_scalars(writer, scalars, progress.step)
-        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.3g}")
-        window_images, window_start = 0, time.perf_counter()
+        monitor.log_scalars(self.writer, scalars, progress.step)
+        self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.3g}")
+        self.window_images, self.window_start = 0, time.perf_counter()
 
-    bar = monitor.progress(loader, desc=f"train {progress.epoch}", enabled=show_progress, total=num_batches)
+
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, settings: LoopSettings
+) -> None:
+    if scaler is not None and settings.clip_grad:
+        scaler.unscale_(optimizer)  # clip the true gradients
+    if settings.clip_grad:
+        dispatch_clip_grad(model.parameters(), settings.clip_grad, mode=settings.clip_mode)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    progress: TrainProgress,
+    settings: LoopSettings,
+    *,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    mixup: Callable | None = None,
+    model_ema: nn.Module | None = None,
+    writer: Any = None,
+    save_checkpoint: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Train over `loader` (already positioned at `progress.epoch_batches`), updating `progress` after each update.
+
+    Every batch is used: updates take `settings.grad_accum` micro-batches, the epoch's last one the batches that are
+    left, its loss averaged over those. The loss is checked for NaN/inf without a device sync per step: at each log
+    interval and before any checkpoint is written, so a checkpoint never holds weights updated from a non-finite loss.
+
+    Returns:
+        mean training loss, updates done, throughput (images/s over all ranks) and whether `should_stop` ended the
+        epoch early.
+    """
+    model.train()
+    num_batches, accum = len(loader), settings.grad_accum
+    world_size = distributed.get_world_size()
+    bar = monitor.progress(loader, desc=f"train {progress.epoch}", enabled=settings.show_progress, total=num_batches)
+    losses = _LossLog(writer, optimizer, bar)
+    epoch_images, epoch_start = 0, time.perf_counter()
+    accum_loss = torch.zeros((), device=settings.device)
+    stopped = False
     optimizer.zero_grad(set_to_none=True)
     batches = iter(bar)
     for i in range(num_batches):
@@ -275,59 +169,50 @@ def train_one_epoch(
             batch = next(batches)
         except BadImageError:
             if world_size == 1:  # no collective on one rank's error path: the other ranks would never join it
-                flush()  # the caller saves the state on this error: its pending losses must be checked first
+                losses.flush(progress)  # the caller saves the state on this error: its losses must be checked first
             raise
-        images, targets = _to_device(batch, device, channels_last)
+        images, targets = _to_device(batch, settings.device, settings.channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        is_update = (i + 1) % grad_accum == 0
+        group_start = i - i % accum
+        group_size = min(accum, num_batches - group_start)  # the epoch's last group may be shorter
+        is_update = i == group_start + group_size - 1
         # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
         sync = contextlib.nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with amp_autocast(device, amp):
-                loss = loss_fn(model(images), targets)
-            accum_loss += loss.detach() / grad_accum
-            scaled = loss / grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        window_images += images.shape[0]
+            with amp_autocast(settings.device, settings.amp):
+                loss = loss_fn(model(images), targets) / group_size
+            accum_loss += loss.detach()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        losses.window_images += images.shape[0]
         epoch_images += images.shape[0]
         if not is_update:
             continue
 
-        if scaler is not None:
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if clip_grad:
-                dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(model, optimizer, scaler, settings)
         progress.step += 1
-        progress.epoch_batches += grad_accum
+        progress.epoch_batches += group_size
         if model_ema is not None:
-            model_ema.update(unwrap(model), step=progress.step)
+            model_ema.update(unwrap_model(model), step=progress.step)
         if scheduler is not None:
-            scheduler.step_update(num_updates=progress.step + progress.schedule_offset)
-        pending.append(accum_loss)
-        accum_loss = torch.zeros((), device=device)
+            scheduler.step_update(num_updates=schedule_position(progress, settings.epoch_updates, accum))
+        losses.pending.append(accum_loss)
+        accum_loss = torch.zeros((), device=settings.device)
 
-        if progress.step % log_interval == 0:
-            flush()
-        if checkpoint_every and progress.step % checkpoint_every == 0 and save_checkpoint is not None:
-            flush()
+        if progress.step % settings.log_interval == 0:
+            losses.flush(progress)
+        if settings.ckpt_every_steps and progress.step % settings.ckpt_every_steps == 0 and save_checkpoint:
+            losses.flush(progress)
             save_checkpoint()
         if should_stop is not None and should_stop():
             stopped = True
             break
-    flush()
+    losses.flush(progress)
     bar.close()
     elapsed = time.perf_counter() - epoch_start
     return {
-        "loss": epoch_loss / max(epoch_updates, 1),
-        "updates": epoch_updates,
+        "loss": losses.loss_sum / max(losses.updates, 1),
+        "updates": losses.updates,
         "throughput": epoch_images * world_size / max(elapsed, 1e-9),
         "stopped": stopped,
     }

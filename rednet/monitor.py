@@ -48,9 +48,13 @@ def setup_logging(log_file: str | Path | None, is_main: bool = True) -> logging.
     return logging.getLogger("rednet")
 
 
-def create_writer(log_dir: str | Path, enabled: bool = True) -> SummaryWriter | None:
-    """A TensorBoard writer for rank 0; None elsewhere (see `log_scalars`)."""
-    return SummaryWriter(log_dir=str(log_dir)) if enabled else None
+def create_writer(log_dir: str | Path, enabled: bool = True, purge_step: int | None = None) -> SummaryWriter | None:
+    """A TensorBoard writer for rank 0; None elsewhere (see `log_scalars`).
+
+    `purge_step`: TensorBoard drops the points of earlier event files at this step and after (a resumed run writes
+    the steps after its checkpoint again; without it each would show twice, a zig-zag curve).
+    """
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step) if enabled else None
 
 
 def log_scalars(writer: SummaryWriter | None, scalars: dict[str, float], step: int) -> None:

@@ -46,7 +46,6 @@ __all__ = [
     "preprocessing_from_cfg",
     "resolve_preprocessing",
     "load_pretrained",
-    "load_pretrained_state_dict",
     "sha256_file",
 ]
 
@@ -69,13 +68,11 @@ class WeightsSpec:
         sha256: full hex digest of the file ("" to rely only on a NAME-<hash prefix>.ext file name).
         file_name: name in the torch.hub checkpoint cache; defaults to the URL's file name. A file placed there by
             hand loads without network.
-        source_format: informative ("mmcls", "state_dict", "training"); loading detects the layout itself.
     """
 
     url: str = ""
     sha256: str = ""
     file_name: str = ""
-    source_format: str = "mmcls"
 
     def cache_name(self, model_name: str) -> str:
         return self.file_name or _url_file_name(self.url) or f"{model_name}.pth"
@@ -86,17 +83,15 @@ class WeightsSpec:
 # converted by rednet.convert_paddle); no sha256 is published for them, so the first download records its digest in
 # the cached file's name and later loads check it (see download). Pin one with register_weights(..., sha256=...).
 PRETRAINED: dict[str, WeightsSpec] = {
-    name: WeightsSpec(url=url, source_format="paddleclas") for name, url in convert_paddle.PADDLECLAS_URLS.items()
+    name: WeightsSpec(url=url) for name, url in convert_paddle.PADDLECLAS_URLS.items()
 }
 
 
-def register_weights(
-    model_name: str, url: str, sha256: str = "", file_name: str = "", source_format: str = "mmcls"
-) -> None:
+def register_weights(model_name: str, url: str, sha256: str = "", file_name: str = "") -> None:
     """Register (or replace) the weights that ``pretrained=True`` loads for ``model_name``."""
     if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError(f"sha256 {sha256!r} for {model_name} is not a 64-digit lowercase hex digest")
-    PRETRAINED[model_name] = WeightsSpec(url=url, sha256=sha256, file_name=file_name, source_format=source_format)
+    PRETRAINED[model_name] = WeightsSpec(url=url, sha256=sha256, file_name=file_name)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -400,7 +395,7 @@ def resolve_preprocessing(model: nn.Module, overrides: Mapping[str, Any] | None 
     """The evaluation preprocessing of ``model``'s weights, as data-config keys (see `preprocessing_from_cfg`).
 
     Each value is the override when it is not None, else the model's ``pretrained_cfg`` (registered weights, or a
-    checkpoint's values that ``engine.model_from_checkpoint`` / ``create_model(pretrained=path)`` merged in), else
+    checkpoint's values that ``factory.model_from_checkpoint`` / ``create_model(pretrained=path)`` merged in), else
     timm's default (224 px, crop_pct 0.875, bicubic, ImageNet mean/std), resolved by
     ``timm.data.resolve_data_config``.
     """
@@ -489,18 +484,3 @@ def load_pretrained(
         path = fetch(cached, _expected_digest(cached.name, spec.sha256))
     checkpoint = read_checkpoint(path)
     return to_state_dict(checkpoint, use_ema=use_ema), weights_settings(checkpoint)
-
-
-def load_pretrained_state_dict(
-    model_name: str,
-    pretrained: bool | str = True,
-    pretrained_cfg: Any = None,
-    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_ema: bool = True,
-    progress: bool = True,
-) -> dict[str, Tensor]:
-    """The converted state dict that ``create_model(model_name, pretrained=...)`` loads."""
-    return load_pretrained(
-        model_name, pretrained, pretrained_cfg, pretrained_cfg_overlay, cache_dir, use_ema, progress
-    )[0]

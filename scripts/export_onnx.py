@@ -22,7 +22,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 import rednet
-from rednet import engine
+from rednet import factory
 from rednet.export import INPUT_NAME, check_onnx, export_onnx
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> float | None:
         parser.error(f"--static-batch fixes the batch to 1, so --batch-size {args.batch_size} cannot run")
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = engine.model_from_weights(args.weights, args.model, "rednet50", **kwargs)
+    model = factory.model_from_weights(args.weights, args.model, "rednet50", **kwargs)
     # The input size the weights were trained and evaluated at (their pretrained_cfg), unless --img-size.
     overrides = {} if args.img_size is None else {"input_size": (model.in_chans, args.img_size, args.img_size)}
     size = tuple(resolve_data_config(overrides, model=model)["input_size"])

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from timm.data import create_transform, resolve_data_config
 
 import rednet
-from rednet import engine
+from rednet import factory
 from rednet.data import open_rgb
 from rednet.models.involution import Involution
 
@@ -98,7 +98,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    model = engine.model_from_weights(args.checkpoint, args.model, "rednet26")
+    model = factory.model_from_weights(args.checkpoint, args.model, "rednet26")
     # The weights' preprocessing (their pretrained_cfg: size, crop, interpolation, mean/std), unless --size.
     config = resolve_data_config({} if args.size is None else {"input_size": (3, args.size, args.size)}, model=model)
     transform = create_transform(**config)  # the eval transform: resize, center crop, normalize

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rednet import checkpoint
+from rednet import checkpoint, run_state
 
 
 def _state(epoch: int = 1, **extra) -> dict:
     return {
-        "model": {"w": torch.full((3,), float(epoch))},
-        "model_ema": None,
+        "state_dict": {"w": torch.full((3,), float(epoch))},
+        "state_dict_ema": None,
         "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
         "epoch": epoch,
         "step": 10 * epoch,
         "arch": "rednet26",
-        "rng": checkpoint.rng_state(),
+        "rng": run_state.rng_state(),
         "config": {"seed": 1, "optim": {"lr": 0.1}},
         **extra,
     }
@@ -27,15 +30,15 @@ def _state(epoch: int = 1, **extra) -> dict:
 
 def test_save_is_loadable_with_weights_only(tmp_path):
     path = tmp_path / "ckpt" / "last.pt"
-    checkpoint.save_checkpoint(_state(), path)
+    run_state.save_checkpoint(_state(), path)
     loaded = torch.load(path, weights_only=True)
-    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
+    assert loaded["epoch"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
     assert list(path.parent.iterdir()) == [path]  # no temp file left behind
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint.save_checkpoint(_state(epoch=1), path)
+    run_state.save_checkpoint(_state(epoch=1), path)
 
     def dies_half_way(obj, f, *args, **kwargs):
         f.write(b"partial bytes")
@@ -43,34 +46,34 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(_state(epoch=2), path)
-    assert checkpoint.load_checkpoint(path)["epoch"] == 1
-    checkpoint.clean_stale_temp_files(tmp_path)
+        run_state.save_checkpoint(_state(epoch=2), path)
+    assert run_state.load_checkpoint(path)["epoch"] == 1
+    run_state.clean_stale_temp_files(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_write_checkpoints_keeps_last_k_and_best(tmp_path):
     for epoch, best in ((1, True), (2, False), (3, True), (4, False)):
-        checkpoint.write_checkpoints(_state(epoch), tmp_path, epoch_end=True, is_best=best, keep_last=2)
+        run_state.write_checkpoints(_state(epoch), tmp_path, epoch_end=True, is_best=best, keep_last=2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best.pt", "epoch_0003.pt", "epoch_0004.pt", "last.pt", "last_prev.pt"]
-    assert checkpoint.load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
-    assert checkpoint.load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
-    checkpoint.write_checkpoints(_state(5), tmp_path, epoch_end=False, is_best=False, keep_last=2)
-    assert checkpoint.load_checkpoint(tmp_path / "epoch_0004.pt")["epoch"] == 4  # a later last.pt leaves it alone
+    assert run_state.load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
+    assert run_state.load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+    run_state.write_checkpoints(_state(5), tmp_path, epoch_end=False, is_best=False, keep_last=2)
+    assert run_state.load_checkpoint(tmp_path / "epoch_0004.pt")["epoch"] == 4  # a later last.pt leaves it alone
 
 
 def test_load_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-        checkpoint.load_checkpoint(tmp_path / "missing.pt")
+        run_state.load_checkpoint(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
-        checkpoint.load_checkpoint(junk)
+        run_state.load_checkpoint(junk)
     weights_only = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, weights_only)
-    with pytest.raises(checkpoint.CheckpointError, match=r"not a rednet training checkpoint: keys \['model'"):
-        checkpoint.load_checkpoint(weights_only)
+    with pytest.raises(checkpoint.CheckpointError, match=r"not a rednet training checkpoint: keys \['state_dict'"):
+        run_state.load_checkpoint(weights_only)
 
 
 def test_check_arch_refuses_another_architecture():
@@ -80,26 +83,26 @@ def test_check_arch_refuses_another_architecture():
 
 
 def test_resume_falls_back_from_a_truncated_last(tmp_path, caplog):
-    assert checkpoint.find_resume_checkpoint(tmp_path) is None  # a fresh run
+    assert run_state.find_resume_checkpoint(tmp_path) is None  # a fresh run
     for epoch in (1, 2):
-        checkpoint.write_checkpoints(_state(epoch), tmp_path, epoch_end=True, is_best=False, keep_last=3)
-    checkpoint.write_checkpoints(_state(3), tmp_path, epoch_end=False, is_best=False, keep_last=3)
-    path, ckpt = checkpoint.find_resume_checkpoint(tmp_path)
+        run_state.write_checkpoints(_state(epoch), tmp_path, epoch_end=True, is_best=False, keep_last=3)
+    run_state.write_checkpoints(_state(3), tmp_path, epoch_end=False, is_best=False, keep_last=3)
+    path, ckpt = run_state.find_resume_checkpoint(tmp_path)
     assert path.name == "last.pt" and ckpt["epoch"] == 3
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:100])
     with caplog.at_level("WARNING"):
-        path, ckpt = checkpoint.find_resume_checkpoint(tmp_path)
+        path, ckpt = run_state.find_resume_checkpoint(tmp_path)
     assert path.name == "last_prev.pt" and ckpt["epoch"] == 2  # the last.pt before the newest write
     assert "skipping damaged checkpoint" in caplog.text
     (tmp_path / "last_prev.pt").unlink()  # (a damaged copy in its place; truncating it in place would also
     (tmp_path / "last_prev.pt").write_bytes(b"")  # truncate epoch_0002.pt, a hard link to the same bytes)
-    path, ckpt = checkpoint.find_resume_checkpoint(tmp_path)
+    path, ckpt = run_state.find_resume_checkpoint(tmp_path)
     assert path.name == "epoch_0002.pt" and ckpt["epoch"] == 2
     for p in tmp_path.glob("epoch_*.pt"):
         p.write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match="no loadable checkpoint"):
-        checkpoint.find_resume_checkpoint(tmp_path)
+        run_state.find_resume_checkpoint(tmp_path)
 
 
 def test_rng_state_round_trips_through_a_file(tmp_path):
@@ -107,9 +110,9 @@ def test_rng_state_round_trips_through_a_file(tmp_path):
     np.random.seed(0)
     random.seed(0)
     np.random.normal()  # leave a cached gaussian in numpy's state
-    checkpoint.save_checkpoint(_state(), tmp_path / "c.pt")
+    run_state.save_checkpoint(_state(), tmp_path / "c.pt")
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.normal())
-    checkpoint.set_rng_state(checkpoint.load_checkpoint(tmp_path / "c.pt")["rng"])
+    run_state.set_rng_state(run_state.load_checkpoint(tmp_path / "c.pt")["rng"])
     got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.normal())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
     assert expected[2] == got[2] and expected[3] == got[3]
@@ -147,7 +150,7 @@ def _eval(root, path, out, *overrides):
 
 def test_checkpoint_carries_its_preprocessing_classes_and_arch(trained_run):
     _, run_dir, _ = trained_run
-    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert (ckpt["arch"], ckpt["num_classes"], ckpt["classes"]) == ("rednet26", 3, ["cat", "dog", "fox"])
     assert ckpt["pretrained_cfg"] == {
         "input_size": (3, 36, 36), "crop_pct": 0.9, "interpolation": "bicubic", "mean": (0.3, 0.4, 0.5),
@@ -186,7 +189,7 @@ def test_old_checkpoint_falls_back_to_its_saved_config(trained_run, tmp_path, ca
     assert got["top1"] == results["top1"] and got["preprocessing"]["interpolation"] == "bicubic"
     assert "(the training config saved in the checkpoint" in caplog.text
     # A bare state dict carries nothing: model= is needed, the model's pretrained_cfg (ImageNet defaults) is used.
-    torch.save(old["model"], tmp_path / "plain.pt")
+    torch.save(old["state_dict"], tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="does not name its architecture: set model="):
         _eval(root, tmp_path / "plain.pt", tmp_path / "eval2")
     got = _eval(root, tmp_path / "plain.pt", tmp_path / "eval3", "model=rednet26", "use_ema=false")
@@ -210,3 +213,74 @@ def test_registered_weights_use_timm_pretrained_cfg(trained_run, tmp_path, monke
     assert loaded.num_classes == 3 and loaded.pretrained_cfg["input_size"] == (3, 36, 36)
     assert weights.resolve_preprocessing(loaded, {"crop_pct": 1.0})["crop_pct"] == 1.0
     assert weights.resolve_preprocessing(loaded)["mean"] == [0.3, 0.4, 0.5]
+
+
+_EFBIG_SCRIPT = """
+import resource, signal, sys, torch
+from rednet import run_state
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel then fails the write with EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    run_state.save_checkpoint({"state_dict": {"w": torch.zeros(100_000)}}, sys.argv[1])
+except run_state.CheckpointError as e:
+    print(e)
+"""
+
+
+def test_write_over_the_file_size_limit_names_the_path_and_cause_and_leaves_no_temp_file(tmp_path):
+    """torch alone reports "[enforce fail at inline_container.cc] unexpected pos ..." with no file name."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "last.pt"
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", _EFBIG_SCRIPT, str(path)], env=env, capture_output=True, text=True)
+    assert f"could not write checkpoint '{path}': the file-size limit was reached" in out.stdout, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "code", "cause"),
+    [("fsync", errno.ENOSPC, "the disk is full"), ("replace", errno.EACCES, "permission denied")],
+)
+def test_failed_write_names_the_path_and_cause_and_removes_the_temp_file(tmp_path, monkeypatch, where, code, cause):
+    run_state.write_checkpoints(_state(1), tmp_path, epoch_end=False, is_best=False, keep_last=0)
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(run_state.os, where, fail)
+    with pytest.raises(checkpoint.CheckpointError, match=f"'{tmp_path / 'last.pt'}': {cause}"):
+        run_state.save_checkpoint(_state(2), tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no .last.pt.<pid>.tmp
+    assert run_state.load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # the old one is intact
+
+
+def test_keep_last_orders_epochs_by_number_past_9999(tmp_path):
+    for epoch in (9998, 9999, 10000, 10001):
+        run_state.write_checkpoints(_state(epoch), tmp_path, epoch_end=True, is_best=False, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_10000.pt", "epoch_10001.pt"]
+    assert run_state.find_resume_checkpoint(tmp_path)[1]["epoch"] == 10001
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / "last_prev.pt").unlink()
+    assert run_state.find_resume_checkpoint(tmp_path)[0].name == "epoch_10001.pt"  # the newest by number
+
+
+def test_save_when_last_prev_is_already_a_link_of_last_leaves_no_temp_link(tmp_path):
+    run_state.write_checkpoints(_state(1), tmp_path, epoch_end=False, is_best=False, keep_last=0)
+    os.link(tmp_path / "last.pt", tmp_path / "last_prev.pt")  # e.g. a save stopped after the link was made
+    run_state.write_checkpoints(_state(2), tmp_path, epoch_end=False, is_best=False, keep_last=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last_prev.pt"]
+    assert run_state.load_checkpoint(tmp_path / "last_prev.pt")["epoch"] == 1
+    assert run_state.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+
+
+def test_checkpoint_in_the_old_layout_loads_with_timm_names(tmp_path):
+    """Checkpoints written before the timm layout (model, model_ema, scaler) still load and resume."""
+    state = _state(3)
+    old = {"model": state.pop("state_dict"), "model_ema": state.pop("state_dict_ema"), "scaler": None, **state}
+    torch.save(old, tmp_path / "last.pt")
+    ckpt = run_state.find_resume_checkpoint(tmp_path)[1]
+    assert torch.equal(ckpt["state_dict"]["w"], torch.full((3,), 3.0))
+    assert "state_dict_ema" in ckpt and "amp_scaler" in ckpt and "model" not in ckpt

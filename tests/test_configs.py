@@ -13,7 +13,7 @@ from PIL import Image
 from train_utils import CONFIG_DIR, TINY, compose_config
 
 import train
-from rednet import config_schema, data, engine
+from rednet import config_schema, data, factory
 
 GROUPS = ("model", "data", "optim", "sched", "trainer")
 
@@ -28,7 +28,7 @@ EXPERIMENTS = _options("experiment")
 def _instantiate(cfg, num_classes: int = 10) -> dict:
     """Build what train.py builds from a config, short of reading data: model, optimizer, scheduler, transforms."""
     kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
-    model = engine.build_model(cfg.model.name, num_classes, **kwargs)
+    model = factory.build_model(cfg.model.name, num_classes, **kwargs)
     lr = train.scaled_lr(cfg.optim, cfg.data.batch_size * cfg.trainer.grad_accum)
     optimizer = train.create_optimizer(model, cfg.optim, lr)
     scheduler = train.create_scheduler(optimizer, cfg.sched, lr, cfg.trainer.epochs, updates=10)
@@ -53,7 +53,7 @@ def test_group_option_composes_and_instantiates(group, option):
 @pytest.mark.parametrize("option", _options("model"))
 def test_model_option_builds_its_model(option):
     cfg = compose_config("train", [f"model={option}", "data.root=/unused"])
-    model = engine.build_model(cfg.model.name, 7, **{k: v for k, v in cfg.model.items() if k != "name"})
+    model = factory.build_model(cfg.model.name, 7, **{k: v for k, v in cfg.model.items() if k != "name"})
     assert type(model).__name__ == "RedNet"
     assert model.num_classes == 7
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from train_utils import REPO, TINY, compose_config, make_image_folder
 
-from rednet import checkpoint, data, engine, monitor
+from rednet import data, engine, monitor, run_state
 
 
 def _data_cfg(root: Path, *overrides: str):
@@ -300,7 +300,7 @@ def _train_final_weights(image_root: Path, run_dir: Path, *overrides: str) -> di
     import train
 
     train.train(compose_config("train", [*TINY, f"data.root={image_root}", *STOCHASTIC, *overrides]), run_dir)
-    return checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    return run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["state_dict"]
 
 
 @pytest.fixture(scope="module")
@@ -394,9 +394,8 @@ def test_training_without_a_terminal_writes_no_bar_frames(capsys):
     model = torch.nn.Linear(4, 2)
     batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine.train_one_epoch(
-        model, batches, optimizer, torch.nn.CrossEntropyLoss(), engine.TrainProgress(), device=torch.device("cpu")
-    )
+    settings = engine.LoopSettings(torch.device("cpu"), epoch_updates=3)
+    engine.train_one_epoch(model, batches, optimizer, torch.nn.CrossEntropyLoss(), run_state.TrainProgress(), settings)
     engine.evaluate(model, batches, torch.device("cpu"))
     err = capsys.readouterr().err  # pytest's captured stderr is no terminal
     assert "\r" not in err and "it/s" not in err

@@ -23,7 +23,7 @@ from train_utils import REPO, TINY, compose_config, make_image_folder, sigterm_a
 
 import eval as eval_script
 import rednet
-from rednet import checkpoint, distributed
+from rednet import distributed, run_state
 
 # Two epochs of 3 updates: 24 training images, 2 ranks x batch 4; 9 validation images (an odd count: a padding
 # sampler would count one twice); lr given for global batch 4, so the 2 ranks must double it.
@@ -84,7 +84,7 @@ def test_torchrun_ranks_read_different_shards_and_end_with_the_same_weights(torc
         assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 24
     assert len(ranks[0]["images"]) == len(ranks[1]["images"]) == 24  # nothing read beyond the epochs
     assert ranks[0]["rng_digest"] != ranks[1]["rng_digest"]  # per-rank seeds
-    saved = checkpoint.load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt")["model"]
+    saved = run_state.load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt")["state_dict"]
     assert ranks[0]["state"].keys() == ranks[1]["state"].keys() == saved.keys()
     for key, value in saved.items():  # parameters and BatchNorm statistics
         assert torch.equal(ranks[0]["state"][key], value), key
@@ -93,7 +93,7 @@ def test_torchrun_ranks_read_different_shards_and_end_with_the_same_weights(torc
 
 def test_torchrun_lr_is_scaled_to_the_global_batch(torchrun):
     run_dirs, _ = torchrun
-    ckpt = checkpoint.load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt")
     assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 8 / 4)
 
 
@@ -122,7 +122,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step(image_root, tmp_p
     assert "got signal: 15" in stderr  # torchrun's own exit (status 1) after its workers ended
     log = (run_dir / "train.log").read_text()
     assert "SIGTERM: stopping after this step" in log and "stopped in epoch 1" in log
-    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert 1 <= ckpt["step"] < 3 and ckpt["epoch_batches"] == ckpt["step"]  # in the middle of the first epoch
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     assert not (run_dir / "results.json").exists()
@@ -202,12 +202,12 @@ def test_submitit_preemption_requeues_and_resumes_exactly(submitit_preempted, to
     assert "stopped in epoch" in log and "resumed from" in log and log.count("epoch 2/2 | train loss") == 1
     task_logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.out"))
     assert "Requeued job" in task_logs  # submitit's protocol: rank 0 asked for the requeue (exit code 144)
-    final = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    final = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (final["epoch"], final["step"]) == (2, 6)
     # Interrupted and requeued, the 2-process run ends with the weights of the uninterrupted torchrun one.
-    expected = checkpoint.load_checkpoint(torchrun[0][0] / "checkpoints" / "last.pt")["model"]
+    expected = run_state.load_checkpoint(torchrun[0][0] / "checkpoints" / "last.pt")["state_dict"]
     for key, value in expected.items():
-        torch.testing.assert_close(final["model"][key], value, rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
@@ -299,7 +299,7 @@ def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_pa
         fresh_images, run_dir, on_first_checkpoint=damage, run=EPOCH_END_RUN
     )
     _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'")
-    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 3)  # the first epoch is kept
 
 
@@ -311,7 +311,7 @@ def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):
     returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=lambda: started)
     # val/ in order: cat 0-2, dog 0-2, dog/img3 is the 7th image (index 6), rank 6 % 2 = 0's shard
     _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'", "0")
-    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (0, 3)  # the first epoch's training, saved step by step, is kept
 
 
@@ -320,7 +320,13 @@ def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):
     [
         ("forward:1:2", "RuntimeError: injected failure in forward on rank 1", "1", 1),
         ("nan:1:2", r"NonFiniteLossError: training loss is nan at step 2", "[01]", 1),  # one rank's NaN stops both
-        ("save:0:3", r"OSError: \[Errno 28\] No space left on device \(injected\)", "0", 2),
+        (
+            "save:0:3",
+            r"CheckpointError: could not write checkpoint '\S+/last.pt': the disk is full "
+            r"\(OSError: \[Errno 28\] No space left on device \(injected\)\)",
+            "0",
+            2,
+        ),
     ],
     ids=["exception-in-forward-on-rank-1", "nan-loss-on-rank-1", "checkpoint-write-fails-on-rank-0"],
 )
@@ -328,4 +334,4 @@ def test_failure_on_one_rank_ends_the_job(image_root, tmp_path, probe_fail, erro
     run_dir = tmp_path / "run"
     returncode, output, elapsed = _torchrun_failing(image_root, run_dir, probe_fail)
     _assert_job_failed(returncode, output, elapsed, error, rank)
-    assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == step  # the last good save
+    assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == step  # the last good save

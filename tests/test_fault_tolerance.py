@@ -16,7 +16,7 @@ import torch
 from train_utils import REPO, TINY, compose_config, make_image_folder, sigterm_after_first_checkpoint
 
 import train
-from rednet import checkpoint, data, preemption
+from rednet import checkpoint, data, preemption, run_state
 from rednet.models.rednet import RedNet
 
 UPDATES = 6  # 3 classes x 8 training images, batch 4
@@ -46,15 +46,15 @@ def reference(image_root, tmp_path_factory):
     """The uninterrupted run's final checkpoint."""
     run_dir = tmp_path_factory.mktemp("reference")
     train.train(_cfg(image_root), run_dir)
-    return checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    return run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
 def _resume_and_compare(image_root, run_dir, reference) -> str:
     """Continue `run_dir` with resume=auto; the final weights (model and EMA) must be the uninterrupted run's."""
     results = train.train(_cfg(image_root, "resume=auto"), run_dir)
     assert results["step"] == UPDATES and results["epoch"] == 1
-    final = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    for part in ("model", "model_ema"):
+    final = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    for part in ("state_dict", "state_dict_ema"):
         for key, value in reference[part].items():
             torch.testing.assert_close(final[part][key], value, rtol=0, atol=1e-6, msg=f"{part}.{key}")
     assert final["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
@@ -106,11 +106,11 @@ def test_kill_mid_checkpoint_write_leaves_a_loadable_checkpoint(killed_mid_write
     ckpt_dir = killed_mid_write / "checkpoints"
     (torn,) = ckpt_dir.glob(".last.pt.*.tmp")  # the write that was killed
     with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.load_checkpoint(torn)
-    last = checkpoint.load_checkpoint(ckpt_dir / "last.pt")
+        run_state.load_checkpoint(torn)
+    last = run_state.load_checkpoint(ckpt_dir / "last.pt")
     assert (last["epoch"], last["step"], last["epoch_batches"]) == (0, KILL_AT_WRITE - 1, KILL_AT_WRITE - 1)
     # last.pt became last_prev.pt just before the write began: a copy of it survives whatever happens to last.pt
-    assert checkpoint.load_checkpoint(ckpt_dir / "last_prev.pt")["step"] == KILL_AT_WRITE - 1
+    assert run_state.load_checkpoint(ckpt_dir / "last_prev.pt")["step"] == KILL_AT_WRITE - 1
 
 
 def test_resume_after_kill_mid_write_matches_an_uninterrupted_run(killed_mid_write, image_root, reference, tmp_path):
@@ -143,11 +143,11 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(image_root, tmp_pa
 
 def test_each_write_keeps_the_previous_last_pt(tmp_path):
     state = {"model": {"w": torch.zeros(2)}, "optimizer": {}, "epoch": 0, "step": 1, "arch": "rednet26"}
-    checkpoint.write_checkpoints(state, tmp_path, epoch_end=False, is_best=False, keep_last=1)
+    run_state.write_checkpoints(state, tmp_path, epoch_end=False, is_best=False, keep_last=1)
     assert not (tmp_path / "last_prev.pt").exists()
-    checkpoint.write_checkpoints({**state, "step": 2}, tmp_path, epoch_end=False, is_best=False, keep_last=1)
-    assert checkpoint.load_checkpoint(tmp_path / "last.pt")["step"] == 2
-    assert checkpoint.load_checkpoint(tmp_path / "last_prev.pt")["step"] == 1
+    run_state.write_checkpoints({**state, "step": 2}, tmp_path, epoch_end=False, is_best=False, keep_last=1)
+    assert run_state.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert run_state.load_checkpoint(tmp_path / "last_prev.pt")["step"] == 1
 
 
 # --- stop signals
@@ -170,7 +170,7 @@ def test_signal_finishes_the_step_writes_last_pt_and_resumes_exactly(sig, image_
     assert signal.getsignal(sig) is signal.SIG_DFL  # the handlers are put back
     assert stop.received == sig
     assert results == {"stopped": True, "epoch": 0, "step": 3}  # step 3 was finished, not dropped
-    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"]) == (0, 3, 3)
     assert f"{sig.name}: stopping after this step" in (tmp_path / "train.log").read_text()
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
@@ -182,7 +182,7 @@ def test_sigterm_to_the_command_line_run_exits_cleanly_mid_epoch(image_root, ref
     cmd = [sys.executable, "train.py", *TINY, f"data.root={image_root}", *RUN, EVERY_STEP, f"hydra.run.dir={run_dir}"]
     returncode, stderr = sigterm_after_first_checkpoint(cmd, run_dir, ENV, timeout=60)
     assert returncode == 0, stderr[-2000:]
-    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert 1 <= ckpt["step"] < UPDATES and ckpt["epoch_batches"] == ckpt["step"] and ckpt["epoch"] == 0
     assert "SIGTERM: stopping after this step" in (run_dir / "train.log").read_text()
     assert not (run_dir / "results.json").exists()
@@ -238,15 +238,15 @@ def test_sync_bn_needs_cuda(image_root, tmp_path):
 
 def test_per_rank_rng_states_are_restored_only_for_the_same_world_size():
     states = [{"rank": 0}, {"rank": 1}]
-    assert checkpoint.rank_rng_state(states, rank=1, world_size=2) == {"rank": 1}
-    assert checkpoint.rank_rng_state({"rank": 0}, rank=0, world_size=1) == {"rank": 0}  # one process's state
-    assert checkpoint.rank_rng_state(states, rank=0, world_size=4) is None
+    assert run_state.rank_rng_state(states, rank=1, world_size=2) == {"rank": 1}
+    assert run_state.rank_rng_state({"rank": 0}, rank=0, world_size=1) == {"rank": 0}  # one process's state
+    assert run_state.rank_rng_state(states, rank=0, world_size=4) is None
 
 
 def test_lr_scales_with_batch_and_accumulation(image_root, tmp_path):
     overrides = ("optim.lr=1e-3", "optim.lr_base_size=4", "data.batch_size=4", "trainer.grad_accum=2")
     train.train(_cfg(image_root, *overrides), tmp_path, should_stop=lambda: True)
-    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 4 * 2 / 4)
     assert "global batch 8, lr 0.002" in (tmp_path / "train.log").read_text()
 

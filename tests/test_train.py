@@ -17,7 +17,7 @@ from train_utils import REPO, TINY, compose_config, make_image_folder
 
 import eval as eval_script
 import train
-from rednet import checkpoint, data, distributed, engine
+from rednet import checkpoint, data, distributed, engine, run_state
 
 UPDATES_PER_EPOCH = 6  # 3 classes x 8 train images, batch 4
 
@@ -62,12 +62,60 @@ def test_run_directory_holds_everything(trained, image_root):
 def test_checkpoint_is_a_plain_weights_only_dict(trained):
     run_dir, _ = trained
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    for key in ("model", "model_ema", "optimizer", "scheduler", "scaler", "rng", "config"):
-        assert key in ckpt
+    for key in ("state_dict", "state_dict_ema", "optimizer", "amp_scaler", "rng", "config", "num_classes"):
+        assert key in ckpt  # timm's layout (state_dict, state_dict_ema, optimizer, amp_scaler, epoch, arch) + ours
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"], ckpt["arch"]) == (2, 12, 0, "rednet26")
     assert ckpt["config"]["trainer"]["epochs"] == 2 and isinstance(ckpt["config"], dict)
-    assert ckpt["model"].keys() == ckpt["model_ema"].keys()
-    assert not torch.equal(ckpt["model"]["fc.weight"], ckpt["model_ema"]["fc.weight"])
+    assert ckpt["state_dict"].keys() == ckpt["state_dict_ema"].keys()
+    assert not torch.equal(ckpt["state_dict"]["fc.weight"], ckpt["state_dict_ema"]["fc.weight"])
+
+
+def test_timm_tools_read_our_checkpoints(trained, image_root):
+    """timm's load_checkpoint (what timm's validate.py --checkpoint calls: load_checkpoint(model, path, use_ema))
+    and resume_checkpoint read best.pt and last.pt; resume_checkpoint returns the epoch to start from."""
+    import timm
+    from timm.models import load_checkpoint, resume_checkpoint
+
+    run_dir, _ = trained
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    for path in (run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt"):
+        for use_ema in (True, False):
+            model = timm.create_model("rednet26", num_classes=3)
+            load_checkpoint(model, str(path), use_ema=use_ema)
+            expected = run_state.load_checkpoint(path)["state_dict_ema" if use_ema else "state_dict"]
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, expected[key]), key
+    model = timm.create_model("rednet26", num_classes=3)
+    cfg = _train_cfg(image_root)
+    optimizer = train.create_optimizer(model, cfg.optim, cfg.optim.lr)
+    epoch = resume_checkpoint(model, str(run_dir / "checkpoints" / "last.pt"), optimizer=optimizer)
+    assert epoch == ckpt["epoch"] == 2  # both epochs done: the next one to run is epoch 2 (0-based)
+    assert torch.equal(model.state_dict()["fc.weight"], ckpt["state_dict"]["fc.weight"])
+    assert optimizer.state_dict()["state"][0]["step"] == ckpt["optimizer"]["state"][0]["step"]
+
+
+def _in_old_layout(path, out):
+    """A checkpoint as the code before the timm layout wrote it: model, model_ema, scaler, scheduler keys."""
+    ckpt = torch.load(path, weights_only=True)
+    old = {
+        {"state_dict": "model", "state_dict_ema": "model_ema", "amp_scaler": "scaler"}.get(k, k): v
+        for k, v in ckpt.items()
+    }
+    torch.save({**old, "scheduler": {"last_epoch": 0}}, out)
+    return out
+
+
+def test_checkpoint_in_the_old_layout_evaluates_and_resumes(trained, image_root, tmp_path):
+    run_dir, results = trained
+    old = _in_old_layout(run_dir / "checkpoints" / "best.pt", tmp_path / "old_best.pt")
+    eval_overrides = [f"data.root={image_root}", "data.num_workers=0", "trainer.device=cpu", f"checkpoint={old}"]
+    got = eval_script.evaluate_checkpoint(compose_config("eval", eval_overrides), tmp_path / "eval")
+    assert got["top1"] == pytest.approx(results["best_top1"], abs=1e-4)
+    old = _in_old_layout(run_dir / "checkpoints" / "last.pt", tmp_path / "old_last.pt")
+    cfg = _train_cfg(image_root, "trainer.epochs=3", "trainer.model_ema=true", f"resume={old}")
+    resumed = train.train(cfg, tmp_path / "run")
+    assert (resumed["epoch"], resumed["step"]) == (3, 3 * UPDATES_PER_EPOCH)
+    assert "holds no EMA weights" not in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_tensorboard_holds_the_scalars(trained):
@@ -124,7 +172,7 @@ def test_resume_auto_continues_at_the_next_epoch_and_step(trained, image_root, t
     )
     steps = [s for s, _ in _scalars(run_dir)["train/loss"]]
     assert steps[-6:] == list(range(13, 19))
-    ckpt = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (3, 18)
     # The 2-epoch cosine had reached lr 0 at step 12; the 3-epoch one decays over the new third epoch instead.
     resumed_lrs = [v for s, v in _scalars(run_dir)["train/lr"] if s > 12]
@@ -133,8 +181,22 @@ def test_resume_auto_continues_at_the_next_epoch_and_step(trained, image_root, t
     assert "settings changed since the checkpoint" in log and "; trainer.epochs: 2 -> 3;" in log
 
 
+def test_resume_after_a_crash_logs_each_step_once(image_root, tmp_path):
+    """A crash after step 6 whose last checkpoint is step 4 (last.pt lost): the resumed run logs steps 5-6 and the
+    epoch's validation again, and TensorBoard shows each step once (the writer purges the steps after the
+    checkpoint's), not a zig-zag."""
+    overrides = ("trainer.epochs=1", "trainer.ckpt_every_steps=4", "trainer.keep_last=0")
+    train.train(_train_cfg(image_root, *overrides), tmp_path)
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    assert run_state.load_checkpoint(tmp_path / "checkpoints" / "last_prev.pt")["step"] == 4
+    assert train.train(_train_cfg(image_root, *overrides, "resume=auto"), tmp_path)["step"] == UPDATES_PER_EPOCH
+    scalars = _scalars(tmp_path)
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, UPDATES_PER_EPOCH + 1))
+    assert [step for step, _ in scalars["val/top1"]] == [UPDATES_PER_EPOCH]
+
+
 def _edited_checkpoint(trained, tmp_path, **changes):
-    ckpt = checkpoint.load_checkpoint(trained[0] / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(trained[0] / "checkpoints" / "last.pt")
     path = tmp_path / "edited.pt"
     torch.save({**ckpt, **changes}, path)
     return path
@@ -180,12 +242,12 @@ def test_resume_with_a_new_batch_size_and_epochs_follows_the_new_schedule(image_
         hook.remove()
     assert results["step"] == 24 + 6
     assert used_lrs == pytest.approx(reference[12:18], rel=1e-12) and min(used_lrs) > 0
-    groups = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    groups = run_state.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
     assert 0.07 in {group["weight_decay"] for group in groups}  # the new setting, not the checkpoint's 0.05
 
 
 def test_resume_that_turns_on_ema_starts_it_from_the_model(trained, image_root, tmp_path):
-    path = _edited_checkpoint(trained, tmp_path, model_ema=None)
+    path = _edited_checkpoint(trained, tmp_path, state_dict_ema=None)
     results = train.train(
         _train_cfg(image_root, "trainer.epochs=2", "trainer.model_ema=true", f"resume={path}"), tmp_path / "run"
     )
@@ -211,12 +273,12 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(image_root, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         train.train(_train_cfg(image_root, *overrides), tmp_path / "cut")
     monkeypatch.setattr(engine, "train_one_epoch", original)
-    ckpt = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"]) == (0, 2, 2)
     resumed = train.train(_train_cfg(image_root, *overrides, "resume=auto"), tmp_path / "cut")
     assert resumed["step"] == reference["step"] == UPDATES_PER_EPOCH
-    final = checkpoint.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]
-    expected = checkpoint.load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    final = run_state.load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["state_dict"]
+    expected = run_state.load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["state_dict"]
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
 
@@ -224,7 +286,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(image_root, tmp_path, mon
 def test_preemption_hook_saves_and_stops(image_root, tmp_path):
     results = train.train(_train_cfg(image_root, "trainer.epochs=2"), tmp_path, should_stop=lambda: True)
     assert results == {"stopped": True, "epoch": 0, "step": 1}
-    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
+    assert run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
 
 
 def test_any_timm_model_trains_and_evaluates(image_root, tmp_path):
@@ -246,8 +308,8 @@ def test_loop_options_run_together(image_root, tmp_path, amp, model):
     overrides += ["data.mixup=0.2", "data.cutmix=1.0", "trainer.epochs=1"]
     results = train.train(_train_cfg(image_root, *overrides), tmp_path)
     assert results["step"] == UPDATES_PER_EPOCH // 2 and results["loss"] > 0
-    ckpt = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+    ckpt = run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert (ckpt["amp_scaler"] is not None) == (amp == "fp16")
 
 
 @pytest.mark.parametrize(
@@ -315,7 +377,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_root, tmp_path,
     cfg = _train_cfg(image_root, "trainer.ckpt_every_steps=2", "trainer.log_interval=5")
     with pytest.raises(engine.NonFiniteLossError, match="training loss is nan at step 3 .*last good state"):
         train.train(cfg, tmp_path)
-    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+    assert run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_unreadable_training_image_is_named_and_work_is_kept(image_root, tmp_path):
@@ -325,7 +387,7 @@ def test_unreadable_training_image_is_named_and_work_is_kept(image_root, tmp_pat
     bad.write_bytes(bad.read_bytes()[:60])
     with pytest.raises(data.BadImageError, match=f"cannot read image '{bad}'"):
         train.train(_train_cfg(root), tmp_path / "run")
-    assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] < UPDATES_PER_EPOCH
+    assert run_state.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] < UPDATES_PER_EPOCH
     results = train.train(_train_cfg(root, "trainer.epochs=1", "data.skip_bad_images=true"), tmp_path / "skip")
     assert results["step"] == UPDATES_PER_EPOCH
     assert "skipped 1 unreadable images" in (tmp_path / "skip" / "train.log").read_text()
@@ -339,7 +401,7 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(image_root, tmp_pat
     bad.write_bytes(good[:60])
     with pytest.raises(data.BadImageError, match=f"cannot read image '{bad}'"):
         train.train(_train_cfg(root, "trainer.epochs=1"), tmp_path / "run")
-    ckpt = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    ckpt = run_state.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_batches"]) == (0, UPDATES_PER_EPOCH, UPDATES_PER_EPOCH)
     bad.write_bytes(good)  # fixed: resume goes straight to the epoch's evaluation
     results = train.train(_train_cfg(root, "trainer.epochs=1", "resume=auto"), tmp_path / "run")
@@ -369,7 +431,7 @@ def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
     with pytest.raises(ValueError, match=r"trained on 3 classes but the val folder has 2 \(missing: \['fox'\]"):
         eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval")
     plain = tmp_path / "plain.pt"
-    torch.save(torch.load(last, weights_only=True)["model"], plain)
+    torch.save(torch.load(last, weights_only=True)["state_dict"], plain)
     overrides[2] = f"checkpoint={plain}"
     overrides.append("model=rednet26")  # a bare state dict does not name its architecture
     with pytest.raises(ValueError, match="has a 3-class classifier but the val folder has 2 class folders"):
@@ -447,7 +509,7 @@ def test_two_runs_in_one_default_directory_each_get_their_own(image_root, tmp_pa
         seed = OmegaConf.load(run_dir / "config.yaml").seed
         assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed == seed
         assert f"seed={seed}" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-        assert checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["seed"] == seed
+        assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["seed"] == seed
         assert json.loads((run_dir / "results.json").read_text())["step"] == UPDATES_PER_EPOCH
         seeds.add(seed)
     assert seeds == {1, 2}
@@ -481,3 +543,29 @@ def test_a_directory_whose_run_failed_in_set_up_is_taken_over(image_root, tmp_pa
     assert done.returncode == 0 and (run_dir / distributed.CLAIM_FILE).exists()
     assert distributed.claim_run_dir(run_dir) == run_dir  # its process has ended, no checkpoints: taken over
     assert distributed.claim_run_dir(run_dir) == tmp_path / "run_1"  # this process is alive: not taken over
+
+
+def test_grad_accum_that_does_not_divide_the_epoch_uses_every_batch():
+    """5 batches at grad_accum=2: updates of 2, 2 and 1 micro-batches, each the mean over its micro-batches (the
+    trailing batch was dropped before: 20% of the data)."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(5)]
+    model, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    progress = run_state.TrainProgress()
+    settings = engine.LoopSettings(torch.device("cpu"), run_state.updates_per_epoch(5, 2), grad_accum=2)
+    assert settings.epoch_updates == 3
+    stats = engine.train_one_epoch(model, batches, optimizer, torch.nn.CrossEntropyLoss(), progress, settings)
+    assert (stats["updates"], progress.step, progress.epoch_batches) == (3, 3, 5)
+    for group in (batches[0:2], batches[2:4], batches[4:5]):  # plain SGD on each group's mean loss
+        loss = sum(torch.nn.functional.cross_entropy(reference(x), y) for x, y in group) / len(group)
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        with torch.no_grad():
+            for param, grad in zip(reference.parameters(), grads):
+                param -= 0.5 * grad
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    # The schedule counts the short update too: after epoch 1 (5 batches) the position is 3, mid-epoch ceil(b / 2).
+    assert run_state.schedule_position(run_state.TrainProgress(epoch=1), 3, 2) == 3
+    assert run_state.schedule_position(run_state.TrainProgress(epoch=1, epoch_batches=4), 3, 2) == 5

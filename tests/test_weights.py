@@ -229,15 +229,15 @@ def test_only_mmcls_checkpoints_lose_backbone_and_head_prefixes():
 
 @pytest.mark.parametrize("arch", ["test_resnet", "test_convnext"])  # classifier "fc", and "head.fc" under head.*
 def test_fine_tuning_a_timm_model_loads_the_checkpoint_path(arch, tmp_path):
-    from rednet import engine
+    from rednet import factory
 
     torch.manual_seed(0)
     source = timm.create_model(arch, num_classes=5)
     torch.save({"model": source.state_dict(), "epoch": 1}, tmp_path / "last.pt")
-    same = engine.build_model(arch, 5, pretrained=str(tmp_path / "last.pt"))
+    same = factory.build_model(arch, 5, pretrained=str(tmp_path / "last.pt"))
     assert_same_weights(same, source)
     with pytest.warns(UserWarning, match="5 classes, the model 3"):  # a fresh 3-class classifier
-        fine_tuned = engine.build_model(arch, 3, pretrained=str(tmp_path / "last.pt"))
+        fine_tuned = factory.build_model(arch, 3, pretrained=str(tmp_path / "last.pt"))
     classifier = fine_tuned.pretrained_cfg["classifier"]
     kept = {k: v for k, v in source.state_dict().items() if not k.startswith(classifier)}
     for key, value in kept.items():
@@ -402,7 +402,7 @@ def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, 
     from train_utils import compose_config
 
     import eval as eval_script
-    from rednet import engine
+    from rednet import factory
 
     torch.manual_seed(0)
     reference = timm.create_model("test_resnet", num_classes=3)
@@ -412,7 +412,7 @@ def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, 
             torch.load(path, weights_only=True)
 
     # pretrained= (train.py's fine-tuning builds the model this way) and the published-file converter
-    assert_same_weights(engine.build_model("test_resnet", 3, pretrained=str(path)), reference)
+    assert_same_weights(factory.build_model("test_resnet", 3, pretrained=str(path)), reference)
     converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
     torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
 
@@ -438,7 +438,7 @@ def test_a_hostile_pickle_is_refused_by_name_and_never_runs(tmp_path, image_root
     from train_utils import compose_config
 
     import eval as eval_script
-    from rednet import checkpoint, engine
+    from rednet import checkpoint, factory, run_state
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -448,9 +448,9 @@ def test_a_hostile_pickle_is_refused_by_name_and_never_runs(tmp_path, image_root
             compose_config("eval", [f"checkpoint={path}", f"data.root={image_root}", "model.name=test_resnet"]),
             tmp_path / "e",
         ),
-        "pretrained=": lambda: engine.build_model("test_resnet", 3, pretrained=str(path)),
+        "pretrained=": lambda: factory.build_model("test_resnet", 3, pretrained=str(path)),
         "convert_checkpoint.py": lambda: load_script("convert_checkpoint").convert(str(path), str(tmp_path / "o")),
-        "resume": lambda: checkpoint.load_checkpoint(path),
+        "resume": lambda: run_state.load_checkpoint(path),
     }
     for name, call in calls.items():
         with pytest.raises(checkpoint.CheckpointError, match=r"posix.system: rednet .* will not unpickle") as error:
