@@ -72,7 +72,7 @@ def test_export_onnx_script_runs_in_onnxruntime(tmp_path, monkeypatch, capsys):
     model = RedNet(layers=(1, 1, 1, 1), num_classes=7)
     _randomize_batch_norms(model)
     script = _load_script("export_onnx")
-    monkeypatch.setattr(script.engine, "model_from_weights", lambda *args, **kwargs: model.eval())
+    monkeypatch.setattr(script.factory, "model_from_weights", lambda *args, **kwargs: model.eval())
     out = tmp_path / "rednet.onnx"
     argv = ["--model", "rednet26", "--img-size", "35", "--out", str(out), "--tolerance", "1e-5", "--time", "2",
             "--batch-size", "2", "--threads", "1"]  # fmt: skip
