@@ -13,6 +13,7 @@ from torch import nn
 import rednet
 from rednet import weights
 from rednet.checkpoint import WeightsSettings, check_arch, weights_settings
+from rednet.models import rednet as rednet_model
 
 
 def check_model_name(name: str) -> None:
@@ -77,7 +78,7 @@ def model_from_checkpoint(
     check_model_name(name)
     check_arch(ckpt, name, path)
     state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
-    shape = {**settings.model_kwargs, **weights.model_kwargs_from_state_dict(state_dict)}
+    shape = {**settings.model_kwargs, **rednet_model.model_kwargs_from_state_dict(state_dict)}
     if name not in rednet.list_models():
         shape = {key: value for key, value in shape.items() if key in settings.model_kwargs and key != "num_classes"}
     checkpoint_classes = shape.pop("num_classes", None) or settings.num_classes

@@ -15,7 +15,6 @@ import dataclasses
 import glob
 import hashlib
 import logging
-import math
 import os
 import re
 import urllib.error
@@ -39,8 +38,6 @@ __all__ = [
     "fetch",
     "read_checkpoint",
     "to_state_dict",
-    "detect_stem_kernel_size",
-    "model_kwargs_from_state_dict",
     "load_state_dict",
     "load_weights",
     "preprocessing_from_cfg",
@@ -54,8 +51,9 @@ _logger = logging.getLogger(__name__)
 # torch.hub's convention: a file named NAME-<first hex digits of its sha256>.ext carries its own check.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-_MMCLS_PREFIXES = ("backbone.", "head.")  # mmcls ImageClassifier: backbone.<RedNet keys>, head.fc.*
-_STEM_GROUPS = 2  # the stem involution has 32 channels in groups of 16
+# An mmcls / mmpretrain ImageClassifier checkpoint (any backbone, RedNet's official release among them):
+# backbone.<the network's keys>, head.fc.*. RedNet's checkpoint_filter_fn maps its official names too.
+_MMCLS_PREFIXES = ("backbone.", "head.")
 _LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version", "hyper_parameters", "loops")
 
 
@@ -267,7 +265,9 @@ def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
 
 
 def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, Tensor]:
-    """The model's state dict, in this package's key names, from any accepted checkpoint layout.
+    """The model's state dict from any accepted checkpoint layout, without the training framework's prefixes (DDP,
+    torch.compile, Lightning, mmcls's backbone./head.); model-specific renames are the model's checkpoint filter
+    (RedNet's: ``rednet.models.rednet.checkpoint_filter_fn``).
 
     Args:
         checkpoint: a loaded checkpoint (see the module docstring for the layouts).
@@ -297,51 +297,24 @@ def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[s
     return tensors
 
 
-def detect_stem_kernel_size(state_dict: Mapping[str, Tensor]) -> int | None:
-    """K of the stem involution from ``stem.1.conv2.conv.weight`` (G·K² rows, G=2: 18 → 3, 98 → 7); None if absent."""
-    weight = state_dict.get("stem.1.conv2.conv.weight")
-    if weight is None:
-        return None
-    rows = weight.shape[0]
-    kernel_size = math.isqrt(rows // _STEM_GROUPS)
-    if kernel_size**2 * _STEM_GROUPS != rows:
-        raise ValueError(f"stem.1.conv2.conv.weight has {rows} rows: not 2·K² for any K (expected 18 or 98)")
-    return kernel_size
-
-
-def model_kwargs_from_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
-    """The RedNet arguments a checkpoint fixes: ``stem_kernel_size`` and ``num_classes`` (where it has them)."""
-    kwargs = {}
-    stem_kernel_size = detect_stem_kernel_size(state_dict)
-    if stem_kernel_size is not None:
-        kwargs["stem_kernel_size"] = stem_kernel_size
-    if "fc.weight" in state_dict:
-        kwargs["num_classes"] = state_dict["fc.weight"].shape[0]
-    return kwargs
-
-
 def _classifier_keys(model: nn.Module) -> list[str]:
-    """The classifier's parameter names, from timm's pretrained_cfg ("head.fc" for ConvNeXt, ...), else "fc" (a
-    RedNet while its constructor loads weights has no pretrained_cfg yet)."""
+    """The classifier's parameter names, from timm's pretrained_cfg ("head.fc" for ConvNeXt, ...), else "fc"."""
     names = getattr(model, "pretrained_cfg", {}).get("classifier") or "fc"
     return [f"{name}.{kind}" for name in ((names,) if isinstance(names, str) else names) for kind in ("weight", "bias")]
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load a converted state dict into a RedNet (or another timm model) strictly, except for the classifier.
+    """Load a state dict (``to_state_dict``'s output) into a RedNet or another timm model strictly, except for the
+    classifier.
 
-    A checkpoint for another num_classes loses its classifier with a warning (the model keeps its fresh one);
-    ``in_chans`` other than the checkpoint's adapts a RedNet's first conv as timm does; any other missing or
-    unexpected key is an error that lists them.
+    A RedNet's goes through its ``checkpoint_filter_fn`` first (mmcls names, stem kernel size, classifier, key
+    check). A checkpoint for another num_classes loses its classifier with a warning (the model keeps its fresh
+    one); another input channel count adapts the first conv (pretrained_cfg ``first_conv``) as timm does; any other
+    missing or unexpected key is an error that lists them.
     """
-    state_dict = dict(state_dict)
-    stem_kernel_size = detect_stem_kernel_size(state_dict)
-    model_stem = getattr(model, "stem_kernel_size", None)
-    if stem_kernel_size is not None and model_stem is not None and stem_kernel_size != model_stem:
-        raise ValueError(
-            f"the checkpoint's stem involution has K={stem_kernel_size} but the model has "
-            f"stem_kernel_size={model_stem}: create the model with stem_kernel_size={stem_kernel_size}"
-        )
+    from rednet.models.rednet import RedNet, checkpoint_filter_fn  # deferred: rednet.models imports this module
+
+    state_dict = checkpoint_filter_fn(state_dict, model) if isinstance(model, RedNet) else dict(state_dict)
     own = model.state_dict()
     dropped = [
         key
@@ -357,11 +330,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         )
         for key in dropped:
             del state_dict[key]
-    stem_conv = state_dict.get("stem.0.conv.weight")
-    if stem_conv is not None and hasattr(model, "in_chans") and stem_conv.shape[1] != model.in_chans:
-        from timm.models import adapt_input_conv
-
-        state_dict["stem.0.conv.weight"] = adapt_input_conv(model.in_chans, stem_conv)
+    _adapt_first_conv(model, state_dict)
     result = model.load_state_dict(state_dict, strict=False)
     missing = [key for key in result.missing_keys if key not in dropped]
     if missing or result.unexpected_keys:
@@ -369,8 +338,21 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         raise RuntimeError(
             f"checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}"
-            " (a checkpoint of another RedNet depth or another model?)"
         )
+
+
+def _adapt_first_conv(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Adapt the first conv (pretrained_cfg ``first_conv``) of ``state_dict`` to the model's input channels, as
+    timm's load_pretrained does (timm.models.adapt_input_conv)."""
+    from timm.models import adapt_input_conv
+
+    first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    for name in (first_conv,) if isinstance(first_conv, str) else first_conv or ():
+        weight = state_dict.get(f"{name}.weight")
+        module = model.get_submodule(name) if weight is not None else None
+        if isinstance(module, nn.Conv2d) and weight.ndim == 4 and weight.shape[1] != module.weight.shape[1]:
+            # Plain stems only (one weight channel per image channel): base_chans is the checkpoint's count.
+            state_dict[f"{name}.weight"] = adapt_input_conv(module.weight.shape[1], weight, base_chans=weight.shape[1])
 
 
 def preprocessing_from_cfg(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import rednet
 from rednet import weights
+from rednet.models.rednet import checkpoint_filter_fn, model_kwargs_from_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,11 +189,35 @@ def test_unexpected_and_missing_keys_are_errors_that_list_them(source):
     assert "layer2.1.bn2.running_var" in str(error.value)
 
 
+def test_checkpoint_filter_maps_the_mmcls_layout_and_refuses_another_stem_kernel_size(source):
+    reference, checkpoint = source
+    mmcls = checkpoint["state_dict"]
+    assert "backbone.stem.0.conv.weight" in mmcls and "head.fc.weight" in mmcls
+    filtered = checkpoint_filter_fn(mmcls, rednet.create_model("rednet26"))
+    assert sorted(filtered) == sorted(reference.state_dict())
+    torch.testing.assert_close(filtered, reference.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="create the model with stem_kernel_size=3"):
+        checkpoint_filter_fn(mmcls, rednet.create_model("rednet26", stem_kernel_size=7))
+    with pytest.raises(RuntimeError, match=r"missing keys .*\(a checkpoint of another RedNet depth"):
+        checkpoint_filter_fn(mmcls, rednet.create_model("rednet38"))
+
+
+@pytest.mark.parametrize("via", ["file", "state_dict"])
+def test_timm_create_model_loads_a_converted_checkpoint_exactly(via, source, tmp_path):
+    reference, checkpoint = source
+    path = tmp_path / "rednet26.pth"
+    torch.save(reference.state_dict(), path)
+    location = str(path) if via == "file" else torch.load(path, weights_only=True)
+    model = timm.create_model("rednet26", pretrained=True, pretrained_cfg_overlay={via: location})
+    torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=0, atol=0)
+    assert "state_dict" not in model.pretrained_cfg  # no second copy of the weights kept in the config
+
+
 def test_stem_kernel_size_7_is_detected(tmp_path):
     reference = random_model(stem_kernel_size=7)
     path = tmp_path / "detection_backbone.pth"
     torch.save(official_layout(reference), path)
-    assert weights.detect_stem_kernel_size(weights.to_state_dict(torch.load(path))) == 7
+    assert model_kwargs_from_state_dict(weights.to_state_dict(torch.load(path)))["stem_kernel_size"] == 7
     model = rednet.create_model("rednet26", pretrained=str(path))
     assert model.stem_kernel_size == 7
     assert_same_weights(model, reference)

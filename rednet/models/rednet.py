@@ -8,7 +8,9 @@ their ``backbone.`` / ``head.`` prefixes (see ``rednet.weights``). Structure and
 
 from __future__ import annotations
 
-import functools
+import math
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +24,14 @@ from timm.models._features import feature_take_indices
 from rednet.convert_paddle import PADDLECLAS_ACCURACY, PADDLECLAS_URLS
 from rednet.models.involution import ConvModule, Involution
 
-__all__ = ["Bottleneck", "RedNet"]
+__all__ = [
+    "Bottleneck",
+    "RedNet",
+    "checkpoint_filter_fn",
+    "detect_stem_kernel_size",
+    "model_kwargs_from_state_dict",
+    "remap_checkpoint",
+]
 
 
 class Bottleneck(nn.Module):
@@ -281,44 +290,150 @@ class RedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _rednet_with_weights(state_dict: dict[str, torch.Tensor], **kwargs: Any) -> RedNet:
-    """A RedNet loaded with ``state_dict``: timm's builder calls this in place of the class, before it wraps the
-    model for ``features_only``."""
-    from rednet import weights
+_MMCLS_PREFIXES = ("backbone.", "head.")  # mmcls ImageClassifier: backbone.<RedNet keys>, head.fc.*
+_STEM_KERNEL_KEY = "stem.1.conv2.conv.weight"  # the stem involution's kernel generator: G·K² output rows
+_STEM_GROUPS = 2  # the stem involution has 32 channels in groups of 16
+_FIRST_CONV_KEY = "stem.0.conv.weight"
 
-    model = RedNet(**kwargs)
-    weights.load_state_dict(model, state_dict)
-    return model
+
+def remap_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A RedNet state dict in this package's key names: the official (mmcls / mmpretrain) layout loses its
+    ``backbone.`` / ``head.`` prefixes (``backbone.stem.0.conv.weight`` -> ``stem.0.conv.weight``, ``head.fc.*`` ->
+    ``fc.*``); a dict already in our names is returned as a copy, unchanged."""
+    if not any(key.startswith("backbone.") for key in state_dict):
+        return dict(state_dict)
+    return {_strip_mmcls_prefix(key): value for key, value in state_dict.items()}
+
+
+def _strip_mmcls_prefix(key: str) -> str:
+    for prefix in _MMCLS_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def detect_stem_kernel_size(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """K of the stem involution of a state dict in our key names (G·K² rows, G=2: 18 -> 3, 98 -> 7); None if the
+    key is absent.
+
+    Raises:
+        ValueError: the row count is not 2·K² for any K.
+    """
+    weight = state_dict.get(_STEM_KERNEL_KEY)
+    if weight is None:
+        return None
+    rows = weight.shape[0]
+    kernel_size = math.isqrt(rows // _STEM_GROUPS)
+    if kernel_size**2 * _STEM_GROUPS != rows:
+        raise ValueError(f"{_STEM_KERNEL_KEY} has {rows} rows: not 2·K² for any K (expected 18 or 98)")
+    return kernel_size
+
+
+def model_kwargs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The RedNet arguments a checkpoint (our or the mmcls key names) fixes: ``stem_kernel_size`` and
+    ``num_classes``, where it has them."""
+    state_dict = remap_checkpoint(state_dict)
+    kwargs = {}
+    stem_kernel_size = detect_stem_kernel_size(state_dict)
+    if stem_kernel_size is not None:
+        kwargs["stem_kernel_size"] = stem_kernel_size
+    if "fc.weight" in state_dict:
+        kwargs["num_classes"] = state_dict["fc.weight"].shape[0]
+    return kwargs
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: RedNet) -> dict[str, torch.Tensor]:
+    """timm's checkpoint filter for RedNet: ``state_dict`` (our or the mmcls key names, wrapper prefixes already
+    removed by ``rednet.weights.to_state_dict``) as a dict that loads into ``model``.
+
+    A classifier of another class count is dropped with a warning (the model keeps its fresh one). The first conv
+    is left to timm's ``load_pretrained`` (in_chans adaptation, pretrained_cfg ``first_conv``).
+
+    Raises:
+        ValueError: the checkpoint's stem involution has another K than ``model.stem_kernel_size``.
+        RuntimeError: keys other than the classifier's are missing or unexpected (another depth or another model),
+            with their counts and the first few.
+    """
+    state_dict = remap_checkpoint(state_dict)
+    stem_kernel_size = detect_stem_kernel_size(state_dict)
+    if stem_kernel_size is not None and stem_kernel_size != model.stem_kernel_size:
+        raise ValueError(
+            f"the checkpoint's stem involution has K={stem_kernel_size} but the model has "
+            f"stem_kernel_size={model.stem_kernel_size}: create the model with stem_kernel_size={stem_kernel_size}"
+        )
+    own = model.state_dict()
+    classifier = [f"fc.{kind}" for kind in ("weight", "bias")]
+    dropped = [
+        key for key in classifier if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape)
+    ]
+    if dropped:
+        # timm's load_pretrained drops it too (pretrained_cfg num_classes != the model's), but only logs.
+        warnings.warn(
+            f"checkpoint classifier has {state_dict[dropped[0]].shape[0]} classes, the model {model.num_classes}: "
+            f"the classifier ({', '.join(dropped)}) is left at its fresh initialization",
+            stacklevel=2,
+        )
+        for key in dropped:
+            del state_dict[key]
+    missing = [key for key in own if key not in state_dict and key not in classifier]
+    unexpected = [key for key in state_dict if key not in own]
+    if missing or unexpected:  # checked here: torch's strict-load error lists every key of a whole network
+        raise RuntimeError(
+            f"checkpoint does not match {type(model).__name__}: {len(missing)} missing keys "
+            f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]} (a checkpoint of another RedNet "
+            "depth or another model?)"
+        )
+    return state_dict
 
 
 def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) -> RedNet:
-    """Build a RedNet through timm's builder; weights (True, a path or a URL) load through ``rednet.weights``.
+    """Build a RedNet through timm's builder; weights (True, a path or a URL) are read by ``rednet.weights``.
 
-    RedNet reads its own weights rather than through timm's loader: checkpoints come in several layouts (official
-    mmcls, plain, this project's training checkpoints, safetensors), downloads are checked against full sha256
-    digests, and the stem kernel size, class count, model arguments and preprocessing (into ``pretrained_cfg``)
-    are read from the checkpoint unless given.
+    ``rednet.weights.load_pretrained`` finds and reads the checkpoint (any layout it accepts: official mmcls,
+    plain, training checkpoints, timm's, safetensors, PaddleClas .pdparams; downloads checked against sha256
+    digests; torch files read with weights_only) and hands timm the tensors as ``pretrained_cfg['state_dict']``, so
+    timm never unpickles a user file. The stem kernel size, class count, model arguments and preprocessing (into
+    ``pretrained_cfg``) come from the checkpoint unless given; timm's ``load_pretrained`` then loads through
+    ``checkpoint_filter_fn``, resets a classifier of another size and adapts the first conv to ``in_chans``.
     """
     use_ema = kwargs.pop("use_ema", True)
-    model_cls = RedNet
-    if pretrained:
-        from rednet import weights  # deferred: keeps `import rednet` light
+    if not pretrained:
+        return build_model_with_cfg(RedNet, variant, pretrained=False, **kwargs)
+    from rednet import weights  # deferred: keeps `import rednet` light
 
-        state_dict, settings = weights.load_pretrained(
-            variant,
-            pretrained,
-            pretrained_cfg=kwargs.get("pretrained_cfg"),
-            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-            cache_dir=kwargs.get("cache_dir"),
-            use_ema=use_ema,
-        )
-        # Settings that travel with the weights, unless given: model shape, class count, and preprocessing as the
-        # model's pretrained_cfg (what timm.data.resolve_data_config(model=model) reads).
-        for name, value in {**settings.model_kwargs, **weights.model_kwargs_from_state_dict(state_dict)}.items():
-            kwargs.setdefault(name, value)
-        kwargs["pretrained_cfg_overlay"] = {**settings.pretrained_cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
-        model_cls = functools.partial(_rednet_with_weights, state_dict)
-    return build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    state_dict, settings = weights.load_pretrained(
+        variant,
+        pretrained,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=overlay,
+        cache_dir=kwargs.get("cache_dir"),
+        use_ema=use_ema,
+    )
+    state_dict = remap_checkpoint(state_dict)
+    checkpoint_kwargs = {**settings.model_kwargs, **model_kwargs_from_state_dict(state_dict)}
+    checkpoint_classes = checkpoint_kwargs.pop("num_classes", None)
+    for name, value in checkpoint_kwargs.items():
+        kwargs.setdefault(name, value)
+    # What timm's load_pretrained compares the model with: the checkpoint's class count and input channels (the
+    # builder also takes them as the model's defaults), then the checkpoint's preprocessing, then the caller's.
+    weights_cfg: dict[str, Any] = {**settings.pretrained_cfg}
+    if checkpoint_classes is not None:
+        weights_cfg["num_classes"] = checkpoint_classes
+    if _FIRST_CONV_KEY in state_dict:
+        height_width = tuple(weights_cfg.get("input_size") or _cfg()["input_size"])[-2:]
+        weights_cfg["input_size"] = (state_dict[_FIRST_CONV_KEY].shape[1], *height_width)
+    overlay = {**weights_cfg, **overlay, "state_dict": state_dict}
+    model = build_model_with_cfg(
+        RedNet,
+        variant,
+        pretrained=True,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_cfg_overlay=overlay,
+        **kwargs,
+    )
+    model.pretrained_cfg.pop("state_dict", None)  # the tensors are in the model now: don't keep a second copy
+    return model
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
