@@ -8,13 +8,10 @@ values, pickled the way paddle.save writes a state dict (a dict of NumPy arrays 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
 import importlib.util
 import logging
 import pickle
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,28 +158,6 @@ def isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def rednet26_arrays():
     return random_arrays(26)
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A loopback HTTP server over tmp_path/www; yields (directory, base URL, stop function)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    stopped = []
-
-    def stop() -> None:
-        if not stopped:
-            httpd.shutdown()
-            httpd.server_close()
-            stopped.append(True)
-
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", stop
-    stop()
 
 
 def sha256(path: Path) -> str:

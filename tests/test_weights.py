@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import importlib.util
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -72,28 +69,6 @@ def source():
     """rednet26 with random weights and its official-layout checkpoint (made once: the file is 37 MB)."""
     model = random_model()
     return model, official_layout(model)
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A loopback HTTP server over tmp_path/www; yields (directory, base URL, stop function)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    stopped = []
-
-    def stop() -> None:
-        if not stopped:
-            httpd.shutdown()
-            httpd.server_close()
-            stopped.append(True)
-
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", stop
-    stop()
 
 
 def test_pretrained_true_downloads_registered_url_checks_sha256_and_loads_cached_without_network(
