@@ -35,7 +35,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn, random_seed
 from torch.nn.parallel import DistributedDataParallel
 
-from rednet import config_schema, data, distributed, engine, factory, monitor, preemption, run_state
+from rednet import config_schema, data, distributed, engine, factory, monitor, preemption, run_state, weights
+from rednet.checkpoint import PREPROCESSING_KEYS, weights_settings
 
 log = logging.getLogger(__name__)
 # configs/hydra/launcher/submitit_*.yaml replace the plugin's configs of the same name on purpose (DDP defaults).
@@ -101,6 +102,37 @@ def check_classes(cfg: DictConfig, classes: list[str]) -> None:
             f"model.num_classes={configured} but data.root '{cfg.data.root}' has {len(classes)} class folders: the "
             "classifier's size comes from the class folders; remove model.num_classes"
         )
+
+
+def resolve_preprocessing(cfg: DictConfig, model: torch.nn.Module, resume: run_state.Resume | None = None) -> None:
+    """Fill cfg.data's null preprocessing keys (img_size, crop_pct, interpolation, mean, std) from the weights.
+
+    A value set in the config (a data or experiment preset, the command line) wins; a null takes the model's
+    pretrained_cfg: pretrained=<checkpoint>'s values, the published weights', or the architecture's defaults (timm's
+    resolve_data_config, as timm's train.py does). A resumed run takes its checkpoint's values first. The values are
+    written into cfg.data, so that the transforms, the checks, config.yaml and the checkpoints all see the same ones,
+    and logged with where each came from.
+    """
+    if resume is not None:  # the resumed checkpoint's preprocessing (older checkpoints: their config's values)
+        model.pretrained_cfg = {**model.pretrained_cfg, **weights_settings(resume.ckpt).pretrained_cfg}
+    explicit = {key: cfg.data[key] for key in PREPROCESSING_KEYS if cfg.data[key] is not None}
+    resolved = weights.resolve_preprocessing(model, explicit)
+    own = weights.preprocessing_from_cfg(model.pretrained_cfg)
+    if resume is not None:
+        source = f"resumed {resume.path}"
+    elif cfg.pretrained:
+        source = f"pretrained={cfg.pretrained}"
+    else:
+        source = f"{cfg.model.name}'s pretrained_cfg"
+
+    def origin(key: str) -> str:
+        if key in explicit:
+            return "config"
+        return source if key in own else "timm's default"
+
+    for key in PREPROCESSING_KEYS:
+        cfg.data[key] = resolved[key]
+    log.info("preprocessing: %s", ", ".join(f"{key}={resolved[key]} ({origin(key)})" for key in resolved))
 
 
 def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int) -> None:
@@ -253,9 +285,18 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if tcfg.sync_bn and device.type != "cuda":
         raise ValueError(f"trainer.sync_bn=true needs CUDA GPUs (NCCL), the run is on {device}: set it to false")
 
-    # --- data
+    # --- classes, then the model (a resumed run's weights come from its checkpoint, not pretrained=), whose weights
+    # bring the preprocessing the data transforms need
     classes = data.check_image_folder(cfg.data.root, (cfg.data.train_split, cfg.data.val_split))
     check_classes(cfg, classes)
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    pretrained = cfg.pretrained if resume is None else False
+    model = factory.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
+    if pretrained:
+        log.info("initial weights: pretrained=%s", pretrained)
+    resolve_preprocessing(cfg, model, resume)
+
+    # --- data
     train_set = data.create_image_dataset(
         cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed
     )
@@ -266,12 +307,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     val_loader = data.create_eval_loader(val_set, cfg.data, dist.world_size, dist.rank, device)
     epoch_updates = run_state.updates_per_epoch(len(train_loader), tcfg.grad_accum)
 
-    # --- model, EMA, optimizer, schedule, loss (a resumed run's weights come from its checkpoint, not pretrained=)
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
-    pretrained = cfg.pretrained if resume is None else False
-    model = factory.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
-    if pretrained:
-        log.info("initial weights: pretrained=%s", pretrained)
+    # --- EMA, optimizer, schedule, loss
     if tcfg.sync_bn:
         model = convert_sync_batchnorm(model)
     model.to(device=device, memory_format=torch.channels_last if tcfg.channels_last else torch.contiguous_format)

@@ -38,12 +38,16 @@ class ModelConfig(OpenKeys):
 
 @dataclass
 class DataConfig:
-    """configs/data/*.yaml: the image folders, loader and timm transform settings."""
+    """configs/data/*.yaml: the image folders, loader and timm transform settings.
+
+    The preprocessing keys (rednet.checkpoint.PREPROCESSING_KEYS: img_size, crop_pct, interpolation, mean, std) may
+    be null: the weights' values (train.py and eval.py resolve them from the model's pretrained_cfg).
+    """
 
     root: str = MISSING
     train_split: str = MISSING
     val_split: str = MISSING
-    img_size: int = MISSING
+    img_size: int | None = MISSING
     batch_size: int = MISSING
     num_workers: int = MISSING
     pin_memory: bool = MISSING
@@ -57,10 +61,10 @@ class DataConfig:
     re_prob: float = MISSING
     re_mode: str = MISSING
     re_count: int = MISSING
-    interpolation: str = MISSING
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
-    crop_pct: float = MISSING
+    interpolation: str | None = MISSING
+    mean: list[float] | None = MISSING
+    std: list[float] | None = MISSING
+    crop_pct: float | None = MISSING
     mixup: float = MISSING
     cutmix: float = MISSING
     mixup_prob: float = MISSING
@@ -152,17 +156,6 @@ class EvalModelConfig(ModelConfig):
 
 
 @dataclass
-class EvalDataConfig(DataConfig):
-    """eval.yaml's data: null preprocessing takes the weights' values (rednet.checkpoint.PREPROCESSING_KEYS)."""
-
-    img_size: int | None = None
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-
-
-@dataclass
 class EvalConfig:
     """configs/eval.yaml."""
 
@@ -171,7 +164,7 @@ class EvalConfig:
     pretrained: Any = MISSING  # false | true | a path or URL
     use_ema: bool = MISSING
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 

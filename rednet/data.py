@@ -372,7 +372,17 @@ class ShardSampler(Sampler[int]):
 
 
 def create_transforms(data_cfg: Any, is_training: bool) -> Any:
-    """timm's transform pipeline for the split: RandomResizedCrop/flip/RandAugment/erasing, or resize + center crop."""
+    """timm's transform pipeline for the split: RandomResizedCrop/flip/RandAugment/erasing, or resize + center crop.
+
+    Raises:
+        ValueError: a preprocessing key is still null (train.py and eval.py fill them from the model's weights).
+    """
+    unresolved = [key for key in ("img_size", "crop_pct", "interpolation", "mean", "std") if data_cfg[key] is None]
+    if unresolved:
+        raise ValueError(
+            f"data.{', data.'.join(unresolved)} not resolved (null): set them, or resolve them from the model "
+            "first (train.resolve_preprocessing / rednet.weights.resolve_preprocessing)"
+        )
     common = dict(
         input_size=data_cfg.img_size,
         interpolation=data_cfg.interpolation,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from rednet import checkpoint, run_state
 
@@ -213,6 +214,64 @@ def test_registered_weights_use_timm_pretrained_cfg(trained_run, tmp_path, monke
     assert loaded.num_classes == 3 and loaded.pretrained_cfg["input_size"] == (3, 36, 36)
     assert weights.resolve_preprocessing(loaded, {"crop_pct": 1.0})["crop_pct"] == 1.0
     assert weights.resolve_preprocessing(loaded)["mean"] == [0.3, 0.4, 0.5]
+
+
+def _fine_tune(root, run_dir, out, *overrides):
+    """One epoch from best.pt on `root` with the data group's defaults (data=imagenet: no preprocessing set)."""
+    from train_utils import TINY, compose_config
+
+    import train
+
+    base = [o for o in TINY if not o.startswith(("data=", "data.img_size"))]
+    cfg = compose_config("train", [*base, f"data.root={root}", "trainer.epochs=1", *overrides])
+    cfg.pretrained = str(run_dir / "checkpoints" / "best.pt")
+    train.train(cfg, out)
+    config = OmegaConf.load(out / "config.yaml").data
+    return config, run_state.load_checkpoint(out / "checkpoints" / "best.pt")["pretrained_cfg"]
+
+
+def test_fine_tuning_takes_the_checkpoints_preprocessing(trained_run, tmp_path, caplog):
+    from train_utils import make_image_folder
+
+    _, run_dir, _ = trained_run
+    root = make_image_folder(tmp_path / "images", classes=("ant", "bee"), n_train=4, n_val=2, size=40)
+    with caplog.at_level("INFO"):
+        config, carried = _fine_tune(root, run_dir, tmp_path / "run")
+    used = {key: config[key] for key in checkpoint.PREPROCESSING_KEYS}
+    assert used == {"img_size": 36, "crop_pct": 0.9, "interpolation": "bicubic", "mean": [0.3, 0.4, 0.5],
+                    "std": [0.2, 0.25, 0.3]}  # fmt: skip
+    assert carried == {"input_size": (3, 36, 36), "crop_pct": 0.9, "interpolation": "bicubic",
+                       "mean": (0.3, 0.4, 0.5), "std": (0.2, 0.25, 0.3), "num_classes": 2}  # fmt: skip
+    assert "preprocessing: img_size=36 (pretrained=" in caplog.text
+
+
+def test_fine_tuning_keeps_a_preprocessing_value_set_on_the_command_line(trained_run, tmp_path):
+    from train_utils import make_image_folder
+
+    _, run_dir, _ = trained_run
+    root = make_image_folder(tmp_path / "images", classes=("ant", "bee"), n_train=4, n_val=2, size=40)
+    config, carried = _fine_tune(root, run_dir, tmp_path / "run", "data.img_size=40")
+    assert (config.img_size, config.interpolation, config.crop_pct) == (40, "bicubic", 0.9)
+    assert carried["input_size"] == (3, 40, 40)
+
+
+@pytest.mark.parametrize("model", ["rednet26", "rednet38", "rednet50", "rednet101", "rednet152"])
+def test_training_from_scratch_resolves_the_imagenet_values(model, caplog):
+    """data=imagenet leaves the preprocessing to the model: a RedNet's defaults are the values the YAML held."""
+    from train_utils import compose_config
+
+    import train
+    from rednet import factory
+
+    cfg = compose_config("train", [f"model={model}", "data.root=/unused"])
+    assert all(cfg.data[key] is None for key in checkpoint.PREPROCESSING_KEYS)
+    with caplog.at_level("INFO"):
+        train.resolve_preprocessing(cfg, factory.build_model(model, 10))
+    assert {key: cfg.data[key] for key in checkpoint.PREPROCESSING_KEYS} == {
+        "img_size": 224, "crop_pct": 0.875, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }  # fmt: skip
+    assert f"img_size=224 ({model}'s pretrained_cfg)" in caplog.text
 
 
 _EFBIG_SCRIPT = """

@@ -29,6 +29,7 @@ def _instantiate(cfg, num_classes: int = 10) -> dict:
     """Build what train.py builds from a config, short of reading data: model, optimizer, scheduler, transforms."""
     kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
     model = factory.build_model(cfg.model.name, num_classes, **kwargs)
+    train.resolve_preprocessing(cfg, model)  # the null preprocessing keys: the model's values, as in train.py
     lr = train.scaled_lr(cfg.optim, cfg.data.batch_size * cfg.trainer.grad_accum)
     optimizer = train.create_optimizer(model, cfg.optim, lr)
     scheduler = train.create_scheduler(optimizer, cfg.sched, lr, cfg.trainer.epochs, updates=10)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_utils import REPO, TINY, compose_config, make_image_folder
+from train_utils import REPO, TINY, compose_config, make_image_folder, resolved_config
 
 from rednet import data, engine, monitor, run_state
 
 
 def _data_cfg(root: Path, *overrides: str):
-    return compose_config("train", [f"data.root={root}", "data=small", "data.batch_size=4", *overrides]).data
+    return resolved_config("train", [f"data.root={root}", "data=small", "data.batch_size=4", *overrides]).data
 
 
 def _corrupt(path: Path) -> None:

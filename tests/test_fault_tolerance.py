@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from train_utils import REPO, TINY, compose_config, make_image_folder, sigterm_after_first_checkpoint
+from train_utils import REPO, TINY, compose_config, make_image_folder, resolved_config, sigterm_after_first_checkpoint
 
 import train
 from rednet import checkpoint, data, preemption, run_state
@@ -193,7 +193,7 @@ def test_sigterm_to_the_command_line_run_exits_cleanly_mid_epoch(image_root, ref
 
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(image_root):
-    cfg = compose_config("train", [*TINY, f"data.root={image_root}"]).data
+    cfg = resolved_config("train", [*TINY, f"data.root={image_root}"]).data
     classes = data.check_image_folder(image_root)
     dataset = data.create_image_dataset(cfg, "train", classes, is_training=True, replace_bad=True, seed=7)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_utils import compose_config
+from train_utils import resolved_config
 
 from rednet import data
 
@@ -143,7 +143,7 @@ def test_16_bit_classes_that_differ_by_4x_stay_distinct(tmp_path):
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
             Image.fromarray(np.full((32, 32), value, np.uint16)).save(folder / "0.png")
-    cfg = compose_config("train", [f"data.root={tmp_path}", "data=small", "data.mean=[0,0,0]", "data.std=[1,1,1]"])
+    cfg = resolved_config("train", [f"data.root={tmp_path}", "data=small", "data.mean=[0,0,0]", "data.std=[1,1,1]"])
     classes = data.check_image_folder(tmp_path)
     val = data.create_image_dataset(cfg.data, "val", classes, is_training=False, replace_bad=False)
     by_class = {classes[target]: image for image, target in (val[0], val[1])}
@@ -180,7 +180,7 @@ def test_dataset_applies_exif_orientation(tmp_path):
         for name in ("a", "b"):
             (tmp_path / split / name).mkdir(parents=True)
             _exif_jpeg(tmp_path / split / name / "0.jpg", 6)
-    cfg = compose_config("train", [f"data.root={tmp_path}", "data=small", "data.img_size=16", "data.crop_pct=1.0"])
+    cfg = resolved_config("train", [f"data.root={tmp_path}", "data=small", "data.img_size=16", "data.crop_pct=1.0"])
     cfg.data.mean, cfg.data.std = [0, 0, 0], [1, 1, 1]
     val = data.create_image_dataset(cfg.data, "val", data.check_image_folder(tmp_path), False, replace_bad=False)
     image, _ = val[0]  # resized short side 16, center crop 16x16 of the 8x16 portrait: rows 0-7 red, 8-15 blue

@@ -61,6 +61,16 @@ def compose_config(name: str = "train", overrides: list[str] | None = None) -> D
         return compose(config_name=name, overrides=overrides or [])
 
 
+def resolved_config(name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """`compose_config` with the null preprocessing keys filled from the model, as train.py does before reading data."""
+    import train  # the repository root is on sys.path (above)
+    from rednet import factory
+
+    cfg = compose_config(name, overrides)
+    train.resolve_preprocessing(cfg, factory.build_model(cfg.model.name, 2))
+    return cfg
+
+
 def sigterm_after_first_checkpoint(
     cmd: list[str], run_dir: Path, env: dict[str, str], timeout: float
 ) -> tuple[int, str]:
