@@ -451,6 +451,10 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count()
 
+        for net in [model] + ([model_ema.module] if model_ema is not None else []):  # precise BN, then broadcast
+            engine.recompute_batchnorm_stats(
+                net, train_loader, tcfg.precise_bn_batches, device, tcfg.channels_last, tcfg.amp
+            )
         distributed.broadcast_buffers(model)  # every rank evaluates the weights rank 0 saves
         if model_ema is not None:
             distributed.broadcast_buffers(model_ema.module)
