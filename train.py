@@ -220,8 +220,13 @@ def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
     OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
 
 
-def evaluate_epoch(eval_model, model_ema, val_loader, epoch: int, dist, tcfg: DictConfig):
-    """Validation metrics of the model and of its EMA (None without one); every rank evaluates rank 0's buffers."""
+def evaluate_epoch(model, eval_model, model_ema, train_loader, val_loader, epoch: int, dist, tcfg: DictConfig):
+    """Validation metrics of the model and of its EMA (None without one); every rank evaluates rank 0's buffers,
+    recomputed first over trainer.precise_bn_batches training batches (precise BatchNorm) when set."""
+    for net in [model] + ([model_ema.module] if model_ema is not None else []):  # the plain modules, not DDP's
+        engine.recompute_batchnorm_stats(
+            net, train_loader, tcfg.precise_bn_batches, dist.device, tcfg.channels_last, tcfg.amp
+        )
     if dist.distributed:  # BatchNorm statistics drift apart on each rank's last batches
         distribute_bn(eval_model, dist.world_size, reduce=False)
         if model_ema is not None:
@@ -376,7 +381,9 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count()
         with stop_on_train_error(cfg, dist, saver, ckpt_dir, "validation image"):
-            metrics, ema_metrics = evaluate_epoch(eval_model, model_ema, val_loader, epoch, dist, tcfg)
+            metrics, ema_metrics = evaluate_epoch(
+                model, eval_model, model_ema, train_loader, val_loader, epoch, dist, tcfg
+            )
         skipped += val_set.take_bad_count()  # after this epoch's evaluation, so the count is this epoch's
         primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates
         progress.epoch, progress.epoch_batches = epoch + 1, 0

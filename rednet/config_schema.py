@@ -127,6 +127,7 @@ class TrainerConfig:
     model_ema: bool = MISSING
     model_ema_decay: float = MISSING
     model_ema_warmup: bool = MISSING
+    precise_bn_batches: int = MISSING  # training batches to recompute BatchNorm statistics on before each evaluation
     log_interval: int = MISSING
     ckpt_every_steps: int = MISSING
     keep_last: int = MISSING

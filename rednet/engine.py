@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad, unwrap_model
 from torch import nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, Subset
 
 from rednet import distributed, monitor
 from rednet.data import BadImageError
@@ -216,6 +218,65 @@ def train_one_epoch(
         "throughput": epoch_images * world_size / max(elapsed, 1e-9),
         "stopped": stopped,
     }
+
+
+def precise_bn_loader(loader: DataLoader, batches: int) -> DataLoader:
+    """A loader of `batches` full batches of `loader`'s dataset, the same ones every epoch, for precise BatchNorm.
+
+    The images are a fixed random subset of the training set (a permutation seeded by the train sampler's seed; rank
+    r of n takes every n-th image of it), so that every class is present (the folder order is by class). They get
+    the dataset's training augmentation of the current epoch: `CheckedImageFolder` seeds it by (seed, epoch, index)
+    and gives the process's generators back their state, and this loader has its own generator, so reading it
+    consumes nothing of the training run's random streams. Fewer batches when the rank's share of the subset is
+    smaller; the last partial batch is dropped (a batch of one has no variance).
+    """
+    sampler = loader.sampler
+    seed, rank, ranks = getattr(sampler, "seed", 0), getattr(sampler, "rank", 0), getattr(sampler, "num_replicas", 1)
+    dataset = loader.dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    indices = order[rank::ranks][: batches * loader.batch_size].tolist()
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=loader.batch_size,
+        shuffle=False,
+        drop_last=True,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        generator=torch.Generator().manual_seed(seed + rank),  # worker seeds; the global generator is not drawn
+    )
+
+
+def recompute_batchnorm_stats(
+    model: nn.Module,
+    loader: DataLoader,
+    batches: int,
+    device: torch.device,
+    channels_last: bool = False,
+    amp: str = "none",
+) -> None:
+    """Precise BatchNorm (as in pycls/fvcore): replace every BatchNorm's running mean/variance of `model` by their
+    average over `batches` training batches (`precise_bn_loader`) with the current weights.
+
+    The running statistics are an exponential average over the last ~10 batches (momentum 0.1): while the weights
+    move fast they trail them, and evaluation with them can score a fraction of what the weights do (an epoch-1
+    checkpoint: 31% with its running statistics, 89% with recomputed ones; docs/benchmarks.md, "Quickstart recipe").
+    torch.optim.swa_utils.update_bn resets the statistics and averages them cumulatively (momentum None) in train
+    mode over plain images (no mixup); weights are not changed, and the random generators (dropout, drop-path) are
+    given back their state, so the training run that follows is the same with or without this. `batches` <= 0: no-op.
+    Pass the plain model (`unwrap`): no DDP forward (it would wait for a backward) and no torch.compile recompile.
+    """
+    if batches <= 0:
+        return
+    cuda = [device] if device.type == "cuda" else []
+
+    def images() -> Iterator[torch.Tensor]:
+        for batch in precise_bn_loader(loader, batches):
+            if batch is not None:  # (a training set replaces unreadable images: no batch is None there)
+                yield _to_device(batch, device, channels_last)[0]
+
+    with torch.random.fork_rng(devices=cuda), amp_autocast(device, amp):
+        update_bn(images(), model)
 
 
 @torch.no_grad()
