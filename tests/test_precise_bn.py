@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from train_utils import TINY, compose_config, make_image_folder
 
 import train
-from rednet import checkpoint, engine
+from rednet import engine, run_state
 
 
 def _loader(n: int = 12, batch_size: int = 4) -> DataLoader:
@@ -58,7 +58,7 @@ def test_training_is_the_same_with_precise_bn_only_the_statistics_differ(tmp_pat
     common = [*TINY, f"data.root={root}", "trainer.epochs=2", "model.drop_path_rate=0.2", "data.mixup=0.2"]
     for name, batches in (("off", 0), ("on", 2)):
         train.train(compose_config("train", [*common, f"trainer.precise_bn_batches={batches}"]), tmp_path / name)
-    off, on = (checkpoint.load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")["model"] for n in ("off", "on"))
+    off, on = (run_state.load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")["state_dict"] for n in ("off", "on"))
     stats = [k for k in off if k.endswith(("running_mean", "running_var"))]
     assert stats
     for key in off:
