@@ -68,6 +68,7 @@ def create_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: DictConfig, lr
 
 def check_config(cfg: DictConfig) -> None:
     """Errors for settings that would otherwise fail only after data loading or the first epoch."""
+    config_schema.check_known_keys(cfg, config_schema.TrainConfig)
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ValueError("data.root is not set: add data.root=/path/to/images (folders train/<class>/, val/<class>/)")
     if cfg.trainer.amp not in engine.AMP_DTYPES:

@@ -12,14 +12,27 @@ takes a bool or a path. `register()` must run before composing (train.py, eval.p
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict  # noqa: UP035
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-__all__ = ["DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "SchedConfig", "TrainConfig", "register"]
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "check_known_keys",
+    "register",
+    "unknown_keys",
+]
 
 # A Dict[str, Any] base is OmegaConf 2.x's way to let a structured config take extra keys (dict[str, Any] does not
 # work; deprecated for an OmegaConf 2.4 that hydra-core 1.3 does not use); it warns at every composition.
@@ -167,6 +180,42 @@ class EvalConfig:
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def unknown_keys(cfg: Any, schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not declare, outside the open groups (model, optim, sched).
+
+    Hydra lets `+trainer.epoch=2` add a key to a closed structured config; nothing would read it.
+    """
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in cfg:
+        if key not in hints:
+            unknown.append(f"{prefix}{key}")
+            continue
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind) and not issubclass(kind, dict) and OmegaConf.is_dict(cfg[key]):
+            unknown += unknown_keys(cfg[key], kind, f"{prefix}{key}.")
+    return unknown
+
+
+def check_known_keys(cfg: Any, schema: type = TrainConfig) -> None:
+    """Refuse keys the schema does not declare (e.g. `+trainer.epoch=2`), naming the closest declared key.
+
+    Raises:
+        ValueError: naming each unknown key and a suggestion.
+    """
+    problems = []
+    for key in unknown_keys(cfg, schema):
+        parent, _, name = key.rpartition(".")
+        siblings = list(OmegaConf.select(cfg, parent).keys()) if parent else list(cfg.keys())
+        close = difflib.get_close_matches(name, [k for k in siblings if k != name], n=1)
+        problems.append(f"{key}" + (f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""))
+    if problems:
+        raise ValueError(
+            f"unknown config keys: {'; '.join(problems)}. Nothing reads them; remove the '+' override or fix the name "
+            "(only model.*, optim.* and sched.* take new keys: they go to timm as keyword arguments)"
+        )
 
 
 def register() -> None:

@@ -231,13 +231,14 @@ def end_job_on_error() -> Iterator[None]:
     group. The other ranks' collectives then fail on the closed connection and end them the same way, and torchrun
     stops whatever is left (SIGTERM, then SIGKILL). Checkpoints already written stay: they are written atomically.
 
-    A single process re-raises, as without the block.
+    A single process logs the error (train.log says why the run stopped) and re-raises.
     """
     try:
         yield
     except Exception as error:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if world_size <= 1:
+        if world_size <= 1:  # the error goes to train.log too: the run directory then says why the run stopped
+            _logger.error("the run failed: %s: %s", type(error).__name__, error)
             raise
         rank = os.environ.get("RANK", "?")
         _logger.error(

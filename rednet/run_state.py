@@ -462,7 +462,8 @@ def restore(
     if rng is not None:
         set_rng_state(rng)
     progress = TrainProgress(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_batches", 0), ckpt["best_top1"])
-    _logger.info("resumed from %s: epoch %d, step %d", path, progress.epoch, progress.step)
+    # 1-based, as the epoch log lines ("epoch E/N") and "stopped in epoch E" count
+    _logger.info("resumed from %s: continues in epoch %d after step %d", path, progress.epoch + 1, progress.step)
     changes = changed_settings(ckpt["config"], config) if ckpt.get("config") else []
     if changes:
         _logger.warning(

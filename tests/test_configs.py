@@ -160,6 +160,26 @@ def test_unknown_keys_fail_and_timm_keyword_groups_take_new_ones_with_plus():
         compose_config("eval", ["data.colour_jitter=0.4"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+trainer.epoch=2", r"trainer\.epoch \(did you mean trainer\.epochs\?\)"),
+        ("+data.batchsize=8", r"data\.batchsize \(did you mean data\.batch_size\?\)"),
+        ("+sead=3", r"unknown config keys: sead \(did you mean seed\?\)"),
+    ],
+)
+def test_keys_added_with_plus_outside_the_timm_groups_are_refused_before_training(override, message):
+    # Hydra's own hint for a misspelt key is "+key=value", which a closed structured config then accepts: the run
+    # would silently ignore it. train.check_config refuses it, naming the closest key; the timm groups stay open.
+    cfg = compose_config("train", [override, "data.root=/unused"])
+    with pytest.raises(ValueError, match=message):
+        train.check_config(cfg)
+    train.check_config(compose_config("train", ["+model.memory_efficient=true", "data.root=/unused"]))
+    eval_cfg = compose_config("eval", ["+data.crop_pcts=0.9", "data.root=/unused"])
+    with pytest.raises(ValueError, match=r"data\.crop_pcts \(did you mean data\.crop_pct\?\)"):
+        config_schema.check_known_keys(eval_cfg, config_schema.EvalConfig)
+
+
 def test_values_get_their_schema_types():
     cfg = compose_config("train", ["trainer.clip_grad=1", "data.hflip=1", "pretrained=/ckpt/best.pt", "resume=auto"])
     assert isinstance(cfg.trainer.clip_grad, float) and isinstance(cfg.data.hflip, float)

@@ -117,7 +117,8 @@ def test_resume_after_kill_mid_write_matches_an_uninterrupted_run(killed_mid_wri
     run_dir = tmp_path / "run"
     shutil.copytree(killed_mid_write, run_dir)
     log = _resume_and_compare(image_root, run_dir, reference)
-    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'}: epoch 0, step {KILL_AT_WRITE - 1}" in log
+    last = run_dir / "checkpoints" / "last.pt"
+    assert f"resumed from {last}: continues in epoch 1 after step {KILL_AT_WRITE - 1}" in log
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # the torn temp file is cleaned up
 
 
@@ -128,7 +129,7 @@ def test_truncated_last_pt_falls_back_to_the_previous_one(killed_mid_write, imag
     last.write_bytes(last.read_bytes()[:1000])
     log = _resume_and_compare(image_root, run_dir, reference)
     assert "skipping damaged checkpoint" in log and str(last) in log
-    assert f"resumed from {last.with_name('last_prev.pt')}: epoch 0, step {KILL_AT_WRITE - 1}" in log
+    assert f"resumed from {last.with_name('last_prev.pt')}: continues in epoch 1 after step {KILL_AT_WRITE - 1}" in log
 
 
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(image_root, tmp_path):

@@ -422,6 +422,21 @@ def test_command_line_train_then_eval(image_root, tmp_path):
     assert f"top1 {trained_top1:.2f}" in out
 
 
+def test_command_line_run_that_fails_says_why_in_train_log(image_root, tmp_path):
+    # Under SLURM or with output sent elsewhere, the run directory is where one looks later: the error (a bad image
+    # names its file) must be in train.log, not only on stderr.
+    bad = tmp_path / "data"
+    shutil.copytree(image_root, bad)
+    victim = next(p for p in sorted((bad / "train").rglob("*")) if p.is_file())
+    victim.write_bytes(b"not an image at all")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, f"data.root={bad}", "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    log = (run_dir / "train.log").read_text()
+    assert "the run failed: BadImageError" in log and str(victim) in log
+
+
 def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
     # A val folder with a class missing would shift every label (and a plain state dict of another class count
     # would lose its classifier): both are errors, not a warning and meaningless numbers.
