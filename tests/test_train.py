@@ -166,10 +166,9 @@ def test_resume_auto_continues_at_the_next_epoch_and_step(trained, image_root, t
     cfg = _train_cfg(image_root, "trainer.epochs=3", "trainer.model_ema=true", "resume=auto")
     results = train.train(cfg, run_dir)
     assert (results["epoch"], results["step"]) == (3, 3 * UPDATES_PER_EPOCH)
-    assert (
-        "resumed from" in (run_dir / "train.log").read_text()
-        and "epoch 2, step 12" in (run_dir / "train.log").read_text()
-    )
+    # (1-based: the checkpoint ended epoch 2 of 3 at step 12, so epoch 3 comes next)
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert "continues in epoch 3 after step 12" in (run_dir / "train.log").read_text()
     steps = [s for s, _ in _scalars(run_dir)["train/loss"]]
     assert steps[-6:] == list(range(13, 19))
     ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
