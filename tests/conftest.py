@@ -49,3 +49,14 @@ def server(tmp_path):
 
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}", stop
     stop()
+
+
+@pytest.fixture
+def weights_cache(tmp_path, monkeypatch):
+    """A fresh $TORCH_HOME and a private copy of rednet's weights registry; yields the download cache folder."""
+    from rednet import weights  # (imported here: the GPU machine runs torch-only modules without rednet's extras)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.set_dir() would override TORCH_HOME
+    monkeypatch.setattr(weights, "PRETRAINED", dict(weights.PRETRAINED))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"

@@ -147,12 +147,8 @@ def paddleclas_forward(arrays: dict[str, np.ndarray], depth: int, x: torch.Tenso
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """A fresh $TORCH_HOME and a private copy of the registry for each test."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.set_dir() would override TORCH_HOME
-    monkeypatch.setattr(weights, "PRETRAINED", dict(weights.PRETRAINED))
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
+def isolated_cache(weights_cache):
+    return weights_cache
 
 
 @pytest.fixture(scope="module")

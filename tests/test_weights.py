@@ -25,12 +25,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """A fresh $TORCH_HOME and a private copy of the registry for each test."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # torch.hub.set_dir() would override TORCH_HOME
-    monkeypatch.setattr(weights, "PRETRAINED", dict(weights.PRETRAINED))
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
+def isolated_cache(weights_cache):
+    return weights_cache
 
 
 def random_model(name: str = "rednet26", **kwargs) -> torch.nn.Module:
