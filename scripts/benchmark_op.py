@@ -132,7 +132,10 @@ def measure(
         peak = monitor.peak_rss_bytes() - before
     times = {}
     for label, backward in (("forward", False), ("forward_backward", True)):
-        timer = Timer("step(backward)", globals={"step": step, "backward": backward})
+        # torch.utils.benchmark.Timer runs on one thread unless told: time with the threads the table reports.
+        timer = Timer(
+            "step(backward)", globals={"step": step, "backward": backward}, num_threads=torch.get_num_threads()
+        )
         times[label] = timer.blocked_autorange(min_run_time=min_run_time).median
     return {"peak_bytes": peak, **times}
 
@@ -143,7 +146,8 @@ def measure_in_child(
     """CPU memory is read from the process's peak RSS, so each measurement gets a fresh process."""
     code = (
         "import json, sys, torch; sys.argv = ['x']; from scripts.benchmark_op import measure, Shape, DTYPES;"
-        f"torch.manual_seed(0); print(json.dumps(measure(Shape(**{asdict(shape)!r}), {backend!r}, {batch}, "
+        f"torch.set_num_threads({torch.get_num_threads()}); torch.manual_seed(0);"
+        f"print(json.dumps(measure(Shape(**{asdict(shape)!r}), {backend!r}, {batch}, "
         f"DTYPES[{dtype!r}], 'cpu', {min_run_time}, {channels_last})))"
     )
     root = Path(__file__).resolve().parents[1]
@@ -155,7 +159,9 @@ def copy_bandwidth(device: str) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     source = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    seconds = Timer("target.copy_(source)", globals={"source": source, "target": target}).blocked_autorange().median
+    globals_ = {"source": source, "target": target}
+    timer = Timer("target.copy_(source)", globals=globals_, num_threads=torch.get_num_threads())
+    seconds = timer.blocked_autorange().median
     return 2 * source.numel() * source.element_size() / seconds
 
 
@@ -175,8 +181,11 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="layer names to run (default: all)")
     parser.add_argument("--layouts", nargs="+", default=None, choices=LAYOUTS, help="default: both on GPU, nchw on CPU")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1 CPU, 0.3 GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     on_gpu = args.device == "cuda"
     batch = args.batch or (64 if on_gpu else 8)

@@ -4,6 +4,7 @@ forward, grad-input and grad-weight in both layouts, gradcheck, torch.compile, t
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
 import warnings
@@ -93,6 +94,45 @@ def test_float32_and_bfloat16_accumulate_in_float32(dtype):
     for a, b in zip(got, expected):
         assert a.dtype == dtype
         assert ((a.double() - b).abs().max() / b.abs().max()) < tolerance
+
+
+# float32 rows of at least one 16-pixel vector: the kernels are read in place (with a packed tail), and the
+# register blocks (4 rows x 4 channels; grad-weight 3 or 4 rows x all K taps of a column) leave remainders of
+# 2 and 1 rows. Stride 1 / dilation 1 at K 3, 5, 7 take grad-weight's blocked path, the others its general one.
+WIDE_FLOAT32_CASES = [
+    (2, 32, 2, 21, 37, 7, 1, 1, None),
+    (1, 16, 1, 19, 35, 3, 1, 1, None),
+    (1, 32, 2, 18, 33, 5, 1, 1, None),
+    (1, 32, 2, 20, 34, 7, 2, 1, None),
+    (1, 16, 1, 17, 40, 3, 1, 2, None),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", WIDE_FLOAT32_CASES, ids=_case_id)
+def test_float32_wide_rows_match_unfold_at_any_thread_count(case, channels_last):
+    x, weight, grad_out, conv = _problem(case, dtype=torch.float32, channels_last=channels_last)
+    expected = _run("unfold", x.double(), weight.double(), grad_out.double(), conv)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_run("cpu", x, weight, grad_out, conv))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0], expected):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-5
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+
+
+def test_kernels_read_in_place_from_an_offset_view():
+    """In-place kernel reads start at the view's own offset: a slice of a larger batch gives the slice's results."""
+    x, weight, grad_out, conv = _problem((3, 32, 2, 12, 35, 7, 1, 1, None), dtype=torch.float32)
+    expected = _run("cpu", x[1:2].contiguous(), weight[1:2].contiguous(), grad_out[1:2].contiguous(), conv)
+    for a, b in zip(_run("cpu", x[1:2], weight[1:2], grad_out[1:2], conv), expected):
+        assert torch.equal(a, b)
 
 
 def test_non_contiguous_inputs():
@@ -228,3 +268,21 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
     assert first.stat().st_mtime_ns == mtime
     source.write_text(source.read_text() + "// changed\n")  # another source: another library
     assert cpu_backend._build(cpu_backend.compiler()) != first
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
+def test_build_without_avx512_matches_unfold(monkeypatch, tmp_path):
+    """The register blocks are sized for AVX-512's 32 registers; without AVX-512 (AVX2 machines) smaller blocks and
+    grad-weight's general path are compiled instead: they must give the same sums."""
+    monkeypatch.setenv("REDNET_CPU_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_backend, "OPTIONAL_FLAG_SETS", (("-march=native", "-mno-avx512f", "-fopenmp"),))
+    cpu_backend.reset()
+    try:
+        assert cpu_backend.is_available(), cpu_backend.status()[1]
+        for case in WIDE_FLOAT32_CASES[:3]:
+            x, weight, grad_out, conv = _problem(case, dtype=torch.float32)
+            expected = _run("unfold", x.double(), weight.double(), grad_out.double(), conv)
+            for a, b in zip(_run("cpu", x, weight, grad_out, conv), expected):
+                assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-5
+    finally:
+        cpu_backend.reset()

@@ -7,15 +7,19 @@
 // layout (NCHW, channels_last with pixel-major kernels, any non-contiguous view) runs without copies to a canonical
 // layout. Work is split into items (n, g, block of kRows rows), each computed by one thread from start to end:
 // an item packs what it reads into small thread-local buffers (the group's input rows, zero-padded and split by
-// stride phase so that every read of the hot loops is contiguous; the kernels' and grad_out's rows), then runs
-// loops vectorized over kLanes adjacent output pixels with the sums in registers. Each output element is summed
-// by one thread in a fixed order (taps u, v for out and grad_x, the group's channels for grad_weight), the way the
-// CUDA kernels do (ops/kernels/involution.cu), so results do not depend on the thread count. Sums accumulate in
-// float (double for double); bfloat16 is converted on packing and rounded to nearest even on storing.
+// stride phase so that every read of the hot loops is contiguous; grad_out's rows; the kernels' rows where they
+// cannot be read in place), then runs loops vectorized over kLanes adjacent output pixels with the sums in
+// registers. The hot loops are register-blocked: several output rows x several channels (or taps) are summed at
+// once, so each loaded vector serves several multiply-adds (the op is bound by loads and memory, not arithmetic).
+// Each output element is summed by one thread in a fixed order (taps u, v for out and grad_x, the group's
+// channels for grad_weight), the way the CUDA kernels do (ops/kernels/involution.cu), so results do not depend
+// on the thread count. Sums accumulate in float (double for double); bfloat16 is converted on packing and rounded
+// to nearest even on storing.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -72,7 +76,14 @@ template <typename S> struct Kernels {
 };
 
 constexpr int kRows = 8;      // rows of output (grad_x for grad-input) per work item
-constexpr int kChannels = 4;  // channels summed side by side (forward, grad-input); taps side by side (grad-weight)
+constexpr int kChannels = 4;  // channels summed side by side (grad-input); taps side by side (grad-weight)
+// Forward register blocking: output rows x channels summed at once, each sum one 64-byte vector (one AVX-512
+// register; two AVX2 ones, so fewer there to stay within 16 registers).
+#ifdef __AVX512F__
+constexpr int kRowBlock = 4, kChannelBlock = 4;
+#else
+constexpr int kRowBlock = 2, kChannelBlock = 2;
+#endif
 
 // kLanes adjacent pixels as one 64-byte vector (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones,
 // four SSE ones, whatever the target has). Loads and stores go through memcpy: no alignment is assumed.
@@ -88,6 +99,28 @@ template <typename A> static inline typename Vec<A>::type load(const A* p) {
     return v;
 }
 template <typename A> static inline void spill(const typename Vec<A>::type& v, A* p) { std::memcpy(p, &v, sizeof(v)); }
+
+// Stores the first `count` lanes of v to dst[e * stride], rounded to S (one vector store when it can).
+template <typename S, typename A>
+static inline void store(const typename Vec<A>::type& v, S* dst, i64 stride, int count) {
+    if (std::is_same<S, A>::value && stride == 1 && count == Lanes<A>::value) {
+        std::memcpy(dst, &v, sizeof(v));
+        return;
+    }
+    A sums[Lanes<A>::value];
+    spill<A>(v, sums);
+    for (int e = 0; e < count; ++e) from_acc(sums[e], dst + e * stride);
+}
+
+// Keeps a loaded vector in a register: without it the compiler folds the load into each of the CB multiply-adds
+// that use it, which multiplies the loads of the hot loops.
+template <typename T> static inline void in_register(T& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(__AVX512F__)
+    asm("" : "+v"(v));
+#else
+    (void)v;
+#endif
+}
 
 static inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
@@ -170,10 +203,14 @@ template <typename S, typename A> struct Slab {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward. Item (n, g, rows i0..i1). For each row: the K*K kernel rows are packed to wrow[t][j] (zero past Wo),
-// then kChannels channels at a time, kLanes pixels at a time: acc[k][j] = sum_t wrow[t][j] * slab[k][...][j].
+// Forward. Item (n, g, rows i0..i1). Register blocking: kRowBlock output rows x kChannelBlock channels x kLanes
+// pixels are summed at once, so each input vector loaded from the slab serves up to kRowBlock output rows (the
+// taps u of rows that read the same input row) and each kernel vector kChannelBlock channels. The kernels are read
+// in place when their rows are contiguous and of the accumulation type; otherwise, and for the last partial vector
+// of a row (so no read runs past the tensor), they are packed to kbuf[t][row][j].
 template <typename S> struct Forward {
     typedef typename Acc<S>::type A;
+    typedef typename Vec<A>::type V;
     static constexpr int L = Lanes<A>::value;
     Image<const S> x;
     Kernels<const S> w;
@@ -181,65 +218,107 @@ template <typename S> struct Forward {
     Geo g;
     int cg, wop, q, slab_rows;
     Slab<S, A> slab;
-    std::vector<A> wrow;
+    std::vector<A> kbuf;
     std::vector<int> columns;  // offset in a slab row of tap v's input: phase (v*d) % s, column (v*d) / s
+    bool direct;               // kernels read in place (full vectors)
 
     void init() {
         slab.size(slab_rows, q, g.s, cg);
-        wrow.resize(size_t(g.K) * g.K * kRows * wop);
+        kbuf.resize(size_t(g.K) * g.K * kRows * wop);
         for (int v = 0; v < g.K; ++v) columns.push_back((v * g.d) % g.s * q + (v * g.d) / g.s);
     }
-    template <int CB> void channels(int li, int i, int n, int grp, int c0) {
-        const int K = g.K;
+    // Where the kernel vector (u, v, local row li, columns jb..jb+L) is: base + u*su + v*sv + li*si.
+    struct KernelView {
+        const A* base;
+        i64 su, sv, si;
+    };
+    KernelView kernels_at(int n, int grp, int r0, int jb) {
+        if (direct && jb + L <= g.Wo) {
+            const A* base = reinterpret_cast<const A*>(&w.at(n, grp, 0, 0, r0, jb));
+            return {base, w.su, w.sv, w.si};
+        }
+        return {kbuf.data() + jb, i64(g.K) * kRows * wop, i64(kRows) * wop, wop};
+    }
+    template <int RB, int CB> void block(int li0, int i0, int n, int grp, int c0, int jb, const KernelView& kv) {
+        const int K = g.K, s = g.s, d = g.d;
         const int* column = columns.data();
-        for (int jb = 0; jb < wop; jb += L) {
-            typename Vec<A>::type acc[CB];
-            for (int k = 0; k < CB; ++k) acc[k] = typename Vec<A>::type{};
-            for (int u = 0; u < K; ++u) {
-                const int h = i * g.s - g.p + u * g.d;
-                if (h < 0 || h >= g.H) continue;  // a row of padding adds nothing
-                const int r = li * g.s + u * g.d;
-                const A* xr[CB];
-                for (int k = 0; k < CB; ++k) xr[k] = slab.row(c0 + k, r, 0) + jb;
-                const A* wr = wrow.data() + (size_t(u * K) * kRows + li) * wop + jb;
-                for (int v = 0; v < K; ++v) {
-                    const auto wv = load(wr + size_t(v) * kRows * wop);
-                    const int off = column[v];
-                    for (int k = 0; k < CB; ++k) acc[k] += wv * load(xr[k] + off);
+        V acc[RB][CB];
+        for (int b = 0; b < RB; ++b)
+            for (int k = 0; k < CB; ++k) acc[b][k] = V{};
+        // Slab rows the block reads: r = (li0 + b)*s + u*d, ascending, so each output sums its taps u ascending.
+        const int r_first = li0 * s, r_last = (li0 + RB - 1) * s + (K - 1) * d;
+        for (int r = r_first; r <= r_last; ++r) {
+            const int h = r + (i0 - li0) * s - g.p;  // image row of slab row r
+            if (h < 0 || h >= g.H) continue;  // a row of padding adds nothing
+            // The kernel row of each output row b that reads slab row r (tap u), or none.
+            const A* wp[RB];
+            bool any = false;
+            for (int b = 0; b < RB; ++b) {
+                const int du = r - (li0 + b) * s;
+                const bool reads = du >= 0 && du % d == 0 && du / d < K;
+                wp[b] = reads ? kv.base + (du / d) * kv.su + (li0 + b) * kv.si : nullptr;
+                any |= reads;
+            }
+            if (!any) continue;
+            const A* xr[CB];
+            for (int k = 0; k < CB; ++k) xr[k] = slab.row(c0 + k, r, 0) + jb;
+            const i64 sv = kv.sv;
+            for (int v = 0; v < K; ++v) {
+                const int off = column[v];
+                V xv[CB];
+                for (int k = 0; k < CB; ++k) xv[k] = load(xr[k] + off);
+                for (int b = 0; b < RB; ++b) {
+                    if (!wp[b]) continue;
+                    V wv = load(wp[b] + v * sv);
+                    in_register(wv);
+                    for (int k = 0; k < CB; ++k) acc[b][k] += wv * xv[k];
                 }
             }
-            const int count = std::min(L, g.Wo - jb);
-            A sums[L];
-            for (int k = 0; k < CB; ++k) {
-                spill(acc[k], sums);
-                for (int e = 0; e < count; ++e) from_acc(sums[e], &out.at(n, i64(grp) * cg + c0 + k, i, jb + e));
-            }
         }
+        const int count = std::min(L, g.Wo - jb);
+        for (int b = 0; b < RB; ++b)
+            for (int k = 0; k < CB; ++k)
+                store<S, A>(acc[b][k], &out.at(n, i64(grp) * cg + c0 + k, i0 + b, jb), out.sw, count);
     }
     void operator()(i64 t) {
         const int blocks = (g.Ho + kRows - 1) / kRows;
         const Item it = item_of(t, g.G, g.Ho, blocks);
         slab.pack(x, g, it.n, it.g * cg, cg, it.r0 * g.s);
         const int K = g.K;
-        // The kernels of the item's rows, wrow[t][row][j]: tap by tap, so each tap's rows stream in one run.
-        for (int t = 0; t < K * K; ++t)
-            for (int i = it.r0; i < it.r1; ++i) {
-                A* dst = wrow.data() + (size_t(t) * kRows + i - it.r0) * wop;
-                copy_row(&w.at(it.n, it.g, t / K, t % K, i, 0), w.sj, g.Wo, dst);
-                std::fill(dst + g.Wo, dst + wop, A(0));
-            }
-        for (int i = it.r0; i < it.r1; ++i) {
-            int c0 = 0;
-            for (; c0 + kChannels <= cg; c0 += kChannels) channels<kChannels>(i - it.r0, i, it.n, it.g, c0);
-            for (; c0 < cg; ++c0) channels<1>(i - it.r0, i, it.n, it.g, c0);
+        const int rows = it.r1 - it.r0;
+        if (!direct || g.Wo % L != 0) {
+            // Pack the kernel rows that are not read in place: all columns, or only the last partial vector.
+            const int j0 = direct ? g.Wo / L * L : 0;
+            for (int tap = 0; tap < K * K; ++tap)
+                for (int i = it.r0; i < it.r1; ++i) {
+                    A* dst = kbuf.data() + (size_t(tap) * kRows + i - it.r0) * wop;
+                    copy_row(&w.at(it.n, it.g, tap / K, tap % K, i, j0), w.sj, g.Wo - j0, dst + j0);
+                    std::fill(dst + g.Wo, dst + wop, A(0));
+                }
         }
+        for (int jb = 0; jb < wop; jb += L) {
+            const KernelView kv = kernels_at(it.n, it.g, it.r0, jb);
+            int li = 0;
+            for (; li + kRowBlock <= rows; li += kRowBlock) channel_blocks<kRowBlock>(li, it, jb, kv);
+            for (; li + 2 <= rows; li += 2) channel_blocks<2>(li, it, jb, kv);
+            for (; li < rows; ++li) channel_blocks<1>(li, it, jb, kv);
+        }
+    }
+    template <int RB> void channel_blocks(int li, const Item& it, int jb, const KernelView& kv) {
+        int c0 = 0;
+        for (; c0 + kChannelBlock <= cg; c0 += kChannelBlock)
+            block<RB, kChannelBlock>(li, it.r0 + li, it.n, it.g, c0, jb, kv);
+        for (; c0 < cg; ++c0) block<RB, 1>(li, it.r0 + li, it.n, it.g, c0, jb, kv);
     }
 };
 
-// Grad-weight. Item (n, g, rows i0..i1): same slab as the forward, plus grad_out's rows gy[c][j]. For each row,
-// kChannels taps at a time, kLanes pixels at a time: acc[t][j] = sum_c gy[c][j] * slab[c][...][j], c ascending.
+// Grad-weight. Item (n, g, rows i0..i1): same slab as the forward, plus grad_out's rows gyb[c][row][j]:
+// acc[t][j] = sum_c gy[c][j] * slab[c][...][j], c ascending, kLanes pixels at a time. With stride 1 and dilation
+// 1 (RedNet's K=7 and K=3 layers) and AVX-512, a block of output rows x all K taps u of one tap column v at once;
+// otherwise one output row x kChannels taps.
 template <typename S> struct GradWeight {
     typedef typename Acc<S>::type A;
+    typedef typename Vec<A>::type V;
     static constexpr int L = Lanes<A>::value;
     Image<const S> gy;
     Image<const S> x;
@@ -247,37 +326,76 @@ template <typename S> struct GradWeight {
     Geo g;
     int cg, wop, q, slab_rows;
     Slab<S, A> slab;
-    std::vector<A> gyrow;
+    std::vector<A> gyb;  // grad_out rows of the item: gyb[c][row][j], zero past Wo
 
     void init() {
         slab.size(slab_rows, q, g.s, cg);
-        gyrow.resize(size_t(cg) * wop);
+        gyb.resize(size_t(cg) * kRows * wop);
     }
+    const A* gy_row(int c, int li) const { return gyb.data() + (size_t(c) * kRows + li) * wop; }
+    bool inside(int i, int u) const {
+        const int h = i * g.s - g.p + u * g.d;
+        return h >= 0 && h < g.H;
+    }
+    // Stride 1, dilation 1, K <= KU: output rows li0..li0+RB-1, all taps u of one tap column v, at once. Input row
+    // li0 + rr serves output row b at tap u = rr - b, so each input vector is loaded once for the block.
+    template <int RB, int KU> void rows_block(int li0, int i0, int n, int grp, int v, int jb) {
+        const int K = g.K;
+        V acc[RB][KU];
+        for (int b = 0; b < RB; ++b)
+            for (int u = 0; u < KU; ++u) acc[b][u] = V{};
+        const i64 channel_step = i64(slab.R) * slab.Q;
+        const A* xc = slab.row(0, li0, 0) + jb + v;
+        for (int c = 0; c < cg; ++c, xc += channel_step) {
+            V gv[RB];
+            for (int b = 0; b < RB; ++b) gv[b] = load(gy_row(c, li0 + b) + jb);
+            for (int rr = 0; rr < RB + KU - 1; ++rr) {
+                if (rr >= RB + K - 1) break;
+                V xv = load(xc + rr * slab.Q);
+                in_register(xv);
+                for (int b = 0; b < RB; ++b) {
+                    const int u = rr - b;
+                    if (u >= 0 && u < KU && u < K) acc[b][u] += gv[b] * xv;
+                }
+            }
+        }
+        const int count = std::min(L, g.Wo - jb);
+        for (int b = 0; b < RB; ++b)
+            for (int u = 0; u < KU && u < K; ++u)
+                store<S, A>(inside(i0 + b, u) ? acc[b][u] : V{}, &gw.at(n, grp, u, v, i0 + b, jb), gw.sj, count);
+    }
+    template <int KU> bool unit_stride_rows(const Item& it) {
+        constexpr int RB = KU >= 6 ? 3 : 4;  // RB*KU sums + RB grad_out vectors + 1 input vector in 32 registers
+        for (int jb = 0; jb < wop; jb += L)
+            for (int v = 0; v < g.K; ++v) {
+                int li = 0;
+                for (; li + RB <= it.r1 - it.r0; li += RB) rows_block<RB, KU>(li, it.r0 + li, it.n, it.g, v, jb);
+                for (; li + 2 <= it.r1 - it.r0; li += 2) rows_block<2, KU>(li, it.r0 + li, it.n, it.g, v, jb);
+                for (; li < it.r1 - it.r0; ++li) rows_block<1, KU>(li, it.r0 + li, it.n, it.g, v, jb);
+            }
+        return true;
+    }
+    // Any geometry: one output row, TB taps at once.
     template <int TB> void taps(int li, int i, int n, int grp, int t0) {
         const int K = g.K;
         i64 off[TB];  // offset of tap k's input row in channel 0's slab (the channel step is R*s*Q)
-        bool inside[TB];
         for (int k = 0; k < TB; ++k) {
             const int u = (t0 + k) / K, v = (t0 + k) % K;
-            const int h = i * g.s - g.p + u * g.d;
-            inside[k] = h >= 0 && h < g.H;
             off[k] = slab.row(0, li * g.s + u * g.d, (v * g.d) % g.s) - slab.row(0, 0, 0) + (v * g.d) / g.s;
         }
         const i64 channel_step = i64(slab.R) * slab.s * slab.Q;
         for (int jb = 0; jb < wop; jb += L) {
-            typename Vec<A>::type acc[TB];
-            for (int k = 0; k < TB; ++k) acc[k] = typename Vec<A>::type{};
+            V acc[TB];
+            for (int k = 0; k < TB; ++k) acc[k] = V{};
             const A* xc = slab.row(0, 0, 0) + jb;
             for (int c = 0; c < cg; ++c, xc += channel_step) {
-                const auto gv = load(gyrow.data() + size_t(c) * wop + jb);
+                const V gv = load(gy_row(c, li) + jb);
                 for (int k = 0; k < TB; ++k) acc[k] += gv * load(xc + off[k]);
             }
             const int count = std::min(L, g.Wo - jb);
-            A sums[L];
             for (int k = 0; k < TB; ++k) {
                 const int u = (t0 + k) / K, v = (t0 + k) % K;
-                spill(acc[k], sums);
-                for (int e = 0; e < count; ++e) from_acc(inside[k] ? sums[e] : A(0), &gw.at(n, grp, u, v, i, jb + e));
+                store<S, A>(inside(i, u) ? acc[k] : V{}, &gw.at(n, grp, u, v, i, jb), gw.sj, count);
             }
         }
     }
@@ -285,13 +403,21 @@ template <typename S> struct GradWeight {
         const int blocks = (g.Ho + kRows - 1) / kRows;
         const Item it = item_of(t, g.G, g.Ho, blocks);
         slab.pack(x, g, it.n, it.g * cg, cg, it.r0 * g.s);
-        const int taps_total = g.K * g.K;
-        for (int i = it.r0; i < it.r1; ++i) {
-            for (int c = 0; c < cg; ++c) {
-                A* dst = gyrow.data() + size_t(c) * wop;
+        for (int c = 0; c < cg; ++c)
+            for (int i = it.r0; i < it.r1; ++i) {
+                A* dst = gyb.data() + (size_t(c) * kRows + i - it.r0) * wop;
                 copy_row(&gy.at(it.n, i64(it.g) * cg + c, i, 0), gy.sw, g.Wo, dst);
                 std::fill(dst + g.Wo, dst + wop, A(0));
             }
+#ifdef __AVX512F__
+        if (g.s == 1 && g.d == 1) {
+            if (g.K == 7) return void(unit_stride_rows<7>(it));
+            if (g.K <= 3) return void(unit_stride_rows<3>(it));
+            if (g.K <= 5) return void(unit_stride_rows<5>(it));
+        }
+#endif
+        const int taps_total = g.K * g.K;
+        for (int i = it.r0; i < it.r1; ++i) {
             int t0 = 0;
             for (; t0 + kChannels <= taps_total; t0 += kChannels) taps<kChannels>(i - it.r0, i, it.n, it.g, t0);
             for (; t0 < taps_total; ++t0) taps<1>(i - it.r0, i, it.n, it.g, t0);
@@ -320,37 +446,63 @@ template <typename S> struct GradInput {
     A* gy_row(int c, int r) { return gyb.data() + (size_t(c) * max_rows + r) * len; }
     A* wk_row(int r, int t) { return wkb.data() + (size_t(r) * g.K * g.K + t) * len; }
 
-    template <int CB> void channels(int h, int ilo, int rows, int n, int grp, int c0) {
-        const int K = g.K, s = g.s;
+    // grad_x rows h0..h0+RB-1 x channels c0..c0+CB-1, kLanes columns of one stride phase at a time. Each grad_out
+    // row i serves every row of the block that reads it (tap u = (h + p - i*s) / d), so its vectors are loaded once
+    // for the block; rows go from high i to low, so each sum runs over its taps u (then v) ascending.
+    template <int RB, int CB> void block(int h0, int ilo, int rows, int n, int grp, int c0) {
+        typedef typename Vec<A>::type V;
+        const int K = g.K, s = g.s, d = g.d;
+        const i64 tap_step = len;  // wk_row(r, t + 1) - wk_row(r, t)
         for (int phase = 0; phase < s; ++phase) {
             // Columns w = m*s + phase - p inside the image.
             const int mlo = (g.p - phase + s - 1) / s > 0 ? (g.p - phase + s - 1) / s : 0;
             const int mhi = (g.p + g.W - 1 - phase) / s;  // inclusive
             if (mhi < mlo) continue;
+            const int i_top = std::min(ilo + rows - 1, (h0 + RB - 1 + g.p) / s);
+            const int low = h0 + g.p - (K - 1) * d;
+            const int i_bottom = std::max(ilo, low <= 0 ? 0 : (low + s - 1) / s);
             for (int mb = mlo; mb <= mhi; mb += L) {
-                typename Vec<A>::type acc[CB];
-                for (int k = 0; k < CB; ++k) acc[k] = typename Vec<A>::type{};
-                for (int u = 0; u < K; ++u) {
-                    const int hs = h + g.p - u * g.d;
-                    if (hs < 0 || hs % s != 0 || hs / s >= g.Ho) continue;
-                    const int r = hs / s - ilo;
-                    if (r < 0 || r >= rows) continue;
+                V acc[RB][CB];
+                for (int b = 0; b < RB; ++b)
+                    for (int k = 0; k < CB; ++k) acc[b][k] = V{};
+                for (int i = i_top; i >= i_bottom; --i) {
+                    const int r = i - ilo;
+                    const A* wp[RB];
+                    bool any = false;
+                    for (int b = 0; b < RB; ++b) {
+                        const int du = h0 + b + g.p - i * s;
+                        const bool reads = du >= 0 && du % d == 0 && du / d < K;
+                        wp[b] = reads ? wk_row(r, (du / d) * K) : nullptr;
+                        any |= reads;
+                    }
+                    if (!any) continue;
+                    const A* gp[CB];
+                    for (int k = 0; k < CB; ++k) gp[k] = gy_row(c0 + k, r);
                     for (int v = 0; v < K; ++v) {
-                        if ((v * g.d) % s != phase) continue;
-                        const int start = lp + mb - (v * g.d) / s;
-                        const auto wv = load(wk_row(r, u * K + v) + start);
-                        for (int k = 0; k < CB; ++k) acc[k] += wv * load(gy_row(c0 + k, r) + start);
+                        if ((v * d) % s != phase) continue;
+                        const int start = lp + mb - (v * d) / s;
+                        V gv[CB];
+                        for (int k = 0; k < CB; ++k) gv[k] = load(gp[k] + start);
+                        for (int b = 0; b < RB; ++b) {
+                            if (!wp[b]) continue;
+                            V wv = load(wp[b] + v * tap_step + start);
+                            in_register(wv);
+                            for (int k = 0; k < CB; ++k) acc[b][k] += wv * gv[k];
+                        }
                     }
                 }
                 const int count = std::min(L, mhi - mb + 1);
-                A sums[L];
-                for (int k = 0; k < CB; ++k) {
-                    spill(acc[k], sums);
-                    for (int e = 0; e < count; ++e)
-                        from_acc(sums[e], &gx.at(n, i64(grp) * cg + c0 + k, h, i64(mb + e) * s + phase - g.p));
-                }
+                for (int b = 0; b < RB; ++b)
+                    for (int k = 0; k < CB; ++k)
+                        store<S, A>(acc[b][k], &gx.at(n, i64(grp) * cg + c0 + k, h0 + b, i64(mb) * s + phase - g.p),
+                                    gx.sw * s, count);
             }
         }
+    }
+    template <int RB> void channel_blocks(int h0, int ilo, int rows, int n, int grp) {
+        int c0 = 0;
+        for (; c0 + kChannelBlock <= cg; c0 += kChannelBlock) block<RB, kChannelBlock>(h0, ilo, rows, n, grp, c0);
+        for (; c0 < cg; ++c0) block<RB, 1>(h0, ilo, rows, n, grp, c0);
     }
     void operator()(i64 t) {
         const int blocks = (g.H + kRows - 1) / kRows;
@@ -375,11 +527,10 @@ template <typename S> struct GradInput {
                 std::fill(dst, dst + len, A(0));
                 copy_row(&w.at(it.n, it.g, t / K, t % K, ilo + r, 0), w.sj, g.Wo, dst + lp);
             }
-        for (int h = it.r0; h < it.r1; ++h) {
-            int c0 = 0;
-            for (; c0 + kChannels <= cg; c0 += kChannels) channels<kChannels>(h, ilo, rows, it.n, it.g, c0);
-            for (; c0 < cg; ++c0) channels<1>(h, ilo, rows, it.n, it.g, c0);
-        }
+        int h = it.r0;
+        for (; h + kRowBlock <= it.r1; h += kRowBlock) channel_blocks<kRowBlock>(h, ilo, rows, it.n, it.g);
+        for (; h + 2 <= it.r1; h += 2) channel_blocks<2>(h, ilo, rows, it.n, it.g);
+        for (; h < it.r1; ++h) channel_blocks<1>(h, ilo, rows, it.n, it.g);
     }
 };
 
@@ -397,6 +548,7 @@ template <typename S> static void forward(const void* x, const i64* xs, const vo
     f.wop = round_up(g.Wo, L);
     f.q = f.wop + (g.K - 1) * g.d / g.s + 1;
     f.slab_rows = (kRows - 1) * g.s + (g.K - 1) * g.d + 1;
+    f.direct = std::is_same<S, A>::value && ws[5] == 1;
     parallel_items(i64(g.N) * g.G * ((g.Ho + kRows - 1) / kRows), threads, f);
 }
 
