@@ -3,7 +3,10 @@
 Prints (and with --out writes) a markdown table: median forward and forward+backward time (the backward ops' work
 only: torch.autograd.grad, no accumulation into .grad), peak memory growth of forward+backward, and each time as a
 multiple of the bandwidth floor (the bytes the op must move divided by the bandwidth of a large copy on the device
-measured in the same run). On CPU the backends include "cpu" (the native kernels) when they build.
+measured in the same run), and fwd+bwd as a multiple of the compute floor (the op's multiply-adds at the FLOP rate
+of a large matrix multiply in the same run; on a CPU whose FLOP rate per byte of bandwidth is below the op's
+arithmetic intensity, about 5 FLOP per byte in float32, this floor is the higher one). On CPU the backends include
+"cpu" (the native kernels) when they build.
 
     python scripts/benchmark_op.py                      # CPU, float32, batch 8
     python scripts/benchmark_op.py --device cuda --dtypes float32 bfloat16 float16 --out docs/op_h100.md
@@ -165,6 +168,22 @@ def copy_bandwidth(device: str) -> float:
     return 2 * source.numel() * source.element_size() / seconds
 
 
+def matmul_flops(device: str, dtype: torch.dtype) -> float:
+    """Floating-point operations per second of a large matrix multiply (the compute roof: BLAS / cuBLAS reach most
+    of the device's peak multiply-add rate)."""
+    size = 2048 if device == "cpu" else 8192
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    timer = Timer("torch.mm(a, b)", globals={"a": a, "b": b, "torch": torch}, num_threads=torch.get_num_threads())
+    return 2 * size**3 / timer.blocked_autorange(min_run_time=1.0).median
+
+
+def flops(shape: Shape, batch: int) -> tuple[int, int]:
+    """Multiply-adds x 2 of the forward, and of forward + backward (grad-input and grad-weight cost the same)."""
+    forward = 2 * batch * shape.channels * shape.kernel_size**2 * shape.out_size**2
+    return forward, 3 * forward
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -195,18 +214,21 @@ def main() -> None:
     layouts = args.layouts or (list(LAYOUTS) if on_gpu else ["nchw"])
     shapes = [s for s in SHAPES if args.shapes is None or s.name in args.shapes]
     bandwidth = copy_bandwidth(args.device)
+    roofs = {dtype: matmul_flops(args.device, DTYPES[dtype]) for dtype in dtypes}
 
     lines = [
         f"Device: {device_name(args.device)}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"batch {batch}; median times.",
     ]
     lines.append(f"Large-copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s (the floor's denominator).")
+    roof_text = ", ".join(f"{dtype} {roof / 1e9:.0f} GFLOP/s" for dtype, roof in roofs.items())
+    lines.append(f"Large matrix multiply in this run: {roof_text} (the compute floor's denominator).")
     lines += [
         "",
         "| layer (C, H, K, s) | dtype | layout | backend | forward ms | fwd+bwd ms | peak fwd+bwd MiB |"
-        + " fwd × floor | fwd+bwd × floor |"
+        + " fwd × floor | fwd+bwd × floor | fwd+bwd × compute floor |"
         + ("" if on_gpu else " fwd+bwd vs unfold |"),
-        "|---|---|---|---|---:|---:|---:|---:|---:|" + ("" if on_gpu else "---:|"),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + ("" if on_gpu else "---:|"),
     ]
     print("\n".join(lines), flush=True)
     for shape, dtype, memory in itertools.product(shapes, dtypes, layouts):
@@ -227,6 +249,7 @@ def main() -> None:
             )
             floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
             line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
+            line += f" {row['forward_backward'] / (flops(shape, batch)[1] / roofs[dtype]):.2f} |"
             if not on_gpu:
                 reference = rows.get("unfold")
                 speedup = reference["forward_backward"] / row["forward_backward"] if reference else float("nan")
