@@ -30,13 +30,21 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(log_file: str | Path | None, is_main: bool = True) -> logging.Logger:
-    """Send the `rednet` and `__main__` loggers to the console and `log_file` (rank 0); other ranks warn only."""
+    """Send the `rednet` and `__main__` loggers to the console and `log_file` (rank 0); other ranks warn only.
+
+    Python warnings (`warnings.warn`: ours, e.g. a classifier left fresh for fine-tuning, timm's, torch's) go the
+    same way, through the `py.warnings` logger, so the log file holds them too.
+    """
+    # Off then on: captureWarnings(True) does nothing when it was called before, even if warnings.showwarning has
+    # been put back since (warnings.catch_warnings does that on exit), and then warnings would reach stderr only.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
     handlers: list[logging.Handler] = [_TqdmHandler()]
     if log_file is not None and is_main:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    for name in ("rednet", "__main__", "train", "eval"):
+    for name in ("rednet", "__main__", "train", "eval", "py.warnings"):
         logger = logging.getLogger(name)
         for old in list(logger.handlers):  # a second run in the same process must not log to the old file
             logger.removeHandler(old)
