@@ -1,6 +1,7 @@
 """Evaluate a checkpoint or published weights on an image folder's validation split.
 
     python eval.py checkpoint=outputs/train/.../checkpoints/best.pt data.root=/data/imagenet
+    python eval.py checkpoint=outputs/train/.../checkpoints/best.pt     # the data.root it was trained on
     python eval.py model=rednet50 pretrained=true data.root=/data/imagenet
 
 The weights bring their settings: architecture and shape arguments (model= is needed only when the checkpoint does
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +30,60 @@ from rednet.checkpoint import PREPROCESSING_KEYS, WeightsSettings
 log = logging.getLogger(__name__)
 
 
-def load_model(cfg: DictConfig, num_classes: int, classes: list[str]) -> tuple[nn.Module, WeightsSettings, Any]:
-    """The model with its weights: `cfg.checkpoint` (or `pretrained=<path or URL>`, evaluated the same way, class
-    checks included), or the registry's weights for `pretrained=true`.
+Loaded = tuple[Path, Mapping[str, Any]]  # a checkpoint file and what `weights.read_checkpoint` read from it
+
+
+def read_weights(cfg: DictConfig) -> Loaded | None:
+    """The checkpoint `cfg.checkpoint` (or `pretrained=<path or URL>`) names, fetched and read; None for
+    `pretrained=true` (the registry's weights, built by `load_model`)."""
+    source = cfg.checkpoint if cfg.checkpoint is not None else cfg.pretrained
+    if not isinstance(source, str):
+        return None
+    path = weights.fetch(source)
+    return path, weights.read_checkpoint(path)
+
+
+def saved_config(loaded: Loaded | None) -> dict[str, Any] | None:
+    """The training config a checkpoint saved (train.py's do), else None."""
+    config = loaded[1].get("config") if loaded is not None else None
+    return config if isinstance(config, dict) else None
+
+
+def checkpoint_data_root(cfg: DictConfig, loaded: Loaded | None) -> str:
+    """The data.root the checkpoint was trained on, for an evaluation whose command line sets none.
+
+    Raises:
+        ValueError: the weights carry no data.root (published weights, other frameworks' checkpoints).
+        FileNotFoundError: the checkpoint's data.root does not exist on this machine (or, relative, from here).
+    """
+    root = ((saved_config(loaded) or {}).get("data") or {}).get("root")
+    fix = "add data.root=/path/to/images (with a val/<class>/ folder)"
+    if not isinstance(root, str) or not root:
+        named = f"checkpoint '{loaded[0]}' saved no data.root" if loaded else "pretrained=true weights carry none"
+        raise ValueError(f"data.root is not set and {named}: {fix}")
+    if not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"data.root '{root}' (from checkpoint '{loaded[0]}') does not exist here: {fix}")
+    log.info("data.root=%s (from the checkpoint's training config; data.root= on the command line overrides)", root)
+    return root
+
+
+def load_model(
+    cfg: DictConfig, num_classes: int, classes: list[str], loaded: Loaded | None
+) -> tuple[nn.Module, WeightsSettings, Any]:
+    """The model with its weights: `loaded` (from `read_weights`: `cfg.checkpoint`, or `pretrained=<path or URL>`,
+    evaluated the same way, class checks included), or the registry's weights for `pretrained=true`.
 
     Returns:
         the model (CPU), the settings the checkpoint carried (empty for registered weights), and the checkpoint's
         saved training config (None when it has none).
     """
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
-    source = cfg.checkpoint if cfg.checkpoint is not None else cfg.pretrained
-    if isinstance(source, str):
-        path = weights.fetch(source)
-        ckpt = weights.read_checkpoint(path)
+    if loaded is not None:
+        path, ckpt = loaded
         model, settings = factory.model_from_checkpoint(
             ckpt, path, cfg.model.name, num_classes, cfg.use_ema, classes, **model_kwargs
         )
-        return model, settings, ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+        return model, settings, saved_config(loaded)
     if cfg.model.name is None:
         raise ValueError("pretrained=true evaluates a registered model's weights: set model=<name> (model=rednet50)")
     model = factory.build_model(cfg.model.name, num_classes, pretrained=True, **model_kwargs)
@@ -110,11 +149,13 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(
             "nothing to evaluate: set checkpoint=PATH (e.g. a run's checkpoints/best.pt) or pretrained=true"
         )
-    if OmegaConf.is_missing(cfg.data, "root"):
-        raise ValueError("data.root is not set: add data.root=/path/to/images (with a val/<class>/ folder)")
+    loaded = None
+    if OmegaConf.is_missing(cfg.data, "root"):  # else the folder is checked before the weights are read
+        loaded = read_weights(cfg)
+        cfg = OmegaConf.merge(cfg, {"data": {"root": checkpoint_data_root(cfg, loaded)}})
 
     classes = data.check_image_folder(cfg.data.root, (cfg.data.val_split,))
-    model, settings, trained = load_model(cfg, len(classes), classes)
+    model, settings, trained = load_model(cfg, len(classes), classes, loaded or read_weights(cfg))
     warn_about_other_precision(trained, cfg)
     data_cfg = eval_data_config(cfg, model, settings)
     dataset = data.create_image_dataset(data_cfg, cfg.data.val_split, classes, is_training=False, replace_bad=False)

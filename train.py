@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -238,16 +239,37 @@ def evaluate_epoch(model, eval_model, model_ema, train_loader, val_loader, epoch
     return metrics, ema_metrics
 
 
-def log_epoch(writer, epoch: int, tcfg: DictConfig, step: int, stats, metrics, ema_metrics, seconds, device, notes):
-    """One epoch's TensorBoard points and log line."""
+def train_loss_text(stats: dict[str, Any], done_before: int, epoch_updates: int) -> str:
+    """The epoch line's training part. After a mid-epoch resume the loss averages only the steps this run did, so
+    it names them: "train loss 0.4100 (steps 13-20 of 20, resumed mid-epoch)".
+
+    Args:
+        stats: `engine.train_one_epoch`'s result (mean loss over its `updates`).
+        done_before: updates of this epoch done before the resume (0: the run trained the whole epoch).
+        epoch_updates: updates in a whole epoch.
+    """
+    if not stats["updates"]:  # the run resumed after the epoch's last update: only its evaluation ran
+        return "trained before the resume"
+    text = f"train loss {stats['loss']:.4f}"
+    if done_before:
+        last = done_before + stats["updates"]
+        text += f" (steps {done_before + 1}-{last} of {epoch_updates}, resumed mid-epoch)"
+    return text
+
+
+def log_epoch(writer, epoch: int, tcfg: DictConfig, step: int, stats, metrics, ema_metrics, seconds, device, notes,
+              done_before: int = 0, epoch_updates: int = 0):  # fmt: skip
+    """One epoch's TensorBoard points and log line; `done_before`, `epoch_updates`: see `train_loss_text`."""
     scalars = {f"val/{k}": v for k, v in metrics.items() if k != "count"}
     scalars.update({f"ema/{k}": v for k, v in (ema_metrics or {}).items() if k != "count"})
     scalars["train/epoch"] = epoch + 1
     if stats["updates"]:  # none when the run resumed after the epoch's last update: only its evaluation ran
         scalars.update({"train/epoch_loss": stats["loss"], "train/epoch_time": seconds})
+        # How many steps train/epoch_loss averages: fewer than the epoch's after a mid-epoch resume.
+        scalars["train/epoch_loss_steps"] = stats["updates"]
     scalars["train/peak_memory_mb"] = monitor.peak_memory_mb(device)
     monitor.log_scalars(writer, scalars, step)
-    trained = f"train loss {stats['loss']:.4f}" if stats["updates"] else "trained before the resume"
+    trained = train_loss_text(stats, done_before, epoch_updates)
     log.info(
         "epoch %d/%d | %s | val %s%s | %.1f s, %.0f img/s, peak %.0f MB%s",
         epoch + 1, tcfg.epochs, trained, monitor.format_metrics(metrics),
@@ -368,6 +390,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     for epoch in range(progress.epoch, tcfg.epochs):
         progress.epoch = epoch
         train_loader.sampler.set_epoch(epoch, start_index=progress.epoch_batches * cfg.data.batch_size)
+        done_before = math.ceil(progress.epoch_batches / tcfg.grad_accum)  # > 0 only after a mid-epoch resume
         train_set.set_epoch(epoch)
         epoch_start = time.perf_counter()
         with stop_on_train_error(cfg, dist, saver, ckpt_dir, "image"):
@@ -393,7 +416,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         saver.save(epoch_end=True, is_best=is_best)
         notes = (" | best" if is_best else "") + (f" | skipped {skipped} unreadable images" if skipped else "")
         seconds = time.perf_counter() - epoch_start
-        log_epoch(writer, epoch, tcfg, progress.step, stats, metrics, ema_metrics, seconds, device, notes)
+        log_epoch(writer, epoch, tcfg, progress.step, stats, metrics, ema_metrics, seconds, device, notes,
+                  done_before, epoch_updates)  # fmt: skip
 
     # --- final metrics (a resumed run that had nothing left to train evaluates once)
     if primary is None:

@@ -30,13 +30,21 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(log_file: str | Path | None, is_main: bool = True) -> logging.Logger:
-    """Send the `rednet` and `__main__` loggers to the console and `log_file` (rank 0); other ranks warn only."""
+    """Send the `rednet` and `__main__` loggers to the console and `log_file` (rank 0); other ranks warn only.
+
+    Python warnings (`warnings.warn`: ours, e.g. a classifier left fresh for fine-tuning, timm's, torch's) go the
+    same way, through the `py.warnings` logger, so the log file holds them too.
+    """
+    # Off then on: captureWarnings(True) does nothing when it was called before, even if warnings.showwarning has
+    # been put back since (warnings.catch_warnings does that on exit), and then warnings would reach stderr only.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
     handlers: list[logging.Handler] = [_TqdmHandler()]
     if log_file is not None and is_main:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    for name in ("rednet", "__main__", "train", "eval"):
+    for name in ("rednet", "__main__", "train", "eval", "py.warnings"):
         logger = logging.getLogger(name)
         for old in list(logger.handlers):  # a second run in the same process must not log to the old file
             logger.removeHandler(old)
@@ -134,9 +142,35 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process, in bytes, since it started or since the last `reset_peak_rss`.
+
+    Linux: VmHWM of /proc/self/status, this address space's own high-water mark. Not `getrusage`'s ru_maxrss:
+    the kernel carries that across exec, so a child started by a process that once held 1 GB reads at least 1 GB
+    however little it uses itself. Elsewhere (no /proc): ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Restart `peak_rss_bytes` from the current resident set size (Linux >= 4.0: "5" into /proc/self/clear_refs).
+
+    Returns False where the kernel does not allow it (no /proc, or the write refused); the peak then still
+    includes everything since the process started.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_memory_mb(device: torch.device) -> float:

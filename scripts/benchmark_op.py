@@ -103,7 +103,12 @@ def measure(
     min_run_time: float,
     channels_last: bool = False,
 ) -> dict:
-    """Peak memory growth of forward+backward (measured first, on a fresh process or reset CUDA stats) and times."""
+    """Peak memory growth of one forward+backward and the median times.
+
+    Returns {"peak_bytes": bytes above the memory held before the step (the inputs excluded; NaN on CPU where
+    the peak RSS cannot be reset), "forward": s, "forward_backward": s}. The peak is taken first, from reset CUDA
+    peak stats or a reset RSS high-water mark; run it on CPU through `measure_in_child`.
+    """
     if backend == NCHW_COPIES:
         cupy_backend.USE_NHWC_KERNELS = False
         try:
@@ -130,9 +135,12 @@ def measure(
         out_warm = ops.involution(x_warm, weight_warm, shape.stride, backend=backend)
         torch.autograd.grad(out_warm, (x_warm, weight_warm), grad_warm)
         del x_warm, weight_warm, grad_warm, out_warm
+        # The high-water mark so far holds the imports, the native build and the warm-up: start it again here, so
+        # the peak is this one step's. Where the kernel refuses, there is no honest number to give.
+        reset = monitor.reset_peak_rss()
         before = monitor.current_rss_bytes()
         step(True)
-        peak = monitor.peak_rss_bytes() - before
+        peak = monitor.peak_rss_bytes() - before if reset else float("nan")
     times = {}
     for label, backward in (("forward", False), ("forward_backward", True)):
         # torch.utils.benchmark.Timer runs on one thread unless told: time with the threads the table reports.
@@ -146,7 +154,8 @@ def measure(
 def measure_in_child(
     shape: Shape, backend: str, batch: int, dtype: str, min_run_time: float, channels_last: bool = False
 ) -> dict:
-    """CPU memory is read from the process's peak RSS, so each measurement gets a fresh process."""
+    """`measure` on CPU in a fresh process: its peak RSS growth is the op's alone, not memory that an earlier
+    measurement freed but the allocator kept (an op reusing those pages would read as using none)."""
     code = (
         "import json, sys, torch; sys.argv = ['x']; from scripts.benchmark_op import measure, Shape, DTYPES;"
         f"torch.set_num_threads({torch.get_num_threads()}); torch.manual_seed(0);"

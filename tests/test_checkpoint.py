@@ -144,7 +144,8 @@ def _eval(root, path, out, *overrides):
 
     import eval as eval_script
 
-    base = [f"checkpoint={path}", f"data.root={root}", "data.num_workers=0", "trainer.device=cpu"]
+    base = [f"checkpoint={path}", "data.num_workers=0", "trainer.device=cpu"]
+    base += [f"data.root={root}"] if root is not None else []  # None: the checkpoint's
     cfg = compose_config("eval", [*base, "trainer.progress_bar=false", *overrides])
     return eval_script.evaluate_checkpoint(cfg, out)
 
@@ -169,6 +170,30 @@ def test_eval_with_only_checkpoint_and_root_reproduces_the_logged_top1(trained_r
     assert got["preprocessing"] == {"img_size": 36, "crop_pct": 0.9, "interpolation": "bicubic",
                                     "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]}  # fmt: skip
     assert "img_size=36 (the checkpoint)" in caplog.text
+
+
+def test_eval_takes_the_checkpoints_data_root_when_none_is_given(trained_run, tmp_path, caplog):
+    root, run_dir, results = trained_run
+    best = run_dir / "checkpoints" / "best.pt"
+    with caplog.at_level("INFO"):
+        got = _eval(None, best, tmp_path / "eval")  # checkpoint= alone
+    assert got["top1"] == results["top1"] and got["count"] == results["count"]
+    assert f"data.root={root} (from the checkpoint's training config" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"data.root '.*elsewhere' does not exist"):  # the command line wins
+        _eval(tmp_path / "elsewhere", best, tmp_path / "eval2")
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["config"]["data"]["root"] = str(tmp_path / "moved")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(
+        FileNotFoundError, match=r"'.*moved' \(from checkpoint '.*moved.pt'\) does not exist here: add data.root="
+    ):
+        _eval(None, tmp_path / "moved.pt", tmp_path / "eval3")
+    del ckpt["config"]["data"]["root"]
+    torch.save(ckpt, tmp_path / "rootless.pt")
+    with pytest.raises(
+        ValueError, match=r"data.root is not set and checkpoint '.*rootless.pt' saved no data.root: add data.root="
+    ):
+        _eval(None, tmp_path / "rootless.pt", tmp_path / "eval4")
 
 
 def test_eval_command_line_value_wins_with_a_warning(trained_run, tmp_path, caplog):

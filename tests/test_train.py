@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +193,12 @@ def test_resume_after_a_crash_logs_each_step_once(image_root, tmp_path):
     scalars = _scalars(tmp_path)
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, UPDATES_PER_EPOCH + 1))
     assert [step for step, _ in scalars["val/top1"]] == [UPDATES_PER_EPOCH]
+    # The resumed epoch's loss averages steps 5-6 only, and says so; the first run's line covered the whole epoch.
+    first, resumed = re.findall(
+        r"epoch 1/1 \| train loss [0-9.]+( \([^)]*\))? \|", (tmp_path / "train.log").read_text()
+    )
+    assert (first, resumed) == ("", f" (steps 5-{UPDATES_PER_EPOCH} of {UPDATES_PER_EPOCH}, resumed mid-epoch)")
+    assert scalars["train/epoch_loss_steps"] == [(UPDATES_PER_EPOCH, 2)]  # the first run's point was purged
 
 
 def _edited_checkpoint(trained, tmp_path, **changes):
