@@ -2,7 +2,6 @@
 
     python scripts/benchmark_model.py                                    # CUDA if present: bf16 + channels_last
     python scripts/benchmark_model.py --device cpu --threads 1 --batch-size 8 --out model.md  # for docs/benchmarks.md
-    python scripts/benchmark_model.py --device cpu --ideal-involution  # bound: RedNet with a nearly free operator
 
 All models run in the same invocation with the same settings, each in a fresh process so that one model's memory
 does not count against the next. A training step is forward + backward + SGD step; inference is a forward under
@@ -27,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rednet  # noqa: E402  (registers the RedNets with timm)
-import rednet.models.involution as involution_layer  # noqa: E402
 from rednet import monitor  # noqa: E402
 
 PAIRS = (("rednet26", "resnet26"), ("rednet50", "resnet50"), ("rednet101", "resnet101"))
@@ -51,18 +49,9 @@ def _timed(step, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def _nearly_free_involution(x: torch.Tensor, kernels: torch.Tensor, stride: int, dilation: int, backend: str):
-    """A stand-in for the operator that costs one elementwise product (wrong values, right shapes and autograd
-    graph): a RedNet running it shows the fastest the model can get from the operator's speed alone."""
-    per_group = x.shape[1] // kernels.shape[1]
-    return x[:, :, ::stride, ::stride] * kernels[:, :, 0, 0].repeat_interleave(per_group, dim=1)
-
-
 def benchmark(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """img/s and peak memory (MB) of one model, inference first (its peak is the lower one), then training."""
     torch.manual_seed(0)
-    if args.ideal_involution and name.startswith("rednet"):
-        involution_layer._involution = _nearly_free_involution
     base_mb = monitor.current_rss_bytes() / 2**20
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     extra = {"involution_backend": args.involution_backend} if name.startswith("rednet") else {}
@@ -126,11 +115,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 30 GPU, 5 CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 gives stable numbers on a busy host)")
     parser.add_argument("--involution-backend", default="auto", help="the RedNets' ops.involution backend")
-    parser.add_argument(
-        "--ideal-involution",
-        action="store_true",
-        help="bound, not a result: the RedNets' operator replaced by one elementwise product (wrong values)",
-    )
     parser.add_argument("--models", nargs="+", default=[m for pair in PAIRS for m in pair])
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: benchmark one model
@@ -163,8 +147,7 @@ def main() -> None:
         )
         result = json.loads(worker.stdout.strip().splitlines()[-1])
         print(f"{name}: {result}", file=sys.stderr, flush=True)
-        backend = "nearly free stand-in: a bound" if args.ideal_involution else args.involution_backend
-        label = f"{name} ({backend})" if name.startswith("rednet") else name
+        label = f"{name} ({args.involution_backend})" if name.startswith("rednet") else name
         rows.append(
             f"| {label} | {result['params']:.2f} | {result['train']:.1f} | {result['infer']:.1f} "
             f"| {result['train_mb']:.0f} | {result['infer_mb']:.0f} |"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,3 +97,28 @@ def test_export_onnx_takes_architecture_classes_and_size_from_the_checkpoint(tra
     script.main(["--weights", str(trained_checkpoint), "--out", str(tmp_path / "m.onnx"), "--no-check",
                  "--img-size", "64"])  # fmt: skip
     assert exported["size"] == (3, 64, 64)
+
+
+def test_compare_models_times_variants_in_one_process(monkeypatch, capsys):
+    compare = load_script("compare_models")
+    argv = ["compare_models.py", "resnet26", "rednet26@torch", "rednet26@ideal", "--batch-size", "2",
+            "--img-size", "32", "--rounds", "1", "--warmup", "0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| r")]
+    assert [row[1].strip() for row in rows] == ["resnet26", "rednet26@torch", "rednet26@ideal"]
+    assert rows[0][4].strip() == rows[0][5].strip() == "1.00x"  # the first model is the baseline
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+def test_compare_models_ideal_variant_replaces_only_the_operator():
+    """The bound keeps the kernel generator (its parameters get gradients) but not the operator's values."""
+    compare = load_script("compare_models")
+    real, ideal = compare.build("rednet26", False).model, compare.build("rednet26@ideal", False).model
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(real(x), ideal(x))
+    ideal(x).sum().backward()
+    generator = ideal.stem[1]  # the stem's Involution: its kernel generator
+    assert all(p.grad is not None for p in generator.parameters())
+    with pytest.raises(SystemExit, match="only RedNets"):
+        compare.build("resnet26@torch", False)

@@ -286,3 +286,21 @@ def test_build_without_avx512_matches_unfold(monkeypatch, tmp_path):
                 assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-5
     finally:
         cpu_backend.reset()
+
+
+def test_compare_cpu_kernels_script_times_two_builds(monkeypatch, capsys, tmp_path):
+    """scripts/compare_cpu_kernels.py: two copies of the kernel source give the same results and a table row each."""
+    from scripts import compare_cpu_kernels
+
+    copy = tmp_path / "copy.cpp"
+    copy.write_text(cpu_backend.KERNEL_FILE.read_text())
+    monkeypatch.setattr(cpu_backend, "KERNEL_FILE", cpu_backend.KERNEL_FILE)  # restored after the script moves it
+    argv = ["compare_cpu_kernels.py", str(copy), "--batch", "1", "--repeats", "1", "--shapes", "layer4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        compare_cpu_kernels.main()
+    finally:
+        cpu_backend.reset()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| layer4 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["forward", "grad_input", "grad_weight", "all three"]
+    assert all(row.split("|")[6].strip() == "0.0e+00" for row in rows[:3])
