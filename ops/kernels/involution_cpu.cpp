@@ -122,6 +122,12 @@ template <typename T> static inline void in_register(T& v) {
 #endif
 }
 
+// The tap u with u*d == du, or -1 when there is none (du < 0 or not a multiple of d); no division when d == 1.
+static inline int tap_of(int du, int d) {
+    if (d == 1) return du;
+    return du >= 0 && du % d == 0 ? du / d : -1;
+}
+
 static inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
 // dst[q] = src[q * stride] for q < count, converted to the accumulation type (a plain, vectorized loop when the
@@ -255,9 +261,9 @@ template <typename S> struct Forward {
             bool any = false;
             for (int b = 0; b < RB; ++b) {
                 const int du = r - (li0 + b) * s;
-                const bool reads = du >= 0 && du % d == 0 && du / d < K;
-                wp[b] = reads ? kv.base + (du / d) * kv.su + (li0 + b) * kv.si : nullptr;
-                any |= reads;
+                const int u = tap_of(du, d);
+                wp[b] = u >= 0 && u < K ? kv.base + u * kv.su + (li0 + b) * kv.si : nullptr;
+                any |= wp[b] != nullptr;
             }
             if (!any) continue;
             const A* xr[CB];
@@ -439,9 +445,12 @@ template <typename S> struct GradInput {
     int cg, lp, len, max_rows;
     std::vector<A> gyb, wkb;
 
+    std::vector<int> tap_phase, tap_shift;  // (v*d) % s and (v*d) / s: no division in the hot loops
+
     void init() {
         gyb.resize(size_t(cg) * max_rows * len);
         wkb.resize(size_t(max_rows) * g.K * g.K * len);
+        for (int v = 0; v < g.K; ++v) tap_phase.push_back(v * g.d % g.s), tap_shift.push_back(v * g.d / g.s);
     }
     A* gy_row(int c, int r) { return gyb.data() + (size_t(c) * max_rows + r) * len; }
     A* wk_row(int r, int t) { return wkb.data() + (size_t(r) * g.K * g.K + t) * len; }
@@ -470,17 +479,16 @@ template <typename S> struct GradInput {
                     const A* wp[RB];
                     bool any = false;
                     for (int b = 0; b < RB; ++b) {
-                        const int du = h0 + b + g.p - i * s;
-                        const bool reads = du >= 0 && du % d == 0 && du / d < K;
-                        wp[b] = reads ? wk_row(r, (du / d) * K) : nullptr;
-                        any |= reads;
+                        const int u = tap_of(h0 + b + g.p - i * s, d);
+                        wp[b] = u >= 0 && u < K ? wk_row(r, u * K) : nullptr;
+                        any |= wp[b] != nullptr;
                     }
                     if (!any) continue;
                     const A* gp[CB];
                     for (int k = 0; k < CB; ++k) gp[k] = gy_row(c0 + k, r);
                     for (int v = 0; v < K; ++v) {
-                        if ((v * d) % s != phase) continue;
-                        const int start = lp + mb - (v * d) / s;
+                        if (tap_phase[v] != phase) continue;
+                        const int start = lp + mb - tap_shift[v];
                         V gv[CB];
                         for (int k = 0; k < CB; ++k) gv[k] = load(gp[k] + start);
                         for (int b = 0; b < RB; ++b) {
