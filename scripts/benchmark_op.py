@@ -261,8 +261,8 @@ def main() -> None:
             line += f" {row['forward_backward'] / (flops(shape, batch)[1] / roofs[dtype]):.2f} |"
             if not on_gpu:
                 reference = rows.get("unfold")
-                speedup = reference["forward_backward"] / row["forward_backward"] if reference else float("nan")
-                line += f" {speedup:.1f}× faster |"
+                speedup = reference and reference["forward_backward"] / row["forward_backward"]
+                line += f" {speedup:.1f}× faster |" if reference else " (unfold not run) |"
             lines.append(line)
             print(line, flush=True)
     if args.out:
