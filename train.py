@@ -298,6 +298,14 @@ def start_run(cfg: DictConfig, own_dir: Path) -> tuple[distributed.DistInfo, Pat
     return dist, run_dir
 
 
+def make_data_root_absolute(cfg: DictConfig) -> None:
+    """data.root as an absolute path (relative ones from the directory train.py was started in, as Hydra's
+    to_absolute_path reads them): config.yaml and the checkpoints record it, and eval.py or a resume started from
+    another directory must find the same folder."""
+    if not OmegaConf.is_missing(cfg.data, "root") and cfg.data.root:
+        cfg.data.root = str(Path(hydra.utils.to_absolute_path(str(cfg.data.root))).resolve())
+
+
 def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run a full training as configured, writing everything into `run_dir`; return the final metrics.
 
@@ -305,7 +313,9 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     the ranks agree): when it returns True, last.pt is written at that step and the run returns `stopped: True`.
     """
     # --- set-up: processes, run directory, logging, early checks
+    make_data_root_absolute(cfg)
     dist, run_dir = start_run(cfg, Path(run_dir))
+    log.info("data.root=%s", cfg.data.root)
     device, tcfg, ckpt_dir = dist.device, cfg.trainer, run_dir / "checkpoints"
     # A bad model name, resume path or a checkpoint of another model fails before data is read.
     resume = run_state.find_resume(cfg.resume, ckpt_dir, cfg.model.name)

@@ -196,6 +196,27 @@ def test_eval_takes_the_checkpoints_data_root_when_none_is_given(trained_run, tm
         _eval(None, tmp_path / "rootless.pt", tmp_path / "eval4")
 
 
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch, caplog):
+    """train.py from one directory with data.root=../images, eval.py with checkpoint= alone from another."""
+    from train_utils import TINY, compose_config, make_image_folder
+
+    import train
+
+    make_image_folder(tmp_path / "images", size=32)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = compose_config("train", [*TINY, "data.root=../images", "trainer.epochs=1"])
+    with caplog.at_level("INFO"):
+        results = train.train(cfg, tmp_path / "run")
+    absolute = str((tmp_path / "images").resolve())
+    assert f"data.root={absolute}" in caplog.text  # train.log says which folder the run read
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert torch.load(best, weights_only=True)["config"]["data"]["root"] == absolute
+    monkeypatch.chdir(tmp_path)
+    got = _eval(None, best, tmp_path / "eval")
+    assert got["top1"] == results["top1"] and got["count"] == results["count"]
+
+
 def test_eval_command_line_value_wins_with_a_warning(trained_run, tmp_path, caplog):
     root, run_dir, _ = trained_run
     got = _eval(root, run_dir / "checkpoints" / "best.pt", tmp_path / "eval", "data.img_size=48", "data=small")
