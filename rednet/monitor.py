@@ -29,6 +29,14 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _WarningFirstLine(logging.Filter):
+    """Keeps `path:line: Category: message` of a captured warning, not the source line Python prints under it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = record.getMessage().strip().split("\n", 1)[0], None
+        return True
+
+
 def setup_logging(log_file: str | Path | None, is_main: bool = True) -> logging.Logger:
     """Send the `rednet` and `__main__` loggers to the console and `log_file` (rank 0); other ranks warn only.
 
@@ -53,6 +61,9 @@ def setup_logging(log_file: str | Path | None, is_main: bool = True) -> logging.
             handler.setFormatter(formatter)
             logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _WarningFirstLine) for f in warnings_logger.filters):
+        warnings_logger.addFilter(_WarningFirstLine())
     return logging.getLogger("rednet")
 
 

@@ -22,6 +22,7 @@ def test_warnings_reach_the_log_file(tmp_path):
             assert f"[INFO] {run} run" in text
             assert f"[WARNING] {__file__}" in text and "UserWarning: the classifier is left at its fresh" in text
             assert f"({run})" in text
+            assert "warnings.warn(" not in text  # the message, not the source line Python prints under it
     finally:
         logging.captureWarnings(False)  # other tests expect warnings where pytest collects them
         for name in ("rednet", "__main__", "train", "eval", "py.warnings"):
