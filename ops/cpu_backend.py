@@ -97,8 +97,14 @@ def _build(cxx: str) -> Path:
             os.replace(temporary, target)  # atomic: another process sees the old state or the whole library
             return target
         os.unlink(temporary)
-        errors.append(f"{' '.join(command)}:\n{result.stderr.strip()[-1500:]}")
-    raise RuntimeError("building the CPU involution kernels failed:\n" + "\n".join(errors))
+        errors.append((" ".join(command), result.stderr.strip()))
+    # The compiler's output once (the flag sets usually fail alike), then the other commands with their first error.
+    (first_command, first_output), *others = errors
+    lines = [f"building the CPU involution kernels failed:\n{first_command}:\n{first_output[-1500:]}"]
+    for command, output in others:
+        first_error = next((line for line in output.splitlines() if "error" in line), output[:200])
+        lines.append(f"also failed: {command}: {first_error}")
+    raise RuntimeError("\n".join(lines))
 
 
 def _load() -> ctypes.CDLL:

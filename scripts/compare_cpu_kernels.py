@@ -29,12 +29,12 @@ KERNELS = ("forward", "grad_input", "grad_weight")
 
 
 def load(source: Path):
-    """The ctypes library built from `source` (raises RuntimeError naming the compiler's error)."""
+    """The ctypes library built from `source` (SystemExit with the compiler's error when it does not build)."""
     cpu_backend.reset()
     cpu_backend.KERNEL_FILE = source
     ok, reason = cpu_backend.status()
     if not ok:
-        raise RuntimeError(f"{source}: {reason}")
+        raise SystemExit(f"{source}: {reason}")
     return cpu_backend._state["library"]
 
 
@@ -80,18 +80,22 @@ def main() -> None:
     print(f"A = {args.before}, B = {args.after}; {args.threads} threads, batch {args.batch}, float32 NCHW; min of "
           f"{args.repeats} interleaved calls; copy bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print("| layer | kernel | A ms | B ms | A/B | max abs diff |\n|---|---|---:|---:|---:|---:|")
+    unsteady = []
     for shape in [s for s in SHAPES if args.shapes is None or s.name in args.shapes]:
         problem = calls(shape, args.batch)
         totals = {"A": 0.0, "B": 0.0}
         for kernel in KERNELS:
-            results, best = {}, {"A": float("inf"), "B": float("inf")}
+            results, best, worst = {}, {"A": float("inf"), "B": float("inf")}, {"A": 0.0, "B": 0.0}
             for round_ in range(args.repeats + 2):
                 for label, library in libraries.items():
                     cpu_backend._state["library"] = library
                     start = time.perf_counter()
                     results[label] = problem[kernel]()
                     if round_ >= 2:  # the first two rounds warm up
-                        best[label] = min(best[label], time.perf_counter() - start)
+                        seconds = time.perf_counter() - start
+                        best[label], worst[label] = min(best[label], seconds), max(worst[label], seconds)
+            if max(worst.values()) > 2 * min(best.values()):
+                unsteady.append(f"{shape.name} {kernel}")
             difference = (results["A"] - results["B"]).abs().max().item()
             for label in totals:
                 totals[label] += best[label]
@@ -101,6 +105,11 @@ def main() -> None:
         a, b = totals["A"], totals["B"]
         print(f"| {shape.name} | all three | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f} | "
               f"x floor: {a / floor:.1f} -> {b / floor:.1f} |")  # fmt: skip
+    if unsteady:
+        print(
+            f"\nWarning: call times varied more than 2x ({', '.join(unsteady)}): other processes were probably using "
+            "the cores. Rerun on a quiet machine, with more --repeats or --threads below the core count."
+        )
     cpu_backend.reset()
 
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ops  # noqa: E402
-import rednet  # noqa: E402, F401  (registers the RedNets with timm)
+import rednet  # noqa: E402  (registers the RedNets with timm)
 from ops import cpu_backend  # noqa: E402
 from rednet.models.involution import Involution  # noqa: E402
 
@@ -47,11 +47,21 @@ class Entry:
         self.seconds: dict[str, list[float]] = {"train": [], "infer": []}
 
 
+VARIANTS = (*ops.BACKENDS, "ideal")
+
+
 def build(spec: str, channels_last: bool) -> Entry:
-    name, _, variant = spec.partition("@")
+    """The model of one NAME[@VARIANT] spec; SystemExit naming the spec when it cannot be built."""
+    name, at, variant = spec.partition("@")
     kwargs, library = {}, None
-    if variant and not name.startswith("rednet"):
+    if name not in timm.list_models():
+        raise SystemExit(f"{spec}: no timm model {name!r} (RedNets: {', '.join(rednet.list_models())})")
+    if at and not name.startswith("rednet"):
         raise SystemExit(f"{spec}: only RedNets take @VARIANT")
+    if at and variant not in VARIANTS and not variant.endswith(".cpp"):
+        raise SystemExit(f"{spec}: @{variant} is not one of {', '.join(VARIANTS)} or a path to a .cpp kernel source")
+    if variant in ops.BACKENDS and variant != "auto" and variant not in ops.available_backends():
+        raise SystemExit(f"{spec}: backend {variant!r} is not available here ({', '.join(ops.available_backends())})")
     if variant.endswith(".cpp"):
         cpu_backend.reset()
         cpu_backend.KERNEL_FILE = Path(variant).resolve()
@@ -122,12 +132,23 @@ def main() -> None:
     )
     print(f"| model | train img/s | infer img/s | train vs {baseline.spec} | infer vs {baseline.spec} |")
     print("|---|---:|---:|---:|---:|")
+    unsteady = [
+        f"{entry.spec} {mode}"
+        for entry in entries
+        for mode in ("train", "infer")
+        if max(entry.seconds[mode]) > 2 * min(entry.seconds[mode])
+    ]
     for entry in entries:
         rate = {mode: args.batch_size / statistics.median(entry.seconds[mode]) for mode in ("train", "infer")}
         base = {mode: args.batch_size / statistics.median(baseline.seconds[mode]) for mode in ("train", "infer")}
         print(
             f"| {entry.spec} | {rate['train']:.2f} | {rate['infer']:.2f} | {rate['train'] / base['train']:.2f}x "
             f"| {rate['infer'] / base['infer']:.2f}x |"
+        )
+    if unsteady:
+        print(
+            f"\nWarning: step times varied more than 2x ({', '.join(unsteady)}): other processes were probably using "
+            "the cores. Rerun on a quiet machine or with --threads below the core count; these ratios are unreliable."
         )
 
 

@@ -120,5 +120,17 @@ def test_compare_models_ideal_variant_replaces_only_the_operator():
     ideal(x).sum().backward()
     generator = ideal.stem[1]  # the stem's Involution: its kernel generator
     assert all(p.grad is not None for p in generator.parameters())
-    with pytest.raises(SystemExit, match="only RedNets"):
-        compare.build("resnet26@torch", False)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("resnet26@torch", "only RedNets take @VARIANT"),
+        ("rednet26@nonsense", "@nonsense is not one of auto, .*ideal or a path to a .cpp kernel source"),
+        ("rednet26@", "@ is not one of"),
+        ("rednet27", "no timm model 'rednet27' \\(RedNets: rednet26"),
+    ],
+)
+def test_compare_models_refuses_a_bad_spec_before_timing(spec, message):
+    with pytest.raises(SystemExit, match=message):
+        load_script("compare_models").build(spec, False)
