@@ -135,6 +135,103 @@ def test_kernels_read_in_place_from_an_offset_view():
         assert torch.equal(a, b)
 
 
+# Edges of the register blocks and of the in-place kernel reads: Wo an exact multiple of the vector (16 float32,
+# 8 float64) and below it, even K (grad-weight's blocked path at K 2 and 4, its general path at K 6), K = 1,
+# padding 0 and padding beyond "same", K larger than the image, dilation with stride, C/G = 1, bfloat16 wide rows.
+EDGE_CASES = [
+    ((1, 8, 2, 9, 32, 3, 1, 1, None), torch.float32),
+    ((1, 8, 2, 10, 16, 7, 1, 1, None), torch.float64),
+    ((1, 8, 2, 9, 8, 3, 1, 1, None), torch.float64),
+    ((1, 8, 2, 11, 18, 2, 1, 1, 0), torch.float32),
+    ((1, 8, 2, 11, 19, 4, 1, 1, 1), torch.float32),
+    ((1, 8, 2, 13, 21, 6, 1, 1, 2), torch.float32),
+    ((1, 4, 2, 10, 17, 1, 1, 1, None), torch.float32),
+    ((1, 8, 1, 13, 40, 7, 1, 1, 0), torch.float32),
+    ((1, 8, 1, 9, 17, 3, 1, 1, 5), torch.float32),
+    ((1, 8, 2, 3, 4, 7, 1, 1, 3), torch.float64),
+    ((1, 12, 3, 17, 37, 3, 2, 2, 2), torch.float32),
+    ((1, 4, 4, 10, 33, 3, 1, 1, None), torch.float32),
+    ((1, 10, 2, 10, 33, 5, 1, 1, None), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case,dtype", EDGE_CASES, ids=[f"{_case_id(c)}-{str(t)[6:]}" for c, t in EDGE_CASES])
+def test_edge_geometries_match_unfold(case, dtype):
+    x, weight, grad_out, conv = _problem(case, dtype=dtype)
+    expected = _run("unfold", x.double(), weight.double(), grad_out.double(), conv)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, a, b in zip(("out", "grad_x", "grad_weight"), _run("cpu", x, weight, grad_out, conv), expected):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < tolerance, name
+
+
+def _weight_view(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A view whose rows are contiguous (so the forward reads them in place) but whose other strides are unusual."""
+    if kind == "broadcast_n":  # stride 0 along N
+        return weight[:1].expand_as(weight)
+    if kind == "permuted":  # rows contiguous, (n, g, u, v, i) strides in another order
+        return weight.permute(4, 2, 0, 3, 1, 5).contiguous().permute(2, 4, 1, 3, 0, 5)
+    if kind == "padded_rows":  # a row stride larger than Wo
+        big = torch.zeros(*weight.shape[:-1], weight.shape[-1] + 3, dtype=weight.dtype)
+        big[..., : weight.shape[-1]] = weight
+        return big[..., : weight.shape[-1]]
+    # "storage_end": an offset view that ends exactly where its storage ends (the last row's reads end there)
+    storage = torch.full((weight.numel() + 5,), float("nan"), dtype=weight.dtype)
+    view = storage[5:].view(weight.shape)
+    view.copy_(weight)
+    return view
+
+
+@pytest.mark.parametrize("kind", ["broadcast_n", "permuted", "padded_rows", "storage_end"])
+@pytest.mark.parametrize("case,dtype", [((2, 8, 2, 9, 32, 3, 1, 1, None), torch.float32),
+                                        ((2, 8, 2, 9, 16, 5, 1, 1, None), torch.float64),
+                                        ((2, 8, 2, 11, 35, 3, 2, 1, None), torch.float32)],
+                         ids=["Wo32-f32", "Wo16-f64", "Wo18-s2-f32"])  # fmt: skip
+def test_kernels_read_in_place_with_unusual_strides(case, dtype, kind):
+    x, weight, grad_out, conv = _problem(case, dtype=dtype)
+    weight = _weight_view(weight, kind)
+    assert weight.stride(-1) == 1
+    expected = _run("unfold", x.double(), weight.double(), grad_out.double(), conv)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(("out", "grad_x", "grad_weight"), _run("cpu", x, weight, grad_out, conv), expected):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < tolerance, name
+
+
+def _guarded(t: torch.Tensor, guard: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """t's values in a view followed by `guard` NaNs of the same storage: a read past t gives NaN, a write shows."""
+    storage = torch.full((t.numel() + guard,), float("nan"), dtype=t.dtype)
+    view = storage[: t.numel()].view(t.shape)
+    view.copy_(t)
+    return view, storage
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="s > p + W: Slab::pack's qhi and GradInput's mhi divide a negative numerator by s, which C++ truncates "
+    "toward zero, so one column w = phase - p >= W is read (forward, grad-weight) and written (grad-input, past "
+    "the tensor's end at its last row)",
+)
+@pytest.mark.parametrize("case", [(1, 2, 1, 5, 1, 3, 3, 1, 1), (1, 2, 1, 9, 1, 1, 2, 1, 0)], ids=_case_id)
+def test_stride_wider_than_the_padded_image(case):
+    """Output columns whose taps partly fall right of the image when s > p + W; the kernels are called directly on
+    guarded buffers, because through ops.involution the stray write lands in the heap."""
+    x, weight, grad_out, (s, p, d) = _problem(case)
+    expected = _run("unfold", x, weight, grad_out, (s, p, d))
+    n, c, h, w = x.shape
+    geometry = (n, c, h, w, weight.shape[1], weight.shape[2], *grad_out.shape[-2:], s, p, d)
+    x, _ = _guarded(x)
+    out, out_storage = _guarded(torch.zeros_like(grad_out))
+    grad_x, grad_x_storage = _guarded(torch.zeros_like(x))
+    grad_w, grad_w_storage = _guarded(torch.zeros_like(weight))
+    cpu_backend._call("forward", x, weight, out, geometry)
+    cpu_backend._call("grad_input", grad_out, weight, grad_x, geometry)
+    cpu_backend._call("grad_weight", grad_out, x, grad_w, geometry)
+    for name, got, storage, want in zip(
+        ("out", "grad_x", "grad_weight"), (out, grad_x, grad_w), (out_storage, grad_x_storage, grad_w_storage), expected
+    ):
+        assert storage[got.numel() :].isnan().all(), f"{name}: written past its end"
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_non_contiguous_inputs():
     x, weight, grad_out, conv = _problem((2, 16, 2, 9, 9, 3, 1, 1, None))
     expected = _run("unfold", x, weight, grad_out, conv)
