@@ -122,6 +122,10 @@ template <typename T> static inline void in_register(T& v) {
 #endif
 }
 
+// a / b rounded down (b > 0). C++ rounds toward zero, which for a negative a (a stride phase beyond the padded
+// image, when s > p + W) would give column 0 instead of none.
+static inline int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
 // The tap u with u*d == du, or -1 when there is none (du < 0 or not a multiple of d); no division when d == 1.
 static inline int tap_of(int du, int d) {
     if (d == 1) return du;
@@ -198,7 +202,7 @@ template <typename S, typename A> struct Slab {
                     }
                     // Columns q read x[..., q*s + phase - p]: inside the image for q in [qlo, qhi).
                     const int qlo = std::min(Q, std::max(0, (g.p - phase + s - 1) / s));
-                    const int qhi = std::max(qlo, std::min(Q, (g.W - 1 + g.p - phase) / s + 1));
+                    const int qhi = std::max(qlo, std::min(Q, floor_div(g.W - 1 + g.p - phase, s) + 1));
                     std::fill(dst, dst + qlo, A(0));
                     copy_row(&x.at(n, c0 + c, h, i64(qlo) * s + phase - g.p), x.sw * s, qhi - qlo, dst + qlo);
                     std::fill(dst + qhi, dst + Q, A(0));
@@ -465,7 +469,7 @@ template <typename S> struct GradInput {
         for (int phase = 0; phase < s; ++phase) {
             // Columns w = m*s + phase - p inside the image.
             const int mlo = (g.p - phase + s - 1) / s > 0 ? (g.p - phase + s - 1) / s : 0;
-            const int mhi = (g.p + g.W - 1 - phase) / s;  // inclusive
+            const int mhi = floor_div(g.p + g.W - 1 - phase, s);  // inclusive; < mlo when the phase has none
             if (mhi < mlo) continue;
             const int i_top = std::min(ilo + rows - 1, (h0 + RB - 1 + g.p) / s);
             const int low = h0 + g.p - (K - 1) * d;
