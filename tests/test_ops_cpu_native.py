@@ -96,15 +96,18 @@ def test_float32_and_bfloat16_accumulate_in_float32(dtype):
         assert ((a.double() - b).abs().max() / b.abs().max()) < tolerance
 
 
-# float32 rows of at least one 16-pixel vector: the kernels are read in place (with a packed tail), and the
-# register blocks (4 rows x 4 channels; grad-weight 3 or 4 rows x all K taps of a column) leave remainders of
-# 2 and 1 rows. Stride 1 / dilation 1 at K 3, 5, 7 take grad-weight's blocked path, the others its general one.
+# float32 rows of at least one 16-pixel vector: the kernels are read in place (with a packed tail), rows span
+# several work items, and the register blocks (4 rows x 4 channels; grad-weight 3 or 4 rows x all K taps of a
+# column) leave remainders of 2 and 1 rows. Stride 1 / dilation 1 at K 3, 5, 7 take grad-weight's blocked path,
+# the others its general one.
 WIDE_FLOAT32_CASES = [
     (2, 32, 2, 21, 37, 7, 1, 1, None),
     (1, 16, 1, 19, 35, 3, 1, 1, None),
     (1, 32, 2, 18, 33, 5, 1, 1, None),
     (1, 32, 2, 20, 34, 7, 2, 1, None),
     (1, 16, 1, 17, 40, 3, 1, 2, None),
+    (1, 16, 1, 30, 20, 7, 1, 1, None),  # two work items of rows: 16 + 14 (forward, grad-weight), 24 + 6 (grad-input)
+    (1, 16, 2, 53, 18, 7, 2, 1, None),  # stride 2 over items 16 + 11 (27 output rows) and 24 + 24 + 5 input rows
 ]
 
 

@@ -5,16 +5,16 @@
 //
 // Plain C++ (no torch headers) with an extern "C" API on raw pointers, element strides and sizes, so every memory
 // layout (NCHW, channels_last with pixel-major kernels, any non-contiguous view) runs without copies to a canonical
-// layout. Work is split into items (n, g, block of kRows rows), each computed by one thread from start to end:
-// an item packs what it reads into small thread-local buffers (the group's input rows, zero-padded and split by
-// stride phase so that every read of the hot loops is contiguous; grad_out's rows; the kernels' rows where they
-// cannot be read in place), then runs loops vectorized over kLanes adjacent output pixels with the sums in
-// registers. The hot loops are register-blocked: several output rows x several channels (or taps) are summed at
-// once, so each loaded vector serves several multiply-adds (the op is bound by loads and memory, not arithmetic).
-// Each output element is summed by one thread in a fixed order (taps u, v for out and grad_x, the group's
-// channels for grad_weight), the way the CUDA kernels do (ops/kernels/involution.cu), so results do not depend
-// on the thread count. Sums accumulate in float (double for double); bfloat16 is converted on packing and rounded
-// to nearest even on storing.
+// layout. Work is split into items (n, g, block of kRows rows; kInputRows for grad-input), each computed by one
+// thread from start to end: an item packs what it reads into small thread-local buffers (the group's input rows,
+// zero-padded and split by stride phase so that every read of the hot loops is contiguous; grad_out's rows; the
+// kernels' rows where they cannot be read in place), then runs loops vectorized over kLanes adjacent output pixels
+// with the sums in registers. The hot loops are register-blocked: several output rows x several channels (or taps)
+// are summed at once, so each loaded vector serves several multiply-adds (with one vector per multiply-add, loads
+// limited the first version of these kernels). Each output element is summed by one thread in a fixed order (taps
+// u, v for out and grad_x, the group's channels for grad_weight), the way the CUDA kernels do
+// (ops/kernels/involution.cu), so results do not depend on the thread count or on the blocking. Sums accumulate in
+// float (double for double); bfloat16 is converted on packing and rounded to nearest even on storing.
 
 #include <algorithm>
 #include <cstdint>
@@ -75,8 +75,12 @@ template <typename S> struct Kernels {
     }
 };
 
-constexpr int kRows = 8;      // rows of output (grad_x for grad-input) per work item
-constexpr int kChannels = 4;  // channels summed side by side (grad-input); taps side by side (grad-weight)
+// Rows per work item: larger items re-read fewer halo rows (an item packs the K-1 input rows around its own; for
+// grad-input the kernels' rows too), smaller ones balance the threads better; these measured best at RedNet's
+// shapes (scripts/compare_cpu_kernels.py, docs/benchmarks.md).
+constexpr int kRows = 16;       // output rows per forward / grad-weight item
+constexpr int kInputRows = 24;  // grad_x rows per grad-input item
+constexpr int kChannels = 4;    // taps side by side in grad-weight's general path
 // Forward register blocking: output rows x channels summed at once, each sum one 64-byte vector (one AVX-512
 // register; two AVX2 ones, so fewer there to stay within 16 registers).
 #ifdef __AVX512F__
@@ -148,14 +152,14 @@ template <typename S, typename A> static inline void copy_row(const S* src, i64 
 struct Item {
     int n, g, r0, r1;
 };
-static inline Item item_of(i64 t, int G, int rows, int blocks) {
+static inline Item item_of(i64 t, int G, int rows, int blocks, int per_item = kRows) {
     Item it;
     const int b = int(t % blocks);
     t /= blocks;
     it.g = int(t % G);
     it.n = int(t / G);
-    it.r0 = b * kRows;
-    it.r1 = std::min(rows, it.r0 + kRows);
+    it.r0 = b * per_item;
+    it.r1 = std::min(rows, it.r0 + per_item);
     return it;
 }
 
@@ -190,9 +194,11 @@ template <typename S, typename A> struct Slab {
         data.resize(size_t(channels) * R * s * Q);
     }
     A* row(int c, int r, int phase) { return data.data() + ((size_t(c) * R + r) * s + phase) * Q; }
-    void pack(const Image<const S>& x, const Geo& g, int n, int c0, int channels, int row0) {
+    // Packs the rows that output rows it.r0..it.r1-1 read (fewer than R for a short last item).
+    void pack(const Image<const S>& x, const Geo& g, int n, int c0, int channels, const Item& it) {
+        const int row0 = it.r0 * g.s, rows = std::min(R, (it.r1 - it.r0 - 1) * g.s + (g.K - 1) * g.d + 1);
         for (int c = 0; c < channels; ++c) {
-            for (int r = 0; r < R; ++r) {
+            for (int r = 0; r < rows; ++r) {
                 const int h = row0 + r - g.p;
                 for (int phase = 0; phase < s; ++phase) {
                     A* dst = row(c, r, phase);
@@ -293,7 +299,7 @@ template <typename S> struct Forward {
     void operator()(i64 t) {
         const int blocks = (g.Ho + kRows - 1) / kRows;
         const Item it = item_of(t, g.G, g.Ho, blocks);
-        slab.pack(x, g, it.n, it.g * cg, cg, it.r0 * g.s);
+        slab.pack(x, g, it.n, it.g * cg, cg, it);
         const int K = g.K;
         const int rows = it.r1 - it.r0;
         if (!direct || g.Wo % L != 0) {
@@ -412,7 +418,7 @@ template <typename S> struct GradWeight {
     void operator()(i64 t) {
         const int blocks = (g.Ho + kRows - 1) / kRows;
         const Item it = item_of(t, g.G, g.Ho, blocks);
-        slab.pack(x, g, it.n, it.g * cg, cg, it.r0 * g.s);
+        slab.pack(x, g, it.n, it.g * cg, cg, it);
         for (int c = 0; c < cg; ++c)
             for (int i = it.r0; i < it.r1; ++i) {
                 A* dst = gyb.data() + (size_t(c) * kRows + i - it.r0) * wop;
@@ -517,8 +523,8 @@ template <typename S> struct GradInput {
         for (; c0 < cg; ++c0) block<RB, 1>(h0, ilo, rows, n, grp, c0);
     }
     void operator()(i64 t) {
-        const int blocks = (g.H + kRows - 1) / kRows;
-        const Item it = item_of(t, g.G, g.H, blocks);
+        const int blocks = (g.H + kInputRows - 1) / kInputRows;
+        const Item it = item_of(t, g.G, g.H, blocks, kInputRows);
         const int K = g.K, s = g.s;
         // Output rows i with i*s = h + p - u*d for some h of the item and some u.
         int ilo = it.r0 + g.p - (K - 1) * g.d;
@@ -593,8 +599,8 @@ template <typename S> static void grad_input(const void* gy, const i64* gys, con
     f.lp = (g.K - 1) * g.d / g.s;
     const int columns = std::max(g.Wo, (g.p + g.W - 1) / g.s + 1);
     f.len = f.lp + round_up(columns, L) + L;
-    f.max_rows = (kRows - 1 + (g.K - 1) * g.d) / g.s + 2;
-    parallel_items(i64(g.N) * g.G * ((g.H + kRows - 1) / kRows), threads, f);
+    f.max_rows = (kInputRows - 1 + (g.K - 1) * g.d) / g.s + 2;
+    parallel_items(i64(g.N) * g.G * ((g.H + kInputRows - 1) / kInputRows), threads, f);
 }
 
 // Entry points. dtype: 0 float32, 1 float64, 2 bfloat16. Strides in elements: images (n, c, h, w), kernels
