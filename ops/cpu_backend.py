@@ -18,6 +18,7 @@ float64. Outputs follow x's layout (ops/layout.py); inputs may have any strides.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -74,11 +75,11 @@ def _compiler_identity(cxx: str) -> str:
     return f"{shutil.which(cxx)}\n{result.stdout}"
 
 
-def _build(cxx: str) -> Path:
+def _build(cxx: str, source_file: Path) -> Path:
     """Compile (or find cached) the kernel library; raises RuntimeError naming the cause when no flag set builds."""
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler {cxx!r} found (set $CXX, or install g++ or clang++)")
-    source = KERNEL_FILE.read_bytes()
+    source = source_file.read_bytes()
     identity = _compiler_identity(cxx)
     errors = []
     for optional in OPTIONAL_FLAG_SETS:
@@ -91,7 +92,7 @@ def _build(cxx: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(handle)
-        command = [cxx, *flags, str(KERNEL_FILE), "-o", temporary]
+        command = [cxx, *flags, str(source_file), "-o", temporary]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode == 0:
             os.replace(temporary, target)  # atomic: another process sees the old state or the whole library
@@ -107,8 +108,13 @@ def _build(cxx: str) -> Path:
     raise RuntimeError("\n".join(lines))
 
 
-def _load() -> ctypes.CDLL:
-    library = ctypes.CDLL(str(_build(compiler())))
+def load_library(source_file: Path | None = None) -> ctypes.CDLL:
+    """The kernels built from `source_file` (default: ours, KERNEL_FILE), cached like the backend's own build.
+
+    For comparing kernel sources (scripts/compare_*.py, with `using`). Raises RuntimeError with the compiler's
+    error, OSError when the library does not load.
+    """
+    library = ctypes.CDLL(str(_build(compiler(), Path(source_file or KERNEL_FILE))))
     pointer, strides, ints = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32)
     for name in ("forward", "grad_input", "grad_weight"):
         function = getattr(library, f"involution_cpu_{name}")
@@ -121,7 +127,7 @@ def status() -> tuple[bool, str]:
     """Whether the kernels build and load here, and why not (tried once per process; the build is cached on disk)."""
     if not _state:
         try:
-            _state["library"] = _load()
+            _state["library"] = load_library()
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _state["error"] = str(error)
     return "library" in _state, str(_state.get("error", ""))
@@ -137,6 +143,20 @@ def probe(device: torch.device) -> str | None:
         return f"backend 'cpu' needs CPU tensors, got {device}: use backend='auto' or 'cupy'"
     ok, reason = status()
     return None if ok else reason
+
+
+@contextlib.contextmanager
+def using(library: ctypes.CDLL):
+    """Run the backend's calls inside the block on `library` (from `load_library`) instead of its own build."""
+    status()
+    saved = dict(_state)
+    _state.clear()
+    _state["library"] = library
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
 
 
 def reset() -> None:

@@ -8,8 +8,9 @@ Both sources are built (cached like the backend's own build) and loaded into one
 grad-weight run on the same tensors, alternating between the two builds call by call, so both see the same
 machine state: on a shared host, where separate runs differ by 30%, the ratio is what to quote. Prints the minimum
 over --repeats calls of each (less sensitive to interference than the median), their ratio, the largest absolute
-difference of the results, and the total as a multiple of the bandwidth floor (bytes the three ops must move over a
-large copy timed in this run; scripts/benchmark_op.py gives the full table with the compute floor).
+difference of the results, and the total as a multiple of the bandwidth floor (scripts/benchmark_op.py's: the bytes
+the three ops must move over a large copy timed in this run; that script gives the full table with the compute
+floor).
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ops import cpu_backend  # noqa: E402
-from scripts.benchmark_op import SHAPES, Shape  # noqa: E402
+from scripts.benchmark_op import SHAPES, Shape, bytes_moved, copy_bandwidth  # noqa: E402
 
 KERNELS = ("forward", "grad_input", "grad_weight")
 
 
 def load(source: Path):
     """The ctypes library built from `source` (SystemExit with the compiler's error when it does not build)."""
-    cpu_backend.reset()
-    cpu_backend.KERNEL_FILE = source
-    ok, reason = cpu_backend.status()
-    if not ok:
-        raise SystemExit(f"{source}: {reason}")
-    return cpu_backend._state["library"]
+    try:
+        return cpu_backend.load_library(source)
+    except (OSError, RuntimeError) as error:
+        raise SystemExit(f"{source}: {error}") from None
 
 
 def calls(shape: Shape, batch: int) -> dict:
@@ -50,19 +49,7 @@ def calls(shape: Shape, batch: int) -> dict:
         "forward": lambda: cpu_backend.forward(x, weight, s, p, 1),
         "grad_input": lambda: cpu_backend.grad_input(grad_out, weight, (h, h), c, s, p, 1),
         "grad_weight": lambda: cpu_backend.grad_weight(grad_out, x, k, g, s, p, 1),
-        "bytes": 3 * 4 * (x.numel() + weight.numel() + grad_out.numel()),
     }
-
-
-def copy_bandwidth(repeats: int) -> float:
-    source = torch.randn(64 * 2**20)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * 4 / best
 
 
 def main() -> None:
@@ -76,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     libraries = {"A": load(args.before.resolve()), "B": load(args.after.resolve())}
-    bandwidth = copy_bandwidth(args.repeats)
+    bandwidth = copy_bandwidth("cpu")
     print(f"A = {args.before}, B = {args.after}; {args.threads} threads, batch {args.batch}, float32 NCHW; min of "
           f"{args.repeats} interleaved calls; copy bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print("| layer | kernel | A ms | B ms | A/B | max abs diff |\n|---|---|---:|---:|---:|---:|")
@@ -88,11 +75,11 @@ def main() -> None:
             results, best, worst = {}, {"A": float("inf"), "B": float("inf")}, {"A": 0.0, "B": 0.0}
             for round_ in range(args.repeats + 2):
                 for label, library in libraries.items():
-                    cpu_backend._state["library"] = library
-                    start = time.perf_counter()
-                    results[label] = problem[kernel]()
-                    if round_ >= 2:  # the first two rounds warm up
+                    with cpu_backend.using(library):
+                        start = time.perf_counter()
+                        results[label] = problem[kernel]()
                         seconds = time.perf_counter() - start
+                    if round_ >= 2:  # the first two rounds warm up
                         best[label], worst[label] = min(best[label], seconds), max(worst[label], seconds)
             if max(worst.values()) > 2 * min(best.values()):
                 unsteady.append(f"{shape.name} {kernel}")
@@ -101,7 +88,7 @@ def main() -> None:
                 totals[label] += best[label]
             print(f"| {shape.name} | {kernel} | {best['A'] * 1e3:.2f} | {best['B'] * 1e3:.2f} | "
                   f"{best['A'] / best['B']:.2f} | {difference:.1e} |")  # fmt: skip
-        floor = problem["bytes"] / bandwidth
+        floor = bytes_moved(shape, args.batch, 4)[1] / bandwidth
         a, b = totals["A"], totals["B"]
         print(f"| {shape.name} | all three | {a * 1e3:.2f} | {b * 1e3:.2f} | {a / b:.2f} | "
               f"x floor: {a / floor:.1f} -> {b / floor:.1f} |")  # fmt: skip
@@ -110,7 +97,6 @@ def main() -> None:
             f"\nWarning: call times varied more than 2x ({', '.join(unsteady)}): other processes were probably using "
             "the cores. Rerun on a quiet machine, with more --repeats or --threads below the core count."
         )
-    cpu_backend.reset()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ random data; inference a forward under torch.inference_mode; fp32, NCHW unless -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -63,14 +64,11 @@ def build(spec: str, channels_last: bool) -> Entry:
     if variant in ops.BACKENDS and variant != "auto" and variant not in ops.available_backends():
         raise SystemExit(f"{spec}: backend {variant!r} is not available here ({', '.join(ops.available_backends())})")
     if variant.endswith(".cpp"):
-        cpu_backend.reset()
-        cpu_backend.KERNEL_FILE = Path(variant).resolve()
-        ok, reason = cpu_backend.status()
-        if not ok:
-            raise SystemExit(f"{spec}: the kernels do not build: {reason}")
-        library, kwargs = cpu_backend._state["library"], {"involution_backend": "cpu"}
-        cpu_backend.KERNEL_FILE = Path(ops.__file__).parent / "kernels" / "involution_cpu.cpp"
-        cpu_backend.reset()
+        try:
+            library = cpu_backend.load_library(Path(variant).resolve())
+        except (OSError, RuntimeError) as error:
+            raise SystemExit(f"{spec}: the kernels do not build: {error}") from None
+        kwargs = {"involution_backend": "cpu"}
     elif variant and variant != "ideal":
         kwargs = {"involution_backend": variant}
     torch.manual_seed(0)
@@ -100,19 +98,19 @@ def main() -> None:
     entries = [build(spec, args.channels_last) for spec in args.models]
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format)
     y = torch.randint(0, 1000, (args.batch_size,))
-    own_library = cpu_backend._state.get("library") if cpu_backend.status()[0] else None
 
     def step(entry: Entry, mode: str, optimizer: torch.optim.Optimizer) -> float:
-        cpu_backend._state["library"] = entry.library or own_library
-        start = time.perf_counter()
-        if mode == "infer":
-            with torch.inference_mode():
-                entry.model(x)
-        else:
-            torch.nn.functional.cross_entropy(entry.model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        kernels = cpu_backend.using(entry.library) if entry.library else contextlib.nullcontext()
+        with kernels:
+            start = time.perf_counter()
+            if mode == "infer":
+                with torch.inference_mode():
+                    entry.model(x)
+            else:
+                torch.nn.functional.cross_entropy(entry.model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
 
     for mode in ("infer", "train"):
         optimizers = {}

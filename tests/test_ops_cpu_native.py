@@ -363,16 +363,15 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
         pytest.skip("no C++ compiler")
     source = tmp_path / "tiny.cpp"
     source.write_text('extern "C" int involution_cpu_has_openmp(void) { return 0; }\n')
-    monkeypatch.setattr(cpu_backend, "KERNEL_FILE", source)
     cache = tmp_path / "cache"
     monkeypatch.setenv("REDNET_CPU_KERNEL_CACHE", str(cache))
-    first = cpu_backend._build(cpu_backend.compiler())
+    first = cpu_backend._build(cpu_backend.compiler(), source)
     assert [p.name for p in cache.iterdir()] == [first.name]
     mtime = first.stat().st_mtime_ns
-    assert cpu_backend._build(cpu_backend.compiler()) == first
+    assert cpu_backend._build(cpu_backend.compiler(), source) == first
     assert first.stat().st_mtime_ns == mtime
     source.write_text(source.read_text() + "// changed\n")  # another source: another library
-    assert cpu_backend._build(cpu_backend.compiler()) != first
+    assert cpu_backend._build(cpu_backend.compiler(), source) != first
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
@@ -399,13 +398,9 @@ def test_compare_cpu_kernels_script_times_two_builds(monkeypatch, capsys, tmp_pa
 
     copy = tmp_path / "copy.cpp"
     copy.write_text(cpu_backend.KERNEL_FILE.read_text())
-    monkeypatch.setattr(cpu_backend, "KERNEL_FILE", cpu_backend.KERNEL_FILE)  # restored after the script moves it
     argv = ["compare_cpu_kernels.py", str(copy), "--batch", "1", "--repeats", "1", "--shapes", "layer4"]
     monkeypatch.setattr(sys, "argv", argv)
-    try:
-        compare_cpu_kernels.main()
-    finally:
-        cpu_backend.reset()
+    compare_cpu_kernels.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| layer4 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["forward", "grad_input", "grad_weight", "all three"]
     assert all(row.split("|")[6].strip() == "0.0e+00" for row in rows[:3])

@@ -148,6 +148,16 @@ template <typename S, typename A> static inline void copy_row(const S* src, i64 
     }
 }
 
+// Calls f(std::integral_constant<int, B>{}, i) over [begin, end) in blocks of B = N, then the remainder in blocks
+// of 2 and 1: the register blocks and their remainders, each a template instance of its own.
+template <int N, typename F> static inline void in_blocks(int begin, int end, F&& f) {
+    int i = begin;
+    for (; i + N <= end; i += N) f(std::integral_constant<int, N>{}, i);
+    if constexpr (N > 2)
+        for (; i + 2 <= end; i += 2) f(std::integral_constant<int, 2>{}, i);
+    for (; i < end; ++i) f(std::integral_constant<int, 1>{}, i);
+}
+
 // One work item's decomposition: item -> (n, g, first row).
 struct Item {
     int n, g, r0, r1;
@@ -314,17 +324,13 @@ template <typename S> struct Forward {
         }
         for (int jb = 0; jb < wop; jb += L) {
             const KernelView kv = kernels_at(it.n, it.g, it.r0, jb);
-            int li = 0;
-            for (; li + kRowBlock <= rows; li += kRowBlock) channel_blocks<kRowBlock>(li, it, jb, kv);
-            for (; li + 2 <= rows; li += 2) channel_blocks<2>(li, it, jb, kv);
-            for (; li < rows; ++li) channel_blocks<1>(li, it, jb, kv);
+            in_blocks<kRowBlock>(0, rows, [&](auto rb, int li) {
+                in_blocks<kChannelBlock>(0, cg, [&](auto cb, int c0) {
+                    this->template block<decltype(rb)::value, decltype(cb)::value>(li, it.r0 + li, it.n, it.g, c0,
+                                                                                   jb, kv);
+                });
+            });
         }
-    }
-    template <int RB> void channel_blocks(int li, const Item& it, int jb, const KernelView& kv) {
-        int c0 = 0;
-        for (; c0 + kChannelBlock <= cg; c0 += kChannelBlock)
-            block<RB, kChannelBlock>(li, it.r0 + li, it.n, it.g, c0, jb, kv);
-        for (; c0 < cg; ++c0) block<RB, 1>(li, it.r0 + li, it.n, it.g, c0, jb, kv);
     }
 };
 
@@ -380,16 +386,13 @@ template <typename S> struct GradWeight {
             for (int u = 0; u < KU && u < K; ++u)
                 store<S, A>(inside(i0 + b, u) ? acc[b][u] : V{}, &gw.at(n, grp, u, v, i0 + b, jb), gw.sj, count);
     }
-    template <int KU> bool unit_stride_rows(const Item& it) {
+    template <int KU> void unit_stride_rows(const Item& it) {
         constexpr int RB = KU >= 6 ? 3 : 4;  // RB*KU sums + RB grad_out vectors + 1 input vector in 32 registers
         for (int jb = 0; jb < wop; jb += L)
-            for (int v = 0; v < g.K; ++v) {
-                int li = 0;
-                for (; li + RB <= it.r1 - it.r0; li += RB) rows_block<RB, KU>(li, it.r0 + li, it.n, it.g, v, jb);
-                for (; li + 2 <= it.r1 - it.r0; li += 2) rows_block<2, KU>(li, it.r0 + li, it.n, it.g, v, jb);
-                for (; li < it.r1 - it.r0; ++li) rows_block<1, KU>(li, it.r0 + li, it.n, it.g, v, jb);
-            }
-        return true;
+            for (int v = 0; v < g.K; ++v)
+                in_blocks<RB>(0, it.r1 - it.r0, [&](auto rb, int li) {
+                    this->template rows_block<decltype(rb)::value, KU>(li, it.r0 + li, it.n, it.g, v, jb);
+                });
     }
     // Any geometry: one output row, TB taps at once.
     template <int TB> void taps(int li, int i, int n, int grp, int t0) {
@@ -427,9 +430,9 @@ template <typename S> struct GradWeight {
             }
 #ifdef __AVX512F__
         if (g.s == 1 && g.d == 1) {
-            if (g.K == 7) return void(unit_stride_rows<7>(it));
-            if (g.K <= 3) return void(unit_stride_rows<3>(it));
-            if (g.K <= 5) return void(unit_stride_rows<5>(it));
+            if (g.K == 7) return unit_stride_rows<7>(it);
+            if (g.K <= 3) return unit_stride_rows<3>(it);
+            if (g.K <= 5) return unit_stride_rows<5>(it);
         }
 #endif
         const int taps_total = g.K * g.K;
@@ -517,11 +520,6 @@ template <typename S> struct GradInput {
             }
         }
     }
-    template <int RB> void channel_blocks(int h0, int ilo, int rows, int n, int grp) {
-        int c0 = 0;
-        for (; c0 + kChannelBlock <= cg; c0 += kChannelBlock) block<RB, kChannelBlock>(h0, ilo, rows, n, grp, c0);
-        for (; c0 < cg; ++c0) block<RB, 1>(h0, ilo, rows, n, grp, c0);
-    }
     void operator()(i64 t) {
         const int blocks = (g.H + kInputRows - 1) / kInputRows;
         const Item it = item_of(t, g.G, g.H, blocks, kInputRows);
@@ -545,10 +543,11 @@ template <typename S> struct GradInput {
                 std::fill(dst, dst + len, A(0));
                 copy_row(&w.at(it.n, it.g, t / K, t % K, ilo + r, 0), w.sj, g.Wo, dst + lp);
             }
-        int h = it.r0;
-        for (; h + kRowBlock <= it.r1; h += kRowBlock) channel_blocks<kRowBlock>(h, ilo, rows, it.n, it.g);
-        for (; h + 2 <= it.r1; h += 2) channel_blocks<2>(h, ilo, rows, it.n, it.g);
-        for (; h < it.r1; ++h) channel_blocks<1>(h, ilo, rows, it.n, it.g);
+        in_blocks<kRowBlock>(it.r0, it.r1, [&](auto rb, int h) {
+            in_blocks<kChannelBlock>(0, cg, [&](auto cb, int c0) {
+                this->template block<decltype(rb)::value, decltype(cb)::value>(h, ilo, rows, it.n, it.g, c0);
+            });
+        });
     }
 };
 
