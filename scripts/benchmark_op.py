@@ -187,10 +187,9 @@ def matmul_flops(device: str, dtype: torch.dtype) -> float:
     return 2 * size**3 / timer.blocked_autorange(min_run_time=1.0).median
 
 
-def flops(shape: Shape, batch: int) -> tuple[int, int]:
-    """Multiply-adds x 2 of the forward, and of forward + backward (grad-input and grad-weight cost the same)."""
-    forward = 2 * batch * shape.channels * shape.kernel_size**2 * shape.out_size**2
-    return forward, 3 * forward
+def forward_backward_flops(shape: Shape, batch: int) -> int:
+    """2 x the multiply-adds of forward, grad-input and grad-weight (each N·C·K²·Ho·Wo)."""
+    return 3 * 2 * batch * shape.channels * shape.kernel_size**2 * shape.out_size**2
 
 
 def device_name(device: str) -> str:
@@ -258,11 +257,13 @@ def main() -> None:
             )
             floor_fwd, floor_all = (b / bandwidth for b in bytes_moved(shape, batch, DTYPES[dtype].itemsize))
             line += f" {row['forward'] / floor_fwd:.2f} | {row['forward_backward'] / floor_all:.2f} |"
-            line += f" {row['forward_backward'] / (flops(shape, batch)[1] / roofs[dtype]):.2f} |"
+            compute_floor = forward_backward_flops(shape, batch) / roofs[dtype]
+            line += f" {row['forward_backward'] / compute_floor:.2f} |"
             if not on_gpu:
-                reference = rows.get("unfold")
-                speedup = reference and reference["forward_backward"] / row["forward_backward"]
-                line += f" {speedup:.1f}× faster |" if reference else " (unfold not run) |"
+                if "unfold" in rows:
+                    line += f" {rows['unfold']['forward_backward'] / row['forward_backward']:.1f}× faster |"
+                else:
+                    line += " (unfold not run) |"
             lines.append(line)
             print(line, flush=True)
     if args.out:
