@@ -1,8 +1,9 @@
 """Memory saved by ``memory_efficient=True`` (generated involution kernels recomputed in backward) in a training step.
 
-Each mode runs in its own process, so that its peak resident memory (ru_maxrss) is its own. Reported per mode:
-activations kept for backward (distinct storages seen by autograd's saved-tensor hooks), the rise of peak RSS over
-the process's memory before the step, and the time of a second step (forward, backward, SGD).
+Each mode runs in its own process, so that its peak resident memory is its own. Reported per mode: activations
+kept for backward (distinct storages seen by autograd's saved-tensor hooks), the rise of peak RSS over the process's
+memory before the step (the high-water mark reset there; NaN where Linux refuses the reset), and the time of a
+second step (forward, backward, SGD).
 
     python scripts/benchmark_memory_efficient.py --model rednet50 --batch 32 --size 224 --out docs/benchmarks.md
 """
@@ -54,10 +55,10 @@ def measure(model_name: str, batch: int, size: int, memory_efficient: bool) -> d
         optimizer.step()
         return time.perf_counter() - start
 
-    reset_peak_rss()  # the peak of building the model is not the step's
+    reset = reset_peak_rss()  # the peak of building the model is not the step's
     before = current_rss_bytes()
     step(record=True)
-    peak_rise = peak_rss_bytes() - before
+    peak_rise = peak_rss_bytes() - before if reset else float("nan")
     seconds = step(record=False)
     return {"saved_bytes": sum(storages.values()), "peak_rise_bytes": peak_rise, "step_seconds": seconds}
 
