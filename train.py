@@ -349,10 +349,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if tcfg.sync_bn:
         model = convert_sync_batchnorm(model)
     model.to(device=device, memory_format=torch.channels_last if tcfg.channels_last else torch.contiguous_format)
-    try:
+    with advise_on_out_of_memory(cfg):
         check_model_fits_data(model, cfg, len(classes), dist.world_size)
-    except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
     model_ema = (
         ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
     )
@@ -443,10 +441,20 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
 
 
 @contextlib.contextmanager
+def advise_on_out_of_memory(cfg: DictConfig):
+    """A CUDA out-of-memory error leaving the block gets `out_of_memory_advice` in its message."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
+
+
+@contextlib.contextmanager
 def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver, ckpt_dir: Path, what: str):
     """An unreadable image saves what one process can, and says where; CUDA out of memory gets advice."""
     try:
-        yield
+        with advise_on_out_of_memory(cfg):
+            yield
     except data.BadImageError:
         # One rank's error path has no collective (the other ranks would never join it): several processes keep the
         # last periodic checkpoint; one process saves the work done up to the last update (after a validation
@@ -456,8 +464,6 @@ def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver,
         kept = "the last saved step" if dist.distributed or what == "image" else "the trained epoch"
         log.error("stopped on an unreadable %s; %s holds %s", what, ckpt_dir / "last.pt", kept)
         raise
-    except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
 
 
 def close(writer, dist) -> None:
