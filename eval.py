@@ -69,13 +69,12 @@ def checkpoint_data_root(cfg: DictConfig, loaded: Loaded | None) -> str:
 
 def load_model(
     cfg: DictConfig, num_classes: int, classes: list[str], loaded: Loaded | None
-) -> tuple[nn.Module, WeightsSettings, Any]:
+) -> tuple[nn.Module, WeightsSettings]:
     """The model with its weights: `loaded` (from `read_weights`: `cfg.checkpoint`, or `pretrained=<path or URL>`,
     evaluated the same way, class checks included), or the registry's weights for `pretrained=true`.
 
     Returns:
-        the model (CPU), the settings the checkpoint carried (empty for registered weights), and the checkpoint's
-        saved training config (None when it has none).
+        the model (CPU), and the settings the checkpoint carried (empty for registered weights).
     """
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
     if loaded is not None:
@@ -83,7 +82,7 @@ def load_model(
         model, settings = factory.model_from_checkpoint(
             ckpt, path, cfg.model.name, num_classes, cfg.use_ema, classes, **model_kwargs
         )
-        return model, settings, saved_config(loaded)
+        return model, settings
     if cfg.model.name is None:
         raise ValueError("pretrained=true evaluates a registered model's weights: set model=<name> (model=rednet50)")
     model = factory.build_model(cfg.model.name, num_classes, pretrained=True, **model_kwargs)
@@ -92,7 +91,7 @@ def load_model(
             f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "
             f"{cfg.data.root} has {num_classes} val class folders: evaluate published weights on their data set"
         )
-    return model, WeightsSettings(source="the model's pretrained_cfg"), None
+    return model, WeightsSettings(source="the model's pretrained_cfg")
 
 
 def eval_data_config(cfg: DictConfig, model: nn.Module, settings: WeightsSettings) -> DictConfig:
@@ -155,8 +154,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cfg = OmegaConf.merge(cfg, {"data": {"root": checkpoint_data_root(cfg, loaded)}})
 
     classes = data.check_image_folder(cfg.data.root, (cfg.data.val_split,))
-    model, settings, trained = load_model(cfg, len(classes), classes, loaded or read_weights(cfg))
-    warn_about_other_precision(trained, cfg)
+    loaded = loaded or read_weights(cfg)
+    model, settings = load_model(cfg, len(classes), classes, loaded)
+    warn_about_other_precision(saved_config(loaded), cfg)
     data_cfg = eval_data_config(cfg, model, settings)
     dataset = data.create_image_dataset(data_cfg, cfg.data.val_split, classes, is_training=False, replace_bad=False)
     loader = data.create_eval_loader(dataset, data_cfg, dist.world_size, dist.rank, dist.device)
