@@ -409,7 +409,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         if stats["stopped"]:
             saver.save()
             log.info("stopped in epoch %d, step %d; resume=auto continues from %s", epoch + 1, progress.step, ckpt_dir)
-            close(writer, dist)
+            close(writer)
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count()
         with stop_on_train_error(cfg, dist, saver, ckpt_dir, "validation image"):
@@ -436,7 +436,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if dist.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("done: val top-1 %.2f (best %.2f); run dir %s", results["top1"], results["best_top1"], run_dir)
-    close(writer, dist)
+    close(writer)
     return results
 
 
@@ -466,7 +466,7 @@ def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver,
         raise
 
 
-def close(writer, dist) -> None:
+def close(writer) -> None:
     """Flush TensorBoard and leave the process group."""
     if writer is not None:
         writer.close()
