@@ -104,18 +104,11 @@ def eval_data_config(cfg: DictConfig, model: nn.Module, settings: WeightsSetting
     resolved = weights.resolve_preprocessing(model, explicit)
     carried = weights.preprocessing_from_cfg(settings.pretrained_cfg)
     own = weights.preprocessing_from_cfg(model.pretrained_cfg)  # the checkpoint's values merged into the model's
-
-    def origin(key: str) -> str:
-        if key in explicit:
-            return "command line"
-        if key in carried:
-            return settings.source
-        return "the model's pretrained_cfg" if key in own else "timm's default"
-
     if not carried and cfg.checkpoint is not None:
         log.warning("checkpoint %s carries no preprocessing settings: using the model's and timm's defaults",
                     cfg.checkpoint)  # fmt: skip
-    log.info("preprocessing: %s", ", ".join(f"{key}={resolved[key]} ({origin(key)})" for key in PREPROCESSING_KEYS))
+    sources = [("command line", explicit), (settings.source, carried), ("the model's pretrained_cfg", own)]
+    log.info("preprocessing: %s", weights.describe_preprocessing(resolved, sources))
     differ = [f"data.{key}={carried[key]}" for key in explicit if key in carried and resolved[key] != carried[key]]
     if differ:
         log.warning(

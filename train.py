@@ -126,15 +126,9 @@ def resolve_preprocessing(cfg: DictConfig, model: torch.nn.Module, resume: run_s
         source = f"pretrained={cfg.pretrained}"
     else:
         source = f"{cfg.model.name}'s pretrained_cfg"
-
-    def origin(key: str) -> str:
-        if key in explicit:
-            return "config"
-        return source if key in own else "timm's default"
-
     for key in PREPROCESSING_KEYS:
         cfg.data[key] = resolved[key]
-    log.info("preprocessing: %s", ", ".join(f"{key}={resolved[key]} ({origin(key)})" for key in resolved))
+    log.info("preprocessing: %s", weights.describe_preprocessing(resolved, [("config", explicit), (source, own)]))
 
 
 def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int) -> None:
