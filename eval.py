@@ -69,13 +69,12 @@ def checkpoint_data_root(cfg: DictConfig, loaded: Loaded | None) -> str:
 
 def load_model(
     cfg: DictConfig, num_classes: int, classes: list[str], loaded: Loaded | None
-) -> tuple[nn.Module, WeightsSettings, Any]:
+) -> tuple[nn.Module, WeightsSettings]:
     """The model with its weights: `loaded` (from `read_weights`: `cfg.checkpoint`, or `pretrained=<path or URL>`,
     evaluated the same way, class checks included), or the registry's weights for `pretrained=true`.
 
     Returns:
-        the model (CPU), the settings the checkpoint carried (empty for registered weights), and the checkpoint's
-        saved training config (None when it has none).
+        the model (CPU), and the settings the checkpoint carried (empty for registered weights).
     """
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
     if loaded is not None:
@@ -83,7 +82,7 @@ def load_model(
         model, settings = factory.model_from_checkpoint(
             ckpt, path, cfg.model.name, num_classes, cfg.use_ema, classes, **model_kwargs
         )
-        return model, settings, saved_config(loaded)
+        return model, settings
     if cfg.model.name is None:
         raise ValueError("pretrained=true evaluates a registered model's weights: set model=<name> (model=rednet50)")
     model = factory.build_model(cfg.model.name, num_classes, pretrained=True, **model_kwargs)
@@ -92,7 +91,7 @@ def load_model(
             f"pretrained {cfg.model.name} predicts {model.pretrained_cfg['num_classes']} classes but "
             f"{cfg.data.root} has {num_classes} val class folders: evaluate published weights on their data set"
         )
-    return model, WeightsSettings(source="the model's pretrained_cfg"), None
+    return model, WeightsSettings(source="the model's pretrained_cfg")
 
 
 def eval_data_config(cfg: DictConfig, model: nn.Module, settings: WeightsSettings) -> DictConfig:
@@ -105,18 +104,11 @@ def eval_data_config(cfg: DictConfig, model: nn.Module, settings: WeightsSetting
     resolved = weights.resolve_preprocessing(model, explicit)
     carried = weights.preprocessing_from_cfg(settings.pretrained_cfg)
     own = weights.preprocessing_from_cfg(model.pretrained_cfg)  # the checkpoint's values merged into the model's
-
-    def origin(key: str) -> str:
-        if key in explicit:
-            return "command line"
-        if key in carried:
-            return settings.source
-        return "the model's pretrained_cfg" if key in own else "timm's default"
-
     if not carried and cfg.checkpoint is not None:
         log.warning("checkpoint %s carries no preprocessing settings: using the model's and timm's defaults",
                     cfg.checkpoint)  # fmt: skip
-    log.info("preprocessing: %s", ", ".join(f"{key}={resolved[key]} ({origin(key)})" for key in PREPROCESSING_KEYS))
+    sources = [("command line", explicit), (settings.source, carried), ("the model's pretrained_cfg", own)]
+    log.info("preprocessing: %s", weights.describe_preprocessing(resolved, sources))
     differ = [f"data.{key}={carried[key]}" for key in explicit if key in carried and resolved[key] != carried[key]]
     if differ:
         log.warning(
@@ -155,8 +147,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cfg = OmegaConf.merge(cfg, {"data": {"root": checkpoint_data_root(cfg, loaded)}})
 
     classes = data.check_image_folder(cfg.data.root, (cfg.data.val_split,))
-    model, settings, trained = load_model(cfg, len(classes), classes, loaded or read_weights(cfg))
-    warn_about_other_precision(trained, cfg)
+    loaded = loaded or read_weights(cfg)
+    model, settings = load_model(cfg, len(classes), classes, loaded)
+    warn_about_other_precision(saved_config(loaded), cfg)
     data_cfg = eval_data_config(cfg, model, settings)
     dataset = data.create_image_dataset(data_cfg, cfg.data.val_split, classes, is_training=False, replace_bad=False)
     loader = data.create_eval_loader(dataset, data_cfg, dist.world_size, dist.rank, dist.device)

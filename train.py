@@ -126,15 +126,9 @@ def resolve_preprocessing(cfg: DictConfig, model: torch.nn.Module, resume: run_s
         source = f"pretrained={cfg.pretrained}"
     else:
         source = f"{cfg.model.name}'s pretrained_cfg"
-
-    def origin(key: str) -> str:
-        if key in explicit:
-            return "config"
-        return source if key in own else "timm's default"
-
     for key in PREPROCESSING_KEYS:
         cfg.data[key] = resolved[key]
-    log.info("preprocessing: %s", ", ".join(f"{key}={resolved[key]} ({origin(key)})" for key in resolved))
+    log.info("preprocessing: %s", weights.describe_preprocessing(resolved, [("config", explicit), (source, own)]))
 
 
 def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int) -> None:
@@ -349,10 +343,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if tcfg.sync_bn:
         model = convert_sync_batchnorm(model)
     model.to(device=device, memory_format=torch.channels_last if tcfg.channels_last else torch.contiguous_format)
-    try:
+    with advise_on_out_of_memory(cfg):
         check_model_fits_data(model, cfg, len(classes), dist.world_size)
-    except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
     model_ema = (
         ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
     )
@@ -411,7 +403,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         if stats["stopped"]:
             saver.save()
             log.info("stopped in epoch %d, step %d; resume=auto continues from %s", epoch + 1, progress.step, ckpt_dir)
-            close(writer, dist)
+            close(writer)
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count()
         with stop_on_train_error(cfg, dist, saver, ckpt_dir, "validation image"):
@@ -438,15 +430,25 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if dist.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info("done: val top-1 %.2f (best %.2f); run dir %s", results["top1"], results["best_top1"], run_dir)
-    close(writer, dist)
+    close(writer)
     return results
+
+
+@contextlib.contextmanager
+def advise_on_out_of_memory(cfg: DictConfig):
+    """A CUDA out-of-memory error leaving the block gets `out_of_memory_advice` in its message."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
 
 
 @contextlib.contextmanager
 def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver, ckpt_dir: Path, what: str):
     """An unreadable image saves what one process can, and says where; CUDA out of memory gets advice."""
     try:
-        yield
+        with advise_on_out_of_memory(cfg):
+            yield
     except data.BadImageError:
         # One rank's error path has no collective (the other ranks would never join it): several processes keep the
         # last periodic checkpoint; one process saves the work done up to the last update (after a validation
@@ -456,11 +458,9 @@ def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver,
         kept = "the last saved step" if dist.distributed or what == "image" else "the trained epoch"
         log.error("stopped on an unreadable %s; %s holds %s", what, ckpt_dir / "last.pt", kept)
         raise
-    except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(f"{out_of_memory_advice(cfg)}\n({e})") from e
 
 
-def close(writer, dist) -> None:
+def close(writer) -> None:
     """Flush TensorBoard and leave the process group."""
     if writer is not None:
         writer.close()

@@ -146,7 +146,7 @@ class WeightsSettings:
     source: str = ""
 
 
-def _pretrained_cfg_from_data(data: Mapping[str, Any], in_chans: int) -> dict[str, Any]:
+def pretrained_cfg_from_data(data: Mapping[str, Any], in_chans: int) -> dict[str, Any]:
     """timm pretrained_cfg keys from a data config's img_size, crop_pct, interpolation, mean, std (those present)."""
     cfg: dict[str, Any] = {}
     size = data.get("img_size")
@@ -170,7 +170,7 @@ def weights_metadata(config: Mapping[str, Any], classes: list[str]) -> dict[str,
     """
     model = config["model"]
     kwargs = {key: value for key, value in model.items() if key not in RUNTIME_MODEL_KWARGS}
-    pretrained_cfg = _pretrained_cfg_from_data(config["data"], kwargs.get("in_chans", 3))
+    pretrained_cfg = pretrained_cfg_from_data(config["data"], kwargs.get("in_chans", 3))
     return {
         "arch": model["name"],
         "model_kwargs": kwargs,
@@ -229,7 +229,7 @@ def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
             model_kwargs=kwargs,
             num_classes=ckpt.get("num_classes"),
             classes=ckpt.get("classes"),
-            pretrained_cfg=_pretrained_cfg_from_data(config["data"], kwargs.get("in_chans", 3)),
+            pretrained_cfg=pretrained_cfg_from_data(config["data"], kwargs.get("in_chans", 3)),
             source="the training config saved in the checkpoint (written before checkpoints carried pretrained_cfg)",
         )
     args = ckpt.get("args")

@@ -23,6 +23,8 @@ from PIL import EpsImagePlugin, Image, ImageOps, features
 from timm.data import Mixup, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 
+from rednet.checkpoint import PREPROCESSING_KEYS
+
 _logger = logging.getLogger(__name__)
 
 
@@ -377,7 +379,7 @@ def create_transforms(data_cfg: Any, is_training: bool) -> Any:
     Raises:
         ValueError: a preprocessing key is still null (train.py and eval.py fill them from the model's weights).
     """
-    unresolved = [key for key in ("img_size", "crop_pct", "interpolation", "mean", "std") if data_cfg[key] is None]
+    unresolved = [key for key in PREPROCESSING_KEYS if data_cfg[key] is None]
     if unresolved:
         raise ValueError(
             f"data.{', data.'.join(unresolved)} not resolved (null): set them, or resolve them from the model "

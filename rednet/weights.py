@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from rednet import convert_paddle
-from rednet.checkpoint import WeightsSettings, read_torch_file, weights_settings
+from rednet.checkpoint import WeightsSettings, pretrained_cfg_from_data, read_torch_file, weights_settings
 
 __all__ = [
     "PRETRAINED",
@@ -42,6 +42,7 @@ __all__ = [
     "load_weights",
     "preprocessing_from_cfg",
     "resolve_preprocessing",
+    "describe_preprocessing",
     "load_pretrained",
     "sha256_file",
 ]
@@ -385,14 +386,24 @@ def resolve_preprocessing(model: nn.Module, overrides: Mapping[str, Any] | None 
     """
     from timm.data import resolve_data_config
 
-    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     in_chans = (pretrained_cfg.get("input_size") or (3,))[0]
-    args = {key: overrides[key] for key in ("crop_pct", "interpolation", "mean", "std") if key in overrides}
-    if "img_size" in overrides:
-        size = overrides["img_size"]
-        args["input_size"] = (in_chans, size, size) if isinstance(size, int) else (in_chans, *size)
+    args = pretrained_cfg_from_data(overrides or {}, in_chans)  # (None values left out: the weights' then)
     return preprocessing_from_cfg(resolve_data_config(args, pretrained_cfg=pretrained_cfg, model=model))
+
+
+def describe_preprocessing(resolved: Mapping[str, Any], sources: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """`resolve_preprocessing`'s values with where each came from, for the log: "img_size=224 (config), ...".
+
+    Args:
+        resolved: the values.
+        sources: (label, the values that source set), most binding first; a key none of them holds is timm's default.
+    """
+
+    def origin(key: str) -> str:
+        return next((label for label, values in sources if key in values), "timm's default")
+
+    return ", ".join(f"{key}={value} ({origin(key)})" for key, value in resolved.items())
 
 
 def load_weights(

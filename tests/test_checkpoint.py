@@ -224,6 +224,12 @@ def test_eval_command_line_value_wins_with_a_warning(trained_run, tmp_path, capl
     assert "trained and validated with data.img_size=36;" in caplog.text
 
 
+def test_eval_at_another_precision_than_training_warns(trained_run, tmp_path, caplog):
+    root, run_dir, _ = trained_run
+    _eval(root, run_dir / "checkpoints" / "best.pt", tmp_path / "eval", "trainer.amp=bf16")
+    assert "validated with trainer.amp=none, this evaluation uses trainer.amp=bf16" in caplog.text
+
+
 def test_old_checkpoint_falls_back_to_its_saved_config(trained_run, tmp_path, caplog):
     """A checkpoint written before pretrained_cfg/model_kwargs existed: its `config` dict still gives everything."""
     root, run_dir, results = trained_run

@@ -51,6 +51,12 @@ def test_group_option_composes_and_instantiates(group, option):
     assert image.shape == (3, cfg.data.img_size, cfg.data.img_size)
 
 
+def test_transforms_refuse_unresolved_preprocessing_naming_the_keys():
+    cfg = compose_config("train", ["data=small", "data.root=/unused"])  # sets img_size and crop_pct only
+    with pytest.raises(ValueError, match=r"^data.interpolation, data.mean, data.std not resolved \(null\)"):
+        data.create_transforms(cfg.data, is_training=False)
+
+
 @pytest.mark.parametrize("option", _options("model"))
 def test_model_option_builds_its_model(option):
     cfg = compose_config("train", [f"model={option}", "data.root=/unused"])

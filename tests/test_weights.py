@@ -453,3 +453,11 @@ def test_a_hostile_pickle_is_refused_by_name_and_never_runs(tmp_path, image_root
             call()
         assert "weights_only=False" in str(error.value), name  # how to convert a file one trusts
         assert not marker.exists(), name
+
+
+def test_describe_preprocessing_names_the_first_source_that_holds_each_value():
+    resolved = {"img_size": 40, "crop_pct": 0.9, "mean": [0.5, 0.5, 0.5]}
+    sources = [("config", {"img_size": 40}), ("the checkpoint", {"img_size": 36, "crop_pct": 0.9})]
+    assert weights.describe_preprocessing(resolved, sources) == (
+        "img_size=40 (config), crop_pct=0.9 (the checkpoint), mean=[0.5, 0.5, 0.5] (timm's default)"
+    )

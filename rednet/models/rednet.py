@@ -402,6 +402,7 @@ def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) 
     from rednet import weights  # deferred: keeps `import rednet` light
 
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    # In our key names already: load_pretrained's to_state_dict strips the mmcls backbone./head. prefixes.
     state_dict, settings = weights.load_pretrained(
         variant,
         pretrained,
@@ -410,7 +411,6 @@ def _create_rednet(variant: str, pretrained: bool | str = False, **kwargs: Any) 
         cache_dir=kwargs.get("cache_dir"),
         use_ema=use_ema,
     )
-    state_dict = remap_checkpoint(state_dict)
     checkpoint_kwargs = {**settings.model_kwargs, **model_kwargs_from_state_dict(state_dict)}
     checkpoint_classes = checkpoint_kwargs.pop("num_classes", None)
     for name, value in checkpoint_kwargs.items():
