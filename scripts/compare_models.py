@@ -5,7 +5,9 @@
 
 Each model is given as NAME[@VARIANT]: VARIANT is an ops.involution backend ("auto", "cpu", "torch", "unfold"),
 "ideal" (a bound, not a result: the operator replaced by one elementwise product, so the RedNet shows the fastest it
-can get from the operator's speed alone), or a path to a source of the native CPU kernels, built and used for that
+can get from the operator's speed alone), "shared" (a looser bound: every Involution module, kernel generator
+included, replaced by x[:, :, ::s, ::s], leaving the stem convs, the bottlenecks' 1x1 convs, BNs, ReLUs and pooling
+that RedNet shares with ResNet: no involution design, fused or not, makes the RedNet faster than this), or a path to a source of the native CPU kernels, built and used for that
 model only (before/after comparisons of ops/kernels/involution_cpu.cpp). The models are timed step by step in turn,
 A B C A B C ..., so a slow spell of a shared machine falls on all of them: quote the ratios. Timing only: peak
 memory needs a process per model (scripts/benchmark_model.py). A training step is forward + backward + SGD step on
@@ -40,6 +42,11 @@ def _nearly_free_aggregate(self: Involution, x: torch.Tensor, reduced: torch.Ten
     return x[:, :, :: self.stride, :: self.stride] * kernels[:, :, 0, 0].repeat_interleave(per_group, dim=1)
 
 
+def _skip_involution(self: Involution, x: torch.Tensor) -> torch.Tensor:
+    """Involution.forward with the whole module (kernel generator and operator) replaced by its output's shape."""
+    return x[:, :, :: self.stride, :: self.stride]
+
+
 class Entry:
     """One model to time: its spec, the module, the native kernel build it runs with (None: ours), step times."""
 
@@ -48,7 +55,7 @@ class Entry:
         self.seconds: dict[str, list[float]] = {"train": [], "infer": []}
 
 
-VARIANTS = (*ops.BACKENDS, "ideal")
+VARIANTS = (*ops.BACKENDS, "ideal", "shared")
 
 
 def build(spec: str, channels_last: bool) -> Entry:
@@ -69,7 +76,7 @@ def build(spec: str, channels_last: bool) -> Entry:
         except (OSError, RuntimeError) as error:
             raise SystemExit(f"{spec}: the kernels do not build: {error}") from None
         kwargs = {"involution_backend": "cpu"}
-    elif variant and variant != "ideal":
+    elif variant and variant not in ("ideal", "shared"):
         kwargs = {"involution_backend": variant}
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, **kwargs)
@@ -77,6 +84,10 @@ def build(spec: str, channels_last: bool) -> Entry:
         for module in model.modules():
             if isinstance(module, Involution):
                 module._aggregate = types.MethodType(_nearly_free_aggregate, module)
+    if variant == "shared":
+        for module in model.modules():
+            if isinstance(module, Involution):
+                module.forward = types.MethodType(_skip_involution, module)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Entry(spec, model, library)

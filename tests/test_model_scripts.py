@@ -122,11 +122,24 @@ def test_compare_models_ideal_variant_replaces_only_the_operator():
     assert all(p.grad is not None for p in generator.parameters())
 
 
+def test_compare_models_shared_variant_drops_every_involution_module():
+    """The looser bound runs neither kernel generator nor operator, and keeps every shape (stride-2 blocks too)."""
+    compare = load_script("compare_models")
+    shared = compare.build("rednet26@shared", False).model
+    x = torch.randn(2, 3, 64, 64)
+    assert shared(x).shape == (2, 1000)
+    assert shared.forward_features(x).shape == compare.build("rednet26", False).model.forward_features(x).shape
+    shared(x).sum().backward()
+    generator = shared.layer2[0].conv2  # a stride-2 block's Involution
+    assert all(p.grad is None for p in generator.parameters())
+    assert shared.layer2[0].conv1.weight.grad is not None  # the 1x1 convs still train
+
+
 @pytest.mark.parametrize(
     "spec,message",
     [
         ("resnet26@torch", "only RedNets take @VARIANT"),
-        ("rednet26@nonsense", "@nonsense is not one of auto, .*ideal or a path to a .cpp kernel source"),
+        ("rednet26@nonsense", "@nonsense is not one of auto, .*ideal, shared or a path to a .cpp kernel source"),
         ("rednet26@", "@ is not one of"),
         ("rednet27", "no timm model 'rednet27' \\(RedNets: rednet26"),
     ],
