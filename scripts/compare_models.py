@@ -7,8 +7,9 @@ Each model is given as NAME[@VARIANT]: VARIANT is an ops.involution backend ("au
 "ideal" (a bound, not a result: the operator replaced by one elementwise product, so the RedNet shows the fastest it
 can get from the operator's speed alone), "shared" (a looser bound: every Involution module, kernel generator
 included, replaced by x[:, :, ::s, ::s], leaving the stem convs, the bottlenecks' 1x1 convs, BNs, ReLUs and pooling
-that RedNet shares with ResNet: no involution design, fused or not, makes the RedNet faster than this), or a path to a source of the native CPU kernels, built and used for that
-model only (before/after comparisons of ops/kernels/involution_cpu.cpp). The models are timed step by step in turn,
+that RedNet shares with ResNet: no involution design, fused or not, makes the RedNet faster than this), or a path
+to a source of the native CPU kernels, built and used for that model only (before/after comparisons of
+ops/kernels/involution_cpu.cpp). The models are timed step by step in turn,
 A B C A B C ..., so a slow spell of a shared machine falls on all of them: quote the ratios. Timing only: peak
 memory needs a process per model (scripts/benchmark_model.py). A training step is forward + backward + SGD step on
 random data; inference a forward under torch.inference_mode; fp32, NCHW unless --channels-last.
