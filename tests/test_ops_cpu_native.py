@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import warnings
 
@@ -173,8 +174,9 @@ def _weight_view(weight: torch.Tensor, kind: str) -> torch.Tensor:
         return weight[:1].expand_as(weight)
     if kind == "permuted":  # rows contiguous, (n, g, u, v, i) strides in another order
         return weight.permute(4, 2, 0, 3, 1, 5).contiguous().permute(2, 4, 1, 3, 0, 5)
-    if kind == "padded_rows":  # a row stride larger than Wo
-        big = torch.zeros(*weight.shape[:-1], weight.shape[-1] + 3, dtype=weight.dtype)
+    if kind == "padded_rows":  # a row stride larger than Wo, NaN between the rows (what a whole-vector read of a
+        # row's last columns brings into the lanes past Wo, which must never reach a result)
+        big = torch.full((*weight.shape[:-1], weight.shape[-1] + 3), float("nan"), dtype=weight.dtype)
         big[..., : weight.shape[-1]] = weight
         return big[..., : weight.shape[-1]]
     # "storage_end": an offset view that ends exactly where its storage ends (the last row's reads end there)
@@ -187,8 +189,9 @@ def _weight_view(weight: torch.Tensor, kind: str) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["broadcast_n", "permuted", "padded_rows", "storage_end"])
 @pytest.mark.parametrize("case,dtype", [((2, 8, 2, 9, 32, 3, 1, 1, None), torch.float32),
                                         ((2, 8, 2, 9, 16, 5, 1, 1, None), torch.float64),
-                                        ((2, 8, 2, 11, 35, 3, 2, 1, None), torch.float32)],
-                         ids=["Wo32-f32", "Wo16-f64", "Wo18-s2-f32"])  # fmt: skip
+                                        ((2, 8, 2, 11, 35, 3, 2, 1, None), torch.float32),
+                                        ((2, 8, 2, 9, 21, 7, 1, 1, None), torch.float32)],
+                         ids=["Wo32-f32", "Wo16-f64", "Wo18-s2-f32", "Wo21-f32"])  # fmt: skip
 def test_kernels_read_in_place_with_unusual_strides(case, dtype, kind):
     x, weight, grad_out, conv = _problem(case, dtype=dtype)
     weight = _weight_view(weight, kind)
@@ -238,6 +241,31 @@ def test_stride_wider_than_the_padded_image(case):
     ):
         assert storage[got.numel() :].isnan().all(), f"{name}: written past its end"
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# Each tensor ends right before an unreadable page (tests/guard_page_probe.py): reads of whole vectors past a row's
+# last column must stop at the tensor's end. Output widths below and above one float32 vector (16) and a double one;
+# padding 0 where the last kernel row is read at all (with "same" padding its bottom taps fall outside the image).
+PAGE_END_CASES = [
+    ((2, 16, 2, 12, 27, 7, 1, 1, 0), "float32"),
+    ((1, 16, 1, 9, 20, 7, 1, 1, 0), "float32"),
+    ((2, 8, 2, 8, 9, 3, 1, 1, 0), "float32"),
+    ((2, 16, 2, 9, 21, 7, 1, 1, 3), "float32"),
+    ((1, 16, 2, 11, 35, 7, 2, 1, 0), "float32"),
+    ((2, 8, 2, 9, 13, 3, 1, 1, 0), "float64"),
+    ((1, 8, 1, 9, 19, 5, 1, 1, 0), "bfloat16"),
+]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="mprotect'ed guard pages: Linux")
+def test_no_read_past_a_tensor_end_at_a_guard_page():
+    probe = [sys.executable, os.path.join(os.path.dirname(__file__), "guard_page_probe.py")]
+    cases = [",".join(map(str, (*case, dtype))) for case, dtype in PAGE_END_CASES]
+    result = subprocess.run([*probe, *cases], capture_output=True, text=True, timeout=300)
+    last = result.stdout.split()[-1:] or ["(none)"]
+    assert result.returncode == 0 and last == ["ok"], (
+        f"exit {result.returncode} (-11: a read past a tensor's end) at case {last[0]}\n{result.stderr[-2000:]}"
+    )
 
 
 def test_non_contiguous_inputs():
