@@ -166,14 +166,14 @@ def _refusal(path: Path, unsafe: list[str]) -> CheckpointError:
         return CheckpointError(
             f"'{path}' is a whole pickled model (torch.save(model); classes {shown}), not a state dict: rednet reads "
             "checkpoints with torch.load(weights_only=True) and will not unpickle it (unpickling runs code the file "
-            "chooses). If you trust the file, save its weights once with python -c \"import torch; "
+            'chooses). If you trust the file, save its weights once with python -c "import torch; '
             f"torch.save(torch.load('{path}', weights_only=False).state_dict(), 'clean.pth')\" (for a dict holding "
             "the model, call .state_dict() on that entry) and load clean.pth"
         )
     return CheckpointError(
         f"'{path}' holds pickled objects of {shown}: rednet reads checkpoints with torch.load(weights_only=True) "
         "and will not unpickle these (unpickling runs code the file chooses). If you trust the file, save its "
-        "weights as plain tensors once, e.g. python -c \"import torch; "
+        'weights as plain tensors once, e.g. python -c "import torch; '
         f"c = torch.load('{path}', weights_only=False); torch.save({{'state_dict': c['state_dict']}}, "
         "'clean.pth')\" (the key that holds the weights may be 'model' or another), and load clean.pth"
     )
@@ -216,8 +216,9 @@ def _model_name(name: Any) -> str | None:
 
 
 def check_arch(ckpt: Mapping[str, Any], arch: str, path: str | Path) -> None:
-    """Refuse a checkpoint of another architecture before any weights are touched."""
-    saved = _model_name(ckpt.get("arch"))
+    """Refuse a checkpoint of another architecture before any weights are touched: the architecture its `arch`
+    names, or its training arguments (timm's and torchvision's `args.model`; timm's own `arch` is a class name)."""
+    saved = weights_settings(ckpt).arch
     if saved not in (None, arch):
         raise CheckpointError(
             f"checkpoint '{path}' holds a {saved} but the run builds {arch}; set model={saved} "
