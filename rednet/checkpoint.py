@@ -338,4 +338,21 @@ def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
         args = vars(args)
     if isinstance(args, Mapping):
         return _settings_from_args(args, ckpt)
-    return WeightsSettings(arch=_model_name(ckpt.get("arch")), classes=ckpt.get("classes"))
+    return WeightsSettings(
+        arch=_model_name(ckpt.get("arch")), classes=ckpt.get("classes"), **_settings_from_mmpretrain(ckpt)
+    )
+
+
+def _settings_from_mmpretrain(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """mean/std of an mmpretrain ImageClassifier's data preprocessor, when its buffers were saved (0-255 scale ->
+    timm's 0-1)."""
+    state_dict = ckpt.get("state_dict")
+    if not isinstance(state_dict, Mapping):
+        return {}
+    cfg = {
+        key: tuple(round(float(v) / 255, 6) for v in state_dict[f"data_preprocessor.{key}"].flatten())
+        for key in ("mean", "std")
+        if isinstance(state_dict.get(f"data_preprocessor.{key}"), torch.Tensor)
+    }
+    source = "the checkpoint's mmpretrain data_preprocessor"
+    return {"pretrained_cfg": cfg, "source": source} if cfg else {}
