@@ -128,8 +128,10 @@ def _unsafe_globals(path: Path, error: Exception) -> list[str]:
     return sorted(name for name in names if name not in allowed)
 
 
-def _file_kind(path: Path) -> str:
-    """What an unreadable file looks like, for the error message ("" when nothing specific)."""
+def unreadable_reason(path: str | os.PathLike) -> str:
+    """Why a file cannot be a checkpoint, from its size and first bytes (and a zip's directory): empty, a web page,
+    a truncated or foreign zip, a compressed file; "" when it may be one (cheap: does not read the whole file)."""
+    path = Path(path)
     size = path.stat().st_size
     if size == 0:
         return "the file is empty (0 bytes): an interrupted download or copy? Fetch or copy it again"
@@ -191,7 +193,7 @@ def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; give the path of a .pt/.pth file")
-    kind = _file_kind(path)
+    kind = unreadable_reason(path)
     if kind:
         raise CheckpointError(f"'{path}' is not a readable checkpoint: {kind}")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ from rednet.checkpoint import (
     WeightsSettings,
     pretrained_cfg_from_data,
     read_torch_file,
+    unreadable_reason,
     weights_settings,
 )
 
@@ -157,17 +159,31 @@ def download(
             _check_digest(destination, expected, f"cached file {destination}")
         except RuntimeError as error:
             raise RuntimeError(f"{error}: delete it to download {url} again, or put the right file there") from None
+        reason = unreadable_reason(destination)
+        if reason:  # e.g. left by a copy or download that was cut short
+            raise CheckpointError(
+                f"cached file {destination} is not a readable checkpoint ({reason}): delete it to download {url} again"
+            )
         return destination
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
+    # Named NAME.partial.ext: read_checkpoint checks it by its extension (.pdparams, ...) before it is cached.
+    partial = destination.with_name(f"{destination.stem}.partial{destination.suffix}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot write the download cache {directory} ({error}): set TORCH_HOME (or cache_dir) to a writable "
+            f"directory, or download {url} by hand and pass its local path as pretrained='/path/to/{file_name}'"
+        ) from error
     try:
         torch.hub.download_url_to_file(url, str(partial), hash_prefix=None, progress=progress)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and HTTPError are OSErrors
         partial.unlink(missing_ok=True)
         raise RuntimeError(
-            f"could not download {url} ({error}). Download it by hand and save it as {destination}, "
-            f"or pass its local path as pretrained='/path/to/{file_name}'"
+            f"could not download {url} ({type(error).__name__}: {error}). Download it by hand and save it as "
+            f"{destination}, or pass its local path as pretrained='/path/to/{file_name}'"
         ) from error
+    _check_download(url, partial)
     actual = sha256_file(partial)
     if expected and not actual.startswith(expected):
         partial.unlink()
@@ -184,6 +200,20 @@ def download(
         )  # fmt: skip
     os.replace(partial, destination)
     return destination
+
+
+def _check_download(url: str, partial: Path) -> None:
+    """Read a finished download before it is cached: a web page, a cut-short or damaged file is deleted with an error
+    naming the URL, so no corrupt file stays in the cache (torch.hub does not compare the size with Content-Length).
+    """
+    try:
+        read_checkpoint(partial)
+    except Exception as error:  # CheckpointError, or the .pdparams reader's errors
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"the download of {url} is not a readable checkpoint and was deleted: {error}. Check the URL (a link that "
+            "answers with a web page?) and try again, or download it by hand and pass its local path as pretrained="
+        ) from None
 
 
 _RECORDED_DIGEST_DIGITS = 16  # 64 bits of sha256 in the cache file's name
