@@ -424,7 +424,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     dropped = [
         key
         for key in _classifier_keys(model)
-        if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape)
+        # another class count only: another input width is another architecture (the shape check names it)
+        if key in state_dict and (key not in own or own[key].shape[:1] != state_dict[key].shape[:1])
     ]
     if dropped:
         warnings.warn(
