@@ -77,6 +77,12 @@ def load_model(
         the model (CPU), and the settings the checkpoint carried (empty for registered weights).
     """
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    given_classes = model_kwargs.pop("num_classes", None)  # the val folder fixes it
+    if given_classes is not None and given_classes != num_classes:
+        raise ValueError(
+            f"model.num_classes={given_classes} but {cfg.data.root} has {num_classes} val class folders: leave "
+            "model.num_classes out (the folder and the checkpoint set it)"
+        )
     if loaded is not None:
         path, ckpt = loaded
         model, settings = factory.model_from_checkpoint(
@@ -137,6 +143,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dist = distributed.init_distributed(cfg.trainer.device)
     run_dir = distributed.shared_run_dir(run_dir)  # rank 0's directory for all ranks
     monitor.setup_logging(run_dir / "eval.log", dist.is_main)
+    if cfg.checkpoint is not None and cfg.pretrained:
+        raise ValueError(
+            f"both checkpoint={cfg.checkpoint} and pretrained={cfg.pretrained} are set: give one of them (pretrained= "
+            "takes the published weights or a path, evaluated like checkpoint=)"
+        )
     if cfg.checkpoint is None and not cfg.pretrained:
         raise ValueError(
             "nothing to evaluate: set checkpoint=PATH (e.g. a run's checkpoints/best.pt) or pretrained=true"

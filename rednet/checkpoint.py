@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import os
+import pathlib
 import pickle
 import re
+import types
+import typing
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,15 +54,33 @@ class InertMetadata:
         self.state = state
 
 
-def _safe_globals() -> list[Any]:
-    """Globals that torch.load(weights_only=True) may build, beyond tensors and plain containers: argparse.Namespace
-    (timm's CheckpointSaver and torchvision's references save `args`), numpy scalars, arrays and numeric dtypes
-    (mmcv's `meta`, under numpy 2 and numpy 1 names), and mmengine's log buffers as `InertMetadata`."""
-    from numpy._core.multiarray import _reconstruct, scalar
+def _defaultdict_as_dict(default_factory: Any = None) -> dict:
+    """A pickled collections.defaultdict read as a plain dict (weights_only fills only plain dicts)."""
+    return {}
 
-    numeric = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
+
+def _safe_globals() -> list[Any]:
+    """Globals that torch.load(weights_only=True) may build, beyond tensors and plain containers: plain data types
+    whose construction runs no code of the file's choosing.
+
+    - argparse.Namespace and types.SimpleNamespace (timm's CheckpointSaver and torchvision's references save `args`);
+    - numpy scalars, arrays and dtypes of numbers, bools, strings, bytes and dates (mmcv's `meta`; under numpy 2 and
+      numpy 1 names); never the object dtype, whose items are arbitrary pickles;
+    - pathlib paths (as pure paths: a Windows checkpoint's WindowsPath reads on Linux), datetime values,
+      collections.defaultdict (read as a plain dict) and the builtins its factories name;
+    - omegaconf containers (Lightning's `hyper_parameters` of a Hydra config), and mmengine's log buffers as
+      `InertMetadata`.
+    """
+    from numpy._core.multiarray import _reconstruct, scalar
+    from omegaconf import DictConfig, ListConfig, base, nodes
+
+    numeric = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGUSMm"]
+    omegaconf_types = [DictConfig, ListConfig, base.Metadata, base.ContainerMetadata, nodes.AnyNode,
+                       nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, nodes.BytesNode,
+                       nodes.PathNode, typing.Any]  # fmt: skip
     return [
         argparse.Namespace,
+        types.SimpleNamespace,
         np.dtype,
         np.ndarray,
         _reconstruct,
@@ -66,46 +89,125 @@ def _safe_globals() -> list[Any]:
         (scalar, "numpy.core.multiarray.scalar"),
         (InertMetadata, "mmengine.logging.history_buffer.HistoryBuffer"),
         *numeric,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        (pathlib.PurePosixPath, "pathlib.PosixPath"),
+        (pathlib.PureWindowsPath, "pathlib.WindowsPath"),
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        (_defaultdict_as_dict, "collections.defaultdict"),
+        dict,
+        list,
+        tuple,
+        int,
+        float,
+        str,
+        bool,
+        *omegaconf_types,
     ]
+
+
+def _allowed_names() -> set[str]:
+    names = {name for g in _safe_globals() if isinstance(g, tuple) for name in g[1:]}
+    for g in _safe_globals():
+        if not isinstance(g, tuple):
+            names.add("typing.Any" if g is typing.Any else f"{g.__module__}.{g.__qualname__}")
+    return names
 
 
 def _unsafe_globals(path: Path, error: Exception) -> list[str]:
     """The globals a refused file asks for (all of them when torch can list them, else the one that failed)."""
-    allowed = {name for g in _safe_globals() if isinstance(g, tuple) for name in g[1:]}
-    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals() if not isinstance(g, tuple)}
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip-format file: fall back to the error message
         names = re.findall(r"GLOBAL (\S+)", str(error))
-    return [name for name in names if name not in allowed]
+    allowed = _allowed_names()
+    return sorted(name for name in names if name not in allowed)
+
+
+def unreadable_reason(path: str | os.PathLike) -> str:
+    """Why a file cannot be a checkpoint, from its size and first bytes (and a zip's directory): empty, a web page,
+    a truncated or foreign zip, a compressed file; "" when it may be one (cheap: does not read the whole file)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes): an interrupted download or copy? Fetch or copy it again"
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if head.startswith(b"PK"):  # torch's zip format
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return f"a zip archive that is truncated or damaged ({size} bytes): copy or download it again"
+        if not any(name.endswith("data.pkl") for name in names):
+            return f"a zip archive but not a torch checkpoint (it holds {names[:5]}): give the .pth/.pt file"
+        return ""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+        return (
+            "it is an HTML/XML page, not weights: a download link that returned a web page (login, error or "
+            "redirect page)? Download the file itself"
+        )
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+        return "a compressed file (gzip/bzip2/xz): unpack it and give the .pth/.pt file inside"
+    return ""
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+
+
+def _refusal(path: Path, unsafe: list[str]) -> CheckpointError:
+    """The error for a file holding pickled objects: a whole model (torch.save(model)) or other classes."""
+    shown = ", ".join(unsafe[:6]) + (f" and {len(unsafe) - 6} more" if len(unsafe) > 6 else "")
+    if any(name.startswith("torch.nn.modules.") for name in unsafe):
+        return CheckpointError(
+            f"'{path}' is a whole pickled model (torch.save(model); classes {shown}), not a state dict: rednet reads "
+            "checkpoints with torch.load(weights_only=True) and will not unpickle it (unpickling runs code the file "
+            'chooses). If you trust the file, save its weights once with python -c "import torch; '
+            f"torch.save(torch.load('{path}', weights_only=False).state_dict(), 'clean.pth')\" (for a dict holding "
+            "the model, call .state_dict() on that entry) and load clean.pth"
+        )
+    return CheckpointError(
+        f"'{path}' holds pickled objects of {shown}: rednet reads checkpoints with torch.load(weights_only=True) "
+        "and will not unpickle these (unpickling runs code the file chooses). If you trust the file, save its "
+        'weights as plain tensors once, e.g. python -c "import torch; '
+        f"c = torch.load('{path}', weights_only=False); torch.save({{'state_dict': c['state_dict']}}, "
+        "'clean.pth')\" (the key that holds the weights may be 'model' or another), and load clean.pth"
+    )
 
 
 def read_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with the harmless globals of `_safe_globals` allowed for this call only.
 
     Raises:
-        CheckpointError: the file does not exist, is not a torch file, or holds other pickled objects: they are not
-            unpickled (that would run code the file chooses); the message names them and says how to convert the file.
+        CheckpointError: the file does not exist, is not a torch file (empty, a web page, another archive, truncated:
+            the message says which), or holds other pickled objects, e.g. a whole model from torch.save(model): they
+            are not unpickled (that would run code the file chooses); the message names them and how to convert the
+            file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; give the path of a .pt/.pth file")
+    kind = unreadable_reason(path)
+    if kind:
+        raise CheckpointError(f"'{path}' is not a readable checkpoint: {kind}")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path, e)
-        if not unsafe:
-            raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
-        raise CheckpointError(
-            f"'{path}' holds pickled objects of {', '.join(unsafe)}: rednet reads checkpoints with "
-            "torch.load(weights_only=True) and will not unpickle these (unpickling runs code the file chooses). "
-            'If you trust the file, save its weights as plain tensors once, e.g. python -c "import torch; '
-            f"c = torch.load('{path}', weights_only=False); torch.save({{'state_dict': c['state_dict']}}, "
-            "'clean.pth')\" (the key that holds the weights may be 'model' or another), and load clean.pth"
-        ) from None
+        if unsafe:
+            raise _refusal(path, unsafe) from None
+        raise CheckpointError(f"'{path}' is not a readable checkpoint ({_first_line(e)})") from None
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"'{path}' is not a readable checkpoint ({_first_line(e)}): truncated, damaged, or not a torch file"
+        ) from e
 
 
 def _model_name(name: Any) -> str | None:
@@ -116,8 +218,9 @@ def _model_name(name: Any) -> str | None:
 
 
 def check_arch(ckpt: Mapping[str, Any], arch: str, path: str | Path) -> None:
-    """Refuse a checkpoint of another architecture before any weights are touched."""
-    saved = _model_name(ckpt.get("arch"))
+    """Refuse a checkpoint of another architecture before any weights are touched: the architecture its `arch`
+    names, or its training arguments (timm's and torchvision's `args.model`; timm's own `arch` is a class name)."""
+    saved = weights_settings(ckpt).arch
     if saved not in (None, arch):
         raise CheckpointError(
             f"checkpoint '{path}' holds a {saved} but the run builds {arch}; set model={saved} "
@@ -237,4 +340,21 @@ def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
         args = vars(args)
     if isinstance(args, Mapping):
         return _settings_from_args(args, ckpt)
-    return WeightsSettings(arch=_model_name(ckpt.get("arch")), classes=ckpt.get("classes"))
+    return WeightsSettings(
+        arch=_model_name(ckpt.get("arch")), classes=ckpt.get("classes"), **_settings_from_mmpretrain(ckpt)
+    )
+
+
+def _settings_from_mmpretrain(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """mean/std of an mmpretrain ImageClassifier's data preprocessor, when its buffers were saved (0-255 scale ->
+    timm's 0-1)."""
+    state_dict = ckpt.get("state_dict")
+    if not isinstance(state_dict, Mapping):
+        return {}
+    cfg = {
+        key: tuple(round(float(v) / 255, 6) for v in state_dict[f"data_preprocessor.{key}"].flatten())
+        for key in ("mean", "std")
+        if isinstance(state_dict.get(f"data_preprocessor.{key}"), torch.Tensor)
+    }
+    source = "the checkpoint's mmpretrain data_preprocessor"
+    return {"pretrained_cfg": cfg, "source": source} if cfg else {}

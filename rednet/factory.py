@@ -77,7 +77,7 @@ def model_from_checkpoint(
             )
     check_model_name(name)
     check_arch(ckpt, name, path)
-    state_dict = weights.to_state_dict(ckpt, use_ema=use_ema)
+    state_dict = weights.to_state_dict(ckpt, use_ema=use_ema, origin=str(path))
     shape = {**settings.model_kwargs, **rednet_model.model_kwargs_from_state_dict(state_dict)}
     if name not in rednet.list_models():
         shape = {key: value for key, value in shape.items() if key in settings.model_kwargs and key != "num_classes"}
@@ -128,6 +128,9 @@ def check_checkpoint_classes(
         )
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
     weight = state_dict.get(f"{classifier}.weight") if classifier else None
+    body = {key for key in model.state_dict() if not (classifier and key.startswith(f"{classifier}."))}
+    if not body <= set(state_dict):
+        return  # weights of another architecture: loading them names the keys that do not fit
     if weight is not None and weight.shape[0] != len(classes):
         raise ValueError(
             f"checkpoint '{path}' has a {weight.shape[0]}-class classifier but the val folder has {len(classes)} "

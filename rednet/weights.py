@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -29,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from rednet import convert_paddle
-from rednet.checkpoint import WeightsSettings, pretrained_cfg_from_data, read_torch_file, weights_settings
+from rednet.checkpoint import (
+    CheckpointError,
+    WeightsSettings,
+    pretrained_cfg_from_data,
+    read_torch_file,
+    unreadable_reason,
+    weights_settings,
+)
 
 __all__ = [
     "PRETRAINED",
@@ -151,17 +159,31 @@ def download(
             _check_digest(destination, expected, f"cached file {destination}")
         except RuntimeError as error:
             raise RuntimeError(f"{error}: delete it to download {url} again, or put the right file there") from None
+        reason = unreadable_reason(destination)
+        if reason:  # e.g. left by a copy or download that was cut short
+            raise CheckpointError(
+                f"cached file {destination} is not a readable checkpoint ({reason}): delete it to download {url} again"
+            )
         return destination
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
+    # Named NAME.partial.ext: read_checkpoint checks it by its extension (.pdparams, ...) before it is cached.
+    partial = destination.with_name(f"{destination.stem}.partial{destination.suffix}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot write the download cache {directory} ({error}): set TORCH_HOME (or cache_dir) to a writable "
+            f"directory, or download {url} by hand and pass its local path as pretrained='/path/to/{file_name}'"
+        ) from error
     try:
         torch.hub.download_url_to_file(url, str(partial), hash_prefix=None, progress=progress)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and HTTPError are OSErrors
         partial.unlink(missing_ok=True)
         raise RuntimeError(
-            f"could not download {url} ({error}). Download it by hand and save it as {destination}, "
-            f"or pass its local path as pretrained='/path/to/{file_name}'"
+            f"could not download {url} ({type(error).__name__}: {error}). Download it by hand and save it as "
+            f"{destination}, or pass its local path as pretrained='/path/to/{file_name}'"
         ) from error
+    _check_download(url, partial)
     actual = sha256_file(partial)
     if expected and not actual.startswith(expected):
         partial.unlink()
@@ -178,6 +200,20 @@ def download(
         )  # fmt: skip
     os.replace(partial, destination)
     return destination
+
+
+def _check_download(url: str, partial: Path) -> None:
+    """Read a finished download before it is cached: a web page, a cut-short or damaged file is deleted with an error
+    naming the URL, so no corrupt file stays in the cache (torch.hub does not compare the size with Content-Length).
+    """
+    try:
+        read_checkpoint(partial)
+    except Exception as error:  # CheckpointError, or the .pdparams reader's errors
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"the download of {url} is not a readable checkpoint and was deleted: {error}. Check the URL (a link that "
+            "answers with a web page?) and try again, or download it by hand and pass its local path as pretrained="
+        ) from None
 
 
 _RECORDED_DIGEST_DIGITS = 16  # 64 bits of sha256 in the cache file's name
@@ -242,8 +278,8 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     key names; see ``rednet.convert_paddle``) into a dict, on the CPU.
 
     Raises:
-        rednet.checkpoint.CheckpointError: unreadable, or pickled objects other than harmless metadata (see
-            ``rednet.checkpoint.read_torch_file``).
+        rednet.checkpoint.CheckpointError: unreadable, not a dict, or pickled objects other than harmless metadata
+            (see ``rednet.checkpoint.read_torch_file``).
     """
     path = Path(path)
     if path.suffix == ".pdparams":  # PaddleClas weights: a pickle of NumPy arrays, read without running code
@@ -252,7 +288,13 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    return read_torch_file(path)
+    checkpoint = read_torch_file(path)
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a dict of weights: save a state dict "
+            "(torch.save(model.state_dict(), path)) or a dict with one under 'state_dict'"
+        )
+    return checkpoint
 
 
 def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
@@ -265,36 +307,98 @@ def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
-def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, Tensor]:
+# (raw weights key, EMA weights key) of each training tool's layout, most specific first.
+_WEIGHTS_KEYS = (("model", "model_ema"), ("state_dict", "state_dict_ema"))
+# Keys of an mmpretrain ImageClassifier that are not the network's: its data preprocessor's mean/std buffers
+# (read as preprocessing by rednet.checkpoint.weights_settings).
+_MMCLS_EXTRA_PREFIXES = ("data_preprocessor.",)
+
+
+def _weights_entry(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str, Any]:
+    """The dict of weights of a checkpoint: its raw or EMA entry (either alone when the file has only one), else
+    the checkpoint itself (a plain state dict)."""
+    for model_key, ema_key in _WEIGHTS_KEYS:
+        raw, ema = checkpoint.get(model_key), checkpoint.get(ema_key)
+        raw, ema = (entry if isinstance(entry, Mapping) and entry else None for entry in (raw, ema))
+        if raw is None and ema is None:
+            continue
+        use = ema_key if ema is not None and (use_ema or raw is None) else model_key
+        if use == ema_key and not use_ema:
+            _logger.warning("the checkpoint holds only EMA weights (%r): loading them although use_ema is off", use)
+        _logger.info("loading the %r weights of the checkpoint", use)
+        return checkpoint[use]
+    return checkpoint
+
+
+_LIGHTNING_NETWORK_NAMES = ("model", "net", "network", "module")  # what LightningModules call their network
+
+
+def _lightning_network(tensors: dict[str, Tensor], use_ema: bool) -> dict[str, Tensor]:
+    """The network among a LightningModule's attributes: the only attribute, else the one named model / net /
+    network / module, or its EMA copy (an attribute named *ema* with the same keys) when ``use_ema``; other
+    attributes (a loss's weights, metrics) are dropped with a log line. Keys are returned unchanged when the
+    LightningModule is the network itself (no such attribute)."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if "." not in key:  # a tensor of the LightningModule itself
+            return tensors
+        attribute, rest = key.split(".", 1)
+        if rest != "n_averaged":  # an AveragedModel's update count
+            groups.setdefault(attribute, {})[_strip_prefixes(rest, _WRAPPER_PREFIXES)] = value
+    named = [name for name in _LIGHTNING_NETWORK_NAMES if name in groups]
+    if len(groups) > 1 and not named:
+        return tensors
+    chosen = named[0] if named else next(iter(groups))
+    same_keys = [name for name in groups if name != chosen and groups[name].keys() == groups[chosen].keys()]
+    emas = [name for name in same_keys if "ema" in name.lower()]
+    if use_ema and emas:
+        chosen = emas[0]
+    dropped = sorted(set(groups) - {chosen})
+    if dropped:
+        _logger.info("Lightning checkpoint: loading the %r attribute's weights, not those of %s", chosen, dropped)
+    return groups[chosen]
+
+
+def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True, origin: str = "") -> dict[str, Tensor]:
     """The model's state dict from any accepted checkpoint layout, without the training framework's prefixes (DDP,
     torch.compile, Lightning, mmcls's backbone./head.); model-specific renames are the model's checkpoint filter
     (RedNet's: ``rednet.models.rednet.checkpoint_filter_fn``).
 
     Args:
         checkpoint: a loaded checkpoint (see the module docstring for the layouts).
-        use_ema: take the EMA weights when the checkpoint has them (``model_ema`` / ``state_dict_ema``).
+        use_ema: take the EMA weights when the checkpoint has them (``model_ema`` / ``state_dict_ema``); a file with
+            only EMA weights gives them either way.
+        origin: the file, for error messages.
+
+    Raises:
+        CheckpointError: the checkpoint is not a dict, or holds no tensors where weights belong (its keys named).
     """
+    named = f"checkpoint '{origin}'" if origin else "the checkpoint"
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{named} holds a {type(checkpoint).__name__}, not a dict of weights: save a state dict "
+            "(torch.save(model.state_dict(), path)) or a dict with one under 'state_dict'"
+        )
     source = checkpoint
-    for model_key, ema_key in (("model", "model_ema"), ("state_dict", "state_dict_ema")):
-        if isinstance(checkpoint.get(model_key), Mapping):
-            use = ema_key if use_ema and isinstance(checkpoint.get(ema_key), Mapping) else model_key
-            _logger.info("loading the %r weights of the checkpoint", use)
-            checkpoint = checkpoint[use]
-            break
-    is_lightning = any(key in source for key in _LIGHTNING_KEYS)
+    checkpoint = _weights_entry(checkpoint, use_ema)
     tensors = {
         _strip_prefixes(key, _WRAPPER_PREFIXES): value
         for key, value in checkpoint.items()
-        if isinstance(value, Tensor) and key != "n_averaged"  # AveragedModel's update count (torchvision's EMA)
+        if isinstance(value, Tensor) and key.rsplit(".", 1)[-1] != "n_averaged"  # AveragedModel's update count
     }
-    if is_lightning:  # the LightningModule's attribute that holds the network: model.*, net.*, ...
-        first = {key.split(".", 1)[0] for key in tensors}
-        if len(first) == 1 and all("." in key for key in tensors):
-            tensors = {key.split(".", 1)[1]: value for key, value in tensors.items()}
+    if not tensors:
+        raise CheckpointError(
+            f"{named} holds no weights: no tensors under {[key for pair in _WEIGHTS_KEYS for key in pair]} "
+            f"or at its top level (its keys: {list(source)[:12]}); give a state dict or a training checkpoint"
+        )
+    if any(key in source for key in _LIGHTNING_KEYS):  # the LightningModule's attribute that holds the network
+        tensors = _lightning_network(tensors, use_ema)
     if any(key.startswith("backbone.") for key in tensors):  # mmcls layout; timm models keep their own head.* keys
-        tensors = {_strip_prefixes(key, _MMCLS_PREFIXES): value for key, value in tensors.items()}
+        tensors = {
+            _strip_prefixes(key, _MMCLS_PREFIXES): value
+            for key, value in tensors.items()
+            if not key.startswith(_MMCLS_EXTRA_PREFIXES)
+        }
     return tensors
 
 
@@ -320,7 +424,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     dropped = [
         key
         for key in _classifier_keys(model)
-        if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape)
+        # another class count only: another input width is another architecture (the shape check names it)
+        if key in state_dict and (key not in own or own[key].shape[:1] != state_dict[key].shape[:1])
     ]
     if dropped:
         warnings.warn(
@@ -332,6 +437,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         for key in dropped:
             del state_dict[key]
     _adapt_first_conv(model, state_dict)
+    _check_shapes(model, state_dict, own)
     result = model.load_state_dict(state_dict, strict=False)
     # A RedNet's filter has dropped (with its warning) a classifier of another class count already.
     fresh = set(dropped) | (set(_classifier_keys(model)) if isinstance(model, RedNet) else set())
@@ -341,6 +447,22 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         raise RuntimeError(
             f"checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}"
+        )
+
+
+def _check_shapes(model: nn.Module, state_dict: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> None:
+    """Refuse tensors whose shapes differ from the model's (another architecture or width) with a short list, instead
+    of torch's size-mismatch error for every tensor."""
+    differ = [
+        f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and isinstance(value, Tensor) and value.shape != own[key].shape
+    ]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint does not match {type(model).__name__}: {len(differ)} tensors have other shapes "
+            f"(checkpoint vs model): {', '.join(differ[:4])}: a checkpoint of another architecture or size? "
+            "Build the model it was trained as (model=<name> and its arguments)"
         )
 
 
@@ -425,7 +547,7 @@ def load_weights(
         progress: show a download progress bar.
     """
     path = fetch(source, sha256=sha256, cache_dir=cache_dir, progress=progress)
-    load_state_dict(model, to_state_dict(read_checkpoint(path), use_ema=use_ema))
+    load_state_dict(model, to_state_dict(read_checkpoint(path), use_ema=use_ema, origin=str(path)))
     return model
 
 
@@ -478,4 +600,4 @@ def load_pretrained(
             )
         path = fetch(cached, _expected_digest(cached.name, spec.sha256))
     checkpoint = read_checkpoint(path)
-    return to_state_dict(checkpoint, use_ema=use_ema), weights_settings(checkpoint)
+    return to_state_dict(checkpoint, use_ema=use_ema, origin=str(path)), weights_settings(checkpoint)

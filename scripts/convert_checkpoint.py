@@ -23,9 +23,8 @@ from rednet import weights
 
 def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = True) -> Path:
     """Write the clean weights of ``source`` next to ``out`` as NAME-<sha256[:8]>.ext; return the path."""
-    state_dict = weights.to_state_dict(weights.read_checkpoint(weights.fetch(source)), use_ema=use_ema)
-    if not state_dict:
-        raise SystemExit(f"{source} holds no tensors: is it a RedNet checkpoint?")
+    path = weights.fetch(source)
+    state_dict = weights.to_state_dict(weights.read_checkpoint(path), use_ema=use_ema, origin=str(path))
     # Contiguous copies: safetensors refuses shared or strided storage, and torch.save would keep whole storages.
     state_dict = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
     out_path = Path(out)

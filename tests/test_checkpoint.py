@@ -128,14 +128,17 @@ _PREPROCESSING = ["data.img_size=36", "data.crop_pct=0.9", "data.interpolation=b
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """One epoch of RedNet-26 at non-default preprocessing; (image root, run dir, results)."""
+    """One epoch of RedNet-26 (stem K=7, drop-path, channels_last) at non-default preprocessing; (image root, run
+    dir, results)."""
     from train_utils import TINY, compose_config, make_image_folder
 
     import train
 
     root = make_image_folder(tmp_path_factory.mktemp("images"), size=40)
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", [*TINY, f"data.root={root}", "trainer.epochs=1", *_PREPROCESSING])
+    # Shape, regularization and memory-layout arguments too: the shape one travels, the others must not matter.
+    model = ["+model.stem_kernel_size=7", "model.drop_path_rate=0.1", "trainer.channels_last=true"]
+    cfg = compose_config("train", [*TINY, f"data.root={root}", "trainer.epochs=1", *_PREPROCESSING, *model])
     return root, run_dir, train.train(cfg, run_dir)
 
 
@@ -158,7 +161,8 @@ def test_checkpoint_carries_its_preprocessing_classes_and_arch(trained_run):
         "input_size": (3, 36, 36), "crop_pct": 0.9, "interpolation": "bicubic", "mean": (0.3, 0.4, 0.5),
         "std": (0.2, 0.25, 0.3), "num_classes": 3,
     }  # fmt: skip
-    assert "drop_rate" not in ckpt["model_kwargs"]  # run-time arguments do not travel
+    assert ckpt["model_kwargs"]["stem_kernel_size"] == 7
+    assert "drop_rate" not in ckpt["model_kwargs"] and "drop_path_rate" not in ckpt["model_kwargs"]  # run-time ones
 
 
 def test_eval_with_only_checkpoint_and_root_reproduces_the_logged_top1(trained_run, tmp_path, caplog):
@@ -170,6 +174,19 @@ def test_eval_with_only_checkpoint_and_root_reproduces_the_logged_top1(trained_r
     assert got["preprocessing"] == {"img_size": 36, "crop_pct": 0.9, "interpolation": "bicubic",
                                     "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]}  # fmt: skip
     assert "img_size=36 (the checkpoint)" in caplog.text
+
+
+def test_eval_refuses_settings_that_contradict_the_checkpoint(trained_run, tmp_path):
+    root, run_dir, _ = trained_run
+    best = run_dir / "checkpoints" / "best.pt"
+    with pytest.raises(checkpoint.CheckpointError, match="holds a rednet26 but the run builds rednet50; set model="):
+        _eval(root, best, tmp_path / "e1", "model=rednet50")
+    with pytest.raises(ValueError, match="has K=7 but the model has stem_kernel_size=3: create the model with"):
+        _eval(root, best, tmp_path / "e2", "+model.stem_kernel_size=3")
+    with pytest.raises(ValueError, match="model.num_classes=5 but .* has 3 val class folders"):  # was a TypeError
+        _eval(root, best, tmp_path / "e3", "+model.num_classes=5")
+    with pytest.raises(ValueError, match="both checkpoint=.* and pretrained=True are set"):
+        _eval(root, best, tmp_path / "e4", "pretrained=true")
 
 
 def test_eval_takes_the_checkpoints_data_root_when_none_is_given(trained_run, tmp_path, caplog):

@@ -461,3 +461,272 @@ def test_describe_preprocessing_names_the_first_source_that_holds_each_value():
     assert weights.describe_preprocessing(resolved, sources) == (
         "img_size=40 (config), crop_pct=0.9 (the checkpoint), mean=[0.5, 0.5, 0.5] (timm's default)"
     )
+
+
+# --- more layouts and files (issue 9 items 4 and 6, second round) ------------------------------------------------
+
+
+def _prefixed(prefix: str, state_dict: dict) -> dict:
+    return {prefix + key: value for key, value in state_dict.items()}
+
+
+def _more_layouts(state_dict: dict) -> dict:
+    """Checkpoints as other tools write them (each holds `state_dict`'s weights), by name."""
+    import collections
+    import datetime
+    import pathlib
+    import types
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    averaged = {"n_averaged": torch.tensor(4), **_prefixed("module.", state_dict)}  # AveragedModel (EMA-v3, tv)
+    mmcls = {("head." if k.startswith("fc.") else "backbone.") + k: v for k, v in state_dict.items()}
+    lightning = {"pytorch-lightning_version": "2.4.0", "hyper_parameters": {"lr": 0.1}, "callbacks": {}}
+    return {
+        "ddp": _prefixed("module.", state_dict),
+        "compile": _prefixed("_orig_mod.", state_dict),
+        "compile_of_ddp": _prefixed("_orig_mod.module.", state_dict),
+        "timm_only_ema": {"state_dict_ema": state_dict, "epoch": 3},
+        "torchvision_only_ema": {"model_ema": averaged, "epoch": 3},
+        "timm_averaged_ema": {"state_dict": {k: v * 0 for k, v in state_dict.items()}, "state_dict_ema": averaged},
+        "lightning_compiled": {**lightning, "state_dict": _prefixed("model._orig_mod.", state_dict)},
+        "lightning_with_loss_weights": {
+            **lightning,
+            "state_dict": {**_prefixed("model.", state_dict), "criterion.weight": torch.ones(3)},
+        },  # fmt: skip
+        "lightning_with_ema": {
+            **lightning,
+            "state_dict": {
+                **_prefixed("model.", {k: v * 0 for k, v in state_dict.items()}),
+                **_prefixed("ema.module.", state_dict),
+                "ema.n_averaged": torch.tensor(2),
+            },
+        },  # fmt: skip
+        "mmpretrain_data_preprocessor": {
+            "meta": {"seed": np.int64(1), "dataset_meta": {"classes": ("a", "b", "c")}},
+            "state_dict": {
+                **mmcls,
+                "data_preprocessor.mean": torch.tensor([127.5, 127.5, 127.5]).view(-1, 1, 1),
+                "data_preprocessor.std": torch.tensor([51.0, 51.0, 51.0]).view(-1, 1, 1),
+            },
+        },  # fmt: skip
+        "metadata_types": {
+            "state_dict": collections.OrderedDict(state_dict),
+            "args": types.SimpleNamespace(output=pathlib.PurePosixPath("/runs/x")),
+            "meta": {
+                "work_dir": pathlib.PosixPath("/w"),
+                "time": datetime.datetime(2021, 1, 4),
+                "counts": collections.defaultdict(list, a=[1]),
+                "name": np.str_("x"),
+                "names": np.array(["a"]),
+                "day": np.datetime64("2021-01-04"),
+            },
+            "hyper_parameters": OmegaConf.create({"model": {"name": "test_resnet"}, "sizes": [1, 2]}),
+        },  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("layout", list(_more_layouts({})))
+def test_more_layouts_load_through_pretrained_and_the_converter(layout, tmp_path):
+    from rednet import factory
+
+    torch.manual_seed(0)
+    reference = timm.create_model("test_resnet", num_classes=3)
+    path = tmp_path / f"{layout}.pth"
+    torch.save(_more_layouts(reference.state_dict())[layout], path)
+    assert_same_weights(factory.build_model("test_resnet", 3, pretrained=str(path)), reference)
+    converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
+    torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
+
+
+def test_windows_paths_in_metadata_read_as_pure_paths(tmp_path, monkeypatch):
+    import argparse
+    import pathlib
+
+    class WindowsPath(pathlib.PureWindowsPath):  # pickled as pathlib.WindowsPath, which Linux cannot build
+        __module__, __qualname__ = "pathlib", "WindowsPath"
+
+    monkeypatch.setattr(pathlib, "WindowsPath", WindowsPath)
+    torch.save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(output=WindowsPath("C:/out"))},
+               tmp_path / "win.pth")  # fmt: skip
+    monkeypatch.undo()
+    loaded = weights.read_checkpoint(tmp_path / "win.pth")
+    assert loaded["args"].output == pathlib.PureWindowsPath("C:/out")
+
+
+def test_mmpretrain_data_preprocessor_gives_mean_and_std(tmp_path):
+    from rednet.checkpoint import weights_settings
+
+    layout = _more_layouts({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(3, 2)})[
+        "mmpretrain_data_preprocessor"
+    ]
+    assert weights_settings(layout).pretrained_cfg == {"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.2, 0.2)}
+    assert set(weights.to_state_dict(layout)) == {
+        "conv1.weight",
+        "fc.weight",
+    }  # the preprocessor's buffers are not weights
+
+
+def test_a_lightning_module_that_is_the_network_keeps_its_keys():
+    tensors = {"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}
+    assert weights.to_state_dict({"state_dict": tensors, "pytorch-lightning_version": "2.4.0"}) == tensors
+
+
+def _save_gzip(path: Path) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(b"x" * 100))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (lambda p: p.write_text("<!DOCTYPE html><html>Sign in</html>"), "HTML/XML page, not weights"),
+        (lambda p: __import__("zipfile").ZipFile(p, "w").writestr("a.txt", "x"), r"not a torch checkpoint .*a.txt"),
+        (lambda p: p.write_bytes(_zip_bytes()[:3000]), "zip archive that is truncated or damaged"),
+        (_save_gzip, "compressed file"),
+        (lambda p: torch.save([torch.zeros(1)], p), "holds a list, not a dict of weights"),
+        (lambda p: torch.save({"epoch": 1}, p), r"holds no weights: .*its keys: \['epoch'\]"),
+        (lambda p: torch.save(timm.create_model("test_resnet"), p), r"whole pickled model \(torch.save\(model\)"),
+    ],
+    ids=["empty", "html", "foreign_zip", "truncated", "gzip", "list", "no_tensors", "whole_module"],
+)
+def test_files_that_are_not_checkpoints_are_named_with_the_fix(content, message, tmp_path):
+    from rednet import checkpoint, factory
+
+    path = tmp_path / "bad.pth"
+    content(path)
+    for name, call in {
+        "pretrained=": lambda: factory.build_model("test_resnet", 3, pretrained=str(path)),
+        "export": lambda: factory.model_from_weights(str(path), "test_resnet", "rednet50"),
+        "convert_checkpoint.py": lambda: load_script("convert_checkpoint").convert(str(path), str(tmp_path / "o")),
+    }.items():
+        with pytest.raises(checkpoint.CheckpointError, match=message) as error:
+            call()
+        assert str(path) in str(error.value), name
+
+
+def _zip_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(1000)}, buffer)
+    return buffer.getvalue()
+
+
+def test_weights_of_another_architecture_name_the_shapes(tmp_path):
+    from rednet import checkpoint, factory
+
+    torch.save(timm.create_model("resnet18", num_classes=3).state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(checkpoint.CheckpointError, match=r"tensors have other shapes .*: bn1.weight \(64,\) vs"):
+        factory.build_model("test_resnet", 3, pretrained=str(tmp_path / "resnet18.pth"))
+    with pytest.raises(RuntimeError, match=r"does not match RedNet: .* unexpected keys \['conv1.weight'"):
+        factory.build_model("rednet26", 3, pretrained=str(tmp_path / "resnet18.pth"))
+
+
+def test_timm_checkpoint_args_name_the_architecture_for_a_model_check(tmp_path):
+    import argparse
+
+    from rednet import checkpoint
+
+    ckpt = {"state_dict": {}, "arch": "resnet", "args": argparse.Namespace(model="test_resnet")}  # timm's arch
+    with pytest.raises(checkpoint.CheckpointError, match="holds a test_resnet but the run builds rednet26"):
+        checkpoint.check_arch(ckpt, "rednet26", "x.pth")
+
+
+# --- downloads that go wrong (issues 3 and 11) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def odd_server(tmp_path):
+    """A loopback server whose paths misbehave: /truncated* (half the body, Content-Length of all), /page* (an HTML
+    page with 200), /moved* (302 to /good.pth), /good.pth, else 404. Yields (base URL, the good file's bytes)."""
+    import http.server
+    import io
+    import threading
+
+    buffer = io.BytesIO()
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), buffer)
+    good = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, body: bytes = b"", length: int | None = None, **headers: str) -> None:
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body) if length is None else length), **headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            name = self.path.rsplit("/", 1)[-1]
+            if name == "good.pth":
+                self._send(200, good)
+            elif name.startswith("truncated"):
+                self._send(200, good[: len(good) // 2], length=len(good))
+                self.close_connection = True
+            elif name.startswith("page"):
+                self._send(200, b"<!DOCTYPE html><html><body>Sign in</body></html>", **{"Content-Type": "text/html"})
+            elif name.startswith("moved"):
+                self._send(302, Location="/good.pth")
+            else:
+                self._send(404)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", good
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("missing.pth", r"could not download .*missing.pth \(HTTPError: HTTP Error 404.*save it as .*missing.pth"),
+        ("truncated.pth", r"download of .*truncated.pth is not a readable checkpoint and was deleted: .*truncated"),
+        ("page.pth", r"download of .*page.pth is not a readable checkpoint and was deleted: .*HTML/XML page"),
+    ],
+)
+def test_a_failed_download_names_the_url_and_caches_nothing(name, message, odd_server, isolated_cache):
+    from rednet import factory
+
+    base_url, _ = odd_server
+    for _ in range(2):  # the second try downloads again: nothing corrupt was cached
+        with pytest.raises(RuntimeError, match=message):
+            factory.build_model("test_resnet", 3, pretrained=f"{base_url}/{name}")
+        assert not isolated_cache.exists() or list(isolated_cache.iterdir()) == []
+
+
+def test_a_redirect_is_followed_and_cached_under_the_requested_name(odd_server, isolated_cache):
+    from rednet import factory
+
+    base_url, good = odd_server
+    factory.build_model("test_resnet", 3, pretrained=f"{base_url}/moved.pth")
+    (cached,) = isolated_cache.iterdir()
+    assert cached.name.startswith("moved-") and cached.read_bytes() == good
+
+
+def test_a_partial_file_in_the_cache_names_itself_and_the_fix(odd_server, isolated_cache):
+    from rednet import checkpoint, factory
+
+    base_url, good = odd_server
+    isolated_cache.mkdir(parents=True)
+    (isolated_cache / "good.pth").write_bytes(good[:5000])  # an earlier download cut short (by hand, wget, ...)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cached file .*good.pth .*truncated.*: delete it to down"):
+        factory.build_model("test_resnet", 3, pretrained=f"{base_url}/good.pth")
+    (isolated_cache / "good.pth").unlink()
+    factory.build_model("test_resnet", 3, pretrained=f"{base_url}/good.pth")
+
+
+def test_an_unwritable_cache_names_torch_home(odd_server, tmp_path, monkeypatch):
+    from rednet import factory
+
+    base_url, _ = odd_server
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "a_file" / "torch"))  # (root can write anywhere else)
+    with pytest.raises(RuntimeError, match=r"cannot write the download cache .*a_file.*: set TORCH_HOME"):
+        factory.build_model("test_resnet", 3, pretrained=f"{base_url}/good.pth")
