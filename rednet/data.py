@@ -425,7 +425,8 @@ def create_transforms(data_cfg: Any, is_training: bool) -> Any:
     """timm's transform pipeline for the split: RandomResizedCrop/flip/RandAugment/erasing, or resize + center crop.
 
     Raises:
-        ValueError: a preprocessing key is still null (train.py and eval.py fill them from the model's weights).
+        ValueError: a preprocessing key is still null (train.py and eval.py fill them from the model's weights), or
+            a setting timm refuses (an unknown data.auto_augment policy, ...), naming the data.* keys.
     """
     unresolved = [key for key in PREPROCESSING_KEYS if data_cfg[key] is None]
     if unresolved:
@@ -439,6 +440,17 @@ def create_transforms(data_cfg: Any, is_training: bool) -> Any:
         mean=tuple(data_cfg.mean),
         std=tuple(data_cfg.std),
     )
+    try:
+        return _timm_transform(data_cfg, is_training, common)
+    except (AssertionError, KeyError, ValueError, TypeError) as e:  # timm checks its arguments with assert
+        keys = "img_size, interpolation, mean, std, crop_pct" if not is_training else "the augmentation keys"
+        raise ValueError(
+            f"timm cannot build the {'training' if is_training else 'evaluation'} transforms from data.* "
+            f"({type(e).__name__}: {e}); check {keys} (configs/data/imagenet.yaml documents each)"
+        ) from e
+
+
+def _timm_transform(data_cfg: Any, is_training: bool, common: dict[str, Any]) -> Any:
     if not is_training:
         return create_transform(**common, is_training=False, crop_pct=data_cfg.crop_pct)
     return create_transform(
