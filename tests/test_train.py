@@ -637,3 +637,8 @@ def test_warmup_as_long_as_the_run_and_val_on_the_train_split_warn(image_root, t
     log = (tmp_path / "train.log").read_text()
     assert "sched.warmup_epochs=3 >= trainer.epochs=1: the learning rate rises for the whole run" in log
     assert "data.val_split=train is the training split" in log
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_passes_the_value_checks(experiment):
+    train.check_config(compose_config("train", [f"experiment={experiment}", "data.root=/unused"]))
