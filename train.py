@@ -68,26 +68,53 @@ def create_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: DictConfig, lr
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Errors for settings that would otherwise fail only after data loading or the first epoch."""
+    """Errors for settings that would otherwise fail only after data loading or the first epoch (or train wrong
+    without a word); warnings for settings that train, but likely not as meant."""
     config_schema.check_known_keys(cfg, config_schema.TrainConfig)
     if OmegaConf.is_missing(cfg.data, "root"):
         raise ValueError("data.root is not set: add data.root=/path/to/images (folders train/<class>/, val/<class>/)")
     if cfg.trainer.amp not in engine.AMP_DTYPES:
         raise ValueError(f"trainer.amp={cfg.trainer.amp!r} is not one of {', '.join(engine.AMP_DTYPES)}")
-    if cfg.trainer.log_interval < 1:
+    config_schema.check_values(cfg)
+    batch = cfg.data.batch_size
+    if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and batch % 2:
         raise ValueError(
-            f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1 (optimizer steps per log point)"
+            f"data.batch_size={batch} must be even with mixup/cutmix (timm's Mixup pairs each image with the one at "
+            f"the other end of the batch): set data.batch_size={batch + 1} or {batch - 1 or 2}, or data.mixup=0 "
+            "data.cutmix=0"
         )
-    if cfg.trainer.epochs < 1:
+    check_schedule(cfg)
+    if cfg.data.train_split == cfg.data.val_split:
+        log.warning(
+            "data.val_split=%s is the training split: val metrics measure images the model trained on",
+            cfg.data.val_split,
+        )
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """The LR schedule must end with the run: timm lengthens it by sched.cooldown_epochs, and by
+    sched.warmup_epochs with sched.warmup_prefix=true (its train.py runs that long; ours runs trainer.epochs), so the
+    run would stop before the learning rate has decayed. A warmup as long as the run only warns.
+
+    Raises:
+        ValueError: naming the settings and the fix.
+    """
+    epochs, sched = cfg.trainer.epochs, cfg.sched
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # stands in: only the length counts
+    kwargs = {k: v for k, v in OmegaConf.to_container(sched).items() if k != "warmup_ratio"}
+    _, total = create_scheduler_v2(optimizer, **kwargs, num_epochs=epochs, updates_per_epoch=1)
+    if total > epochs:
         raise ValueError(
-            f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (0 would only evaluate the initial weights)"
+            f"sched.{sched.sched} with sched.cooldown_epochs={sched.cooldown_epochs}, sched.warmup_prefix="
+            f"{str(sched.warmup_prefix).lower()} (warmup_epochs={sched.warmup_epochs}) lasts {total} epochs, but "
+            f"trainer.epochs={epochs}: the run would stop before the learning rate decays. Set trainer.epochs={total},"
+            " or sched.cooldown_epochs=0 sched.warmup_prefix=false"
         )
-    if cfg.data.batch_size < 1:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be >= 1 (images per process and step)")
-    if cfg.trainer.grad_accum < 1:
-        raise ValueError(f"trainer.grad_accum={cfg.trainer.grad_accum} must be >= 1")
-    if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be even with mixup/cutmix")
+    if sched.warmup_epochs >= epochs:
+        log.warning(
+            "sched.warmup_epochs=%s >= trainer.epochs=%d: the learning rate rises for the whole run and never decays; "
+            "lower sched.warmup_epochs", sched.warmup_epochs, epochs,
+        )  # fmt: skip
 
 
 def check_classes(cfg: DictConfig, classes: list[str]) -> None:

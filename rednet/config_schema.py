@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Dict  # noqa: UP035
 
@@ -30,6 +31,7 @@ __all__ = [
     "SchedConfig",
     "TrainConfig",
     "check_known_keys",
+    "check_values",
     "register",
     "unknown_keys",
 ]
@@ -216,6 +218,81 @@ def check_known_keys(cfg: Any, schema: type = TrainConfig) -> None:
             f"unknown config keys: {'; '.join(problems)}. Nothing reads them; remove the '+' override or fix the name "
             "(only model.*, optim.* and sched.* take new keys: they go to timm as keyword arguments)"
         )
+
+
+def _probability(v: float) -> bool:
+    return 0 <= v <= 1
+
+
+def _interpolations() -> tuple[str, ...]:
+    from timm.data.transforms import _str_to_torch_interpolation  # the names timm's resize transforms take
+
+    return tuple(_str_to_torch_interpolation)
+
+
+# (key, is the value usable, what it must be): values the types allow but that cannot train, or train wrong without
+# a word (a negative clip_grad reverses the gradients, label_smoothing 1.5 with mixup gives negative targets,
+# timm reads crop_pct 0 as 0.875), or that would fail only at the first step (std 0, an unknown clip_mode).
+VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("trainer.epochs", lambda v: v >= 1, ">= 1 (0 would only evaluate the initial weights)"),
+    ("trainer.grad_accum", lambda v: v >= 1, ">= 1 (micro-batches per optimizer step)"),
+    ("trainer.log_interval", lambda v: v >= 1, ">= 1 (optimizer steps per log point)"),
+    ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1) (1 makes every target uniform: nothing to learn)"),
+    ("trainer.clip_grad", lambda v: v is None or v > 0, "null (off) or > 0"),
+    ("trainer.clip_mode", lambda v: v in ("norm", "value", "agc"), "one of norm, value, agc"),
+    ("trainer.model_ema_decay", _probability, "in [0, 1] (0.9998: the EMA moves 0.02% a step)"),
+    ("trainer.precise_bn_batches", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("trainer.ckpt_every_steps", lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
+    ("trainer.keep_last", lambda v: v >= 0, ">= 0 (0: keep no epoch_NNNN.pt)"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1 (images per process and step)"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0 (0: load in the training process)"),
+    ("data.img_size", lambda v: v is None or v >= 1, "null (the weights' size) or >= 1 pixel"),
+    ("data.scale", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1"),
+    ("data.ratio", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max (width / height)"),
+    ("data.hflip", _probability, "a probability in [0, 1]"),
+    ("data.re_prob", _probability, "a probability in [0, 1]"),
+    ("data.re_mode", lambda v: v in ("const", "rand", "pixel"), "one of const, rand, pixel"),
+    ("data.re_count", lambda v: v >= 1, ">= 1"),
+    ("data.crop_pct", lambda v: v is None or 0 < v <= 1, "null (the weights' value) or in (0, 1]"),
+    ("data.interpolation", lambda v: v is None or v in _interpolations(), "null or a timm name (bilinear, ...)"),
+    ("data.mean", lambda v: v is None or len(v) == 3, "null or 3 values (R, G, B: images are read as RGB)"),
+    ("data.std", lambda v: v is None or (len(v) == 3 and min(v) > 0), "null or 3 values > 0"),
+    ("data.mixup", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("data.cutmix", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("data.mixup_prob", _probability, "a probability in [0, 1]"),
+    ("data.mixup_switch_prob", _probability, "a probability in [0, 1]"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("sched.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("sched.warmup_ratio", _probability, "in [0, 1] (the first lr as a fraction of optim.lr)"),
+    ("sched.min_lr", lambda v: v >= 0, ">= 0"),
+    ("sched.cooldown_epochs", lambda v: v >= 0, ">= 0"),
+)
+_ABSENT = object()
+
+
+def check_values(cfg: Any) -> None:
+    """Refuse values outside what training can use (VALUE_RULES), before any data is read; keys `cfg` lacks (eval's
+    config has no optim) are skipped.
+
+    Raises:
+        ValueError: naming every bad key, its value and the values it takes.
+    """
+    problems = []
+    for key, usable, requirement in VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        try:
+            ok = usable(value)
+        except TypeError:  # e.g. a list where a number was meant (the open groups take any type)
+            ok = False
+        if not ok:
+            problems.append(f"{key}={value!r} must be {requirement}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def register() -> None:

@@ -399,3 +399,92 @@ def test_training_without_a_terminal_writes_no_bar_frames(capsys):
     engine.evaluate(model, batches, torch.device("cpu"))
     err = capsys.readouterr().err  # pytest's captured stderr is no terminal
     assert "\r" not in err and "it/s" not in err
+
+
+# --- files named as images that are none: reported before training, not in the middle of an epoch
+
+
+def _not_images(root: Path) -> list[Path]:
+    """A zero-byte .jpg, text saved as .png and a link to nothing, in train/cat."""
+    cat = root / "train" / "cat"
+    (cat / "zero.jpg").write_bytes(b"")
+    (cat / "page.png").write_text("<html>404 Not Found</html>")
+    (cat / "moved.PNG").symlink_to(root / "no_such_file.png")
+    return [cat / "moved.PNG", cat / "page.png", cat / "zero.jpg"]
+
+
+def test_files_that_are_no_images_fail_when_the_dataset_is_built(tmp_path):
+    """They passed the extension scan and failed at their first read, mid-epoch (or only with skip_bad_images)."""
+    root = make_image_folder(tmp_path, n_train=2, n_val=1)
+    bad = _not_images(root)
+    classes = data.check_image_folder(root)
+    with pytest.raises(data.BadImageError, match=r"train/: 3 of 9 files named as images are not images") as error:
+        data.create_image_dataset(_data_cfg(root), "train", classes, is_training=True, replace_bad=True)
+    for path in bad:
+        assert f"'{path}' (" in str(error.value)
+    assert "data.skip_bad_images=true" in str(error.value)
+
+
+def test_skip_bad_images_leaves_files_that_are_no_images_out(tmp_path, caplog):
+    root = make_image_folder(tmp_path, n_train=2, n_val=1)
+    bad = _not_images(root)
+    caplog.set_level(logging.WARNING, logger="rednet")
+    cfg = _data_cfg(root, "data.skip_bad_images=true")
+    train = data.create_image_dataset(cfg, "train", data.check_image_folder(root), is_training=True, replace_bad=True)
+    assert len(train) == 6 and not {str(p) for p in bad} & {p for p, _ in train.samples}
+    assert "train/: left out 3 files that are not images Pillow can open" in caplog.text
+    assert all(train[i][0].shape == (3, 32, 32) for i in range(len(train)))
+    assert train.take_bad_count() == 0  # left out up front: none is met at load time
+
+
+def test_symlinked_images_and_class_folders_are_read(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=2, n_val=1)
+    (root / "train" / "cat" / "linked.png").symlink_to(root / "train" / "dog" / "0.png")
+    shutil.move(root / "train" / "fox", tmp_path / "fox_elsewhere")
+    (root / "train" / "fox").symlink_to(tmp_path / "fox_elsewhere")
+    classes = data.check_image_folder(root)
+    train = data.create_image_dataset(_data_cfg(root), "train", classes, is_training=False, replace_bad=False)
+    names = sorted(Path(p).relative_to(root).as_posix() for p, _ in train.samples)
+    assert names == ["train/cat/0.png", "train/cat/1.png", "train/cat/linked.png"] + [
+        f"train/{c}/{i}.png" for c in ("dog", "fox") for i in (0, 1)
+    ]
+    assert train.samples[names.index("train/cat/linked.png")][1] == classes.index("cat")  # its folder's class
+
+
+def test_more_extensions_hidden_folders_and_unicode_names(tmp_path, caplog):
+    root = make_image_folder(tmp_path, n_train=1, n_val=1, size=8)
+    cat = root / "train" / "cat"
+    pixels = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    names = ["a.PNG", "b.jpeg", "c.JPEG", "d.tiff", "e.jfif", "f.gif", "g.ico", "h.ppm", "i.tar.png", "j.png.JPG"]
+    for name in names:
+        pixels.save(cat / name, {".jfif": "JPEG"}.get(Path(name).suffix.lower()))
+    Image.new("L", (8, 8), 5).save(cat / "k.pgm")
+    frames = [Image.new("RGB", (8, 8), (50 * i, 0, 0)) for i in range(3)]
+    frames[0].save(cat / "l.gif", save_all=True, append_images=frames[1:])  # animated
+    unicode_class = "chat noir é 猫"
+    for split in ("train", "val"):
+        (root / split / unicode_class).mkdir()
+        pixels.save(root / split / unicode_class / "ph oto ü.png")
+        (root / split / ".ipynb_checkpoints").mkdir()  # Jupyter's: no class, logged
+        pixels.save(root / split / ".ipynb_checkpoints" / "0-checkpoint.png")
+    caplog.set_level(logging.INFO, logger="rednet")
+    classes = data.check_image_folder(root)
+    assert classes == ["cat", unicode_class, "dog", "fox"]
+    assert "train/: 16 images used, 1 files left out" in caplog.text and "hidden folders 1" in caplog.text
+    cfg = _data_cfg(root, "data.img_size=8")
+    train = data.create_image_dataset(cfg, "train", classes, is_training=False, replace_bad=False)
+    assert len(train) == 16  # 1 per class folder + 12 in cat
+    assert all(train[i][0].shape == (3, 8, 8) for i in range(len(train)))
+
+
+def test_an_empty_val_class_folder_is_named(tmp_path):
+    root = make_image_folder(tmp_path, n_train=1, n_val=1)
+    (root / "val" / "dog" / "0.png").unlink()
+    with pytest.raises(ValueError, match=r"class folder '.*val/dog' holds no image .*\(it is empty\)"):
+        data.check_image_folder(root)
+
+
+def test_transform_settings_timm_refuses_are_named():
+    cfg = resolved_config("train", ["data.root=/d", "data.auto_augment=rand-x9"]).data
+    with pytest.raises(ValueError, match=r"timm cannot build the training transforms from data\.\* \(Assert"):
+        data.create_transforms(cfg, is_training=True)

@@ -186,3 +186,103 @@ def test_dataset_applies_exif_orientation(tmp_path):
     image, _ = val[0]  # resized short side 16, center crop 16x16 of the 8x16 portrait: rows 0-7 red, 8-15 blue
     assert image[0, 2, 8] > 0.8 and image[2, 2, 8] < 0.2
     assert image[2, 13, 8] > 0.8 and image[0, 13, 8] < 0.2
+
+
+# --- 16-bit colour, palettes with alpha, several frames, every EXIF orientation in every format that carries one
+
+
+def _png(path, pixels: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (Pillow writes 16 bits for one channel only): 2 = RGB, 4 = LA, 6 = RGBA."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def test_16_bit_grey_modes_of_every_byte_order():
+    values = [0, 4000, 16000, 65535]
+    for mode, dtype in (("I;16L", "<u2"), ("I;16N", "=u2"), ("I;16B", ">u2")):
+        img = Image.frombytes(mode, (4, 1), np.array(values, dtype).tobytes())
+        assert _pixels(img) == [(v, v, v) for v in (0, 16, 62, 255)], mode
+
+
+def test_16_bit_colour_pngs_keep_their_high_byte(tmp_path):
+    """Pillow decodes 48/64-bit PNGs (and 16-bit grey + alpha) to 8 bits itself, keeping each value's high byte:
+    floor(v / 256), within 1 of the round(v / 257) of one-channel 16-bit images; nothing saturates."""
+    _png(tmp_path / "rgb48.png", np.array([[[0, 4000, 65535], [257, 16000, 32768]]]), 2)
+    assert _rgb_list(data.open_rgb(tmp_path / "rgb48.png")) == [(0, 15, 255), (1, 62, 128)]
+    # alpha 32768 -> 128: (255 * 128 + 255 * 127) / 255 = 255, (0 + 32385) / 255 = 127
+    _png(tmp_path / "rgba64.png", np.array([[[0, 4000, 65535, 65535], [65535, 0, 0, 32768], [9, 9, 9, 0]]]), 6)
+    assert _rgb_list(data.open_rgb(tmp_path / "rgba64.png")) == [(0, 15, 255), (255, 127, 127), WHITE]
+    _png(tmp_path / "la32.png", np.array([[[4000, 65535], [16000, 0]]]), 4)
+    assert _rgb_list(data.open_rgb(tmp_path / "la32.png")) == [(15, 15, 15), WHITE]
+
+
+def test_palette_files_with_alpha(tmp_path):
+    img = _palette_image()  # pixels: index 1, 2, 0
+    img.save(tmp_path / "alpha.png", transparency=bytes([0, 128, 255]))  # tRNS: one alpha per palette index
+    # index 1 (200, 10, 20) at alpha 128: (200 * 128 + 32385) / 255 = 227.4, 132.0, 137.0
+    assert _rgb_list(data.open_rgb(tmp_path / "alpha.png")) == [(227, 132, 137), (30, 40, 250), WHITE]
+    img.save(tmp_path / "transparent.gif", transparency=0)
+    assert _rgb_list(data.open_rgb(tmp_path / "transparent.gif")) == [(200, 10, 20), (30, 40, 250), WHITE]
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "stack.tif", "frames.webp"])
+def test_multi_frame_files_give_their_first_frame(tmp_path, name):
+    frames = [Image.new("RGB", (2, 1), (10 + 100 * i, 20, 30)) for i in range(3)]
+    frames[0].save(
+        tmp_path / name, save_all=True, append_images=frames[1:], **({"lossless": True} if "webp" in name else {})
+    )
+    assert _rgb_list(data.open_rgb(tmp_path / name)) == [(10, 20, 30)] * 2
+
+
+def test_cmyk_jpeg_with_adobe_marker(tmp_path):
+    """Pillow writes CMYK JPEGs inverted with an Adobe marker, as Photoshop does, and reads them back."""
+    Image.new("CMYK", (2, 1), (10, 20, 30, 40)).save(tmp_path / "cmyk.jpg", quality=100)
+    with Image.open(tmp_path / "cmyk.jpg") as img:
+        assert img.mode == "CMYK" and "adobe" in img.info
+    assert _rgb_list(data.open_rgb(tmp_path / "cmyk.jpg")) == [(207, 198, 190)] * 2
+
+
+_SHOWN_AS = {  # EXIF orientation -> what a viewer does to the stored pixels
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("ext", [".png", ".webp", ".tif", ".jpg"])
+def test_every_exif_orientation_in_every_format(tmp_path, ext):
+    stored = np.array([[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]])
+    image = Image.fromarray(stored.astype(np.uint8))
+    options = {".webp": {"lossless": True}, ".jpg": {"quality": 100, "subsampling": 0}}.get(ext, {})
+    for orientation in range(0, 10):  # 0 and 9 are no orientation: left as stored
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(tmp_path / f"{orientation}{ext}", exif=exif, **options)
+        got = np.asarray(data.open_rgb(tmp_path / f"{orientation}{ext}")).astype(int)
+        expected = np.asarray(image.transpose(_SHOWN_AS[orientation]) if orientation in _SHOWN_AS else image)
+        assert got.shape == expected.shape, orientation
+        assert np.abs(got - expected).max() <= (40 if ext == ".jpg" else 0), orientation  # JPEG: lossy
+
+
+def test_exif_orientation_of_16_bit_and_float_files(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90 degrees clockwise: the row becomes a column, first value on top
+    Image.fromarray(np.array([[0, 4000, 65535]], np.uint16)).save(tmp_path / "depth.png", exif=exif)
+    Image.fromarray(np.array([[0.0, 0.2, 1.0]], np.float32)).save(tmp_path / "float.tif", exif=exif)
+    assert _rgb_list(data.open_rgb(tmp_path / "depth.png")) == [(v, v, v) for v in (0, 16, 255)]
+    assert data.open_rgb(tmp_path / "depth.png").size == (1, 3)
+    assert _rgb_list(data.open_rgb(tmp_path / "float.tif")) == [(v, v, v) for v in (0, 51, 255)]

@@ -590,3 +590,55 @@ def test_grad_accum_that_does_not_divide_the_epoch_uses_every_batch():
     # The schedule counts the short update too: after epoch 1 (5 batches) the position is 3, mid-epoch ceil(b / 2).
     assert run_state.schedule_position(run_state.TrainProgress(epoch=1), 3, 2) == 3
     assert run_state.schedule_position(run_state.TrainProgress(epoch=1, epoch_batches=4), 3, 2) == 5
+
+
+# --- more settings that cannot train (or train wrong without a word): refused before any data is read
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["trainer.label_smoothing=1.5"], r"trainer.label_smoothing=1.5 must be in \[0, 1\)"),  # failed at step 1
+        (["trainer.label_smoothing=1.5", "data.mixup=0.2"], r"label_smoothing=1.5"),  # trained on negative targets
+        (["trainer.clip_grad=1.0", "trainer.clip_mode=foo"], r"trainer.clip_mode='foo' must be one of norm"),
+        (["trainer.clip_grad=-1.0"], r"trainer.clip_grad=-1.0 must be null \(off\) or > 0"),  # reversed gradients
+        (["data.std=[0,1,1]"], r"data.std=\[0.0, 1.0, 1.0\] must be null or 3 values > 0"),
+        (["data.mean=[0.5,0.5]"], r"data.mean=\[0.5, 0.5\] must be null or 3 values"),
+        (["data.crop_pct=0"], r"data.crop_pct=0.0 must be null .* or in \(0, 1\]"),  # timm read 0 as 0.875
+        (["data.interpolation=foo"], r"data.interpolation='foo' must be null or a timm name"),
+        (["data.num_workers=-1"], r"data.num_workers=-1 must be >= 0"),
+        (["data.scale=[1.0,0.5]", "data.hflip=2"], r"data.scale=\[1.0, 0.5\] must be .*; data.hflip=2.0 must be"),
+        (["trainer.model_ema=true", "trainer.model_ema_decay=1.5"], r"trainer.model_ema_decay=1.5 must be in"),
+        (["optim.lr=0"], r"optim.lr=0.0 must be > 0"),
+        (["data.batch_size=3", "data.cutmix=1.0"], r"data.batch_size=3 must be even .*set data.batch_size=4 or 2"),
+        (["sched.cooldown_epochs=2"], r"lasts 3 epochs, but trainer.epochs=1: .*Set trainer.epochs=3"),
+        (["sched.warmup_prefix=true"], r"warmup_prefix=true \(warmup_epochs=1\) lasts 2 epochs"),
+    ],
+)
+def test_values_that_cannot_train_fail_before_data_is_read(image_root, tmp_path, monkeypatch, overrides, match):
+    monkeypatch.setattr(data, "check_image_folder", lambda *args, **kwargs: pytest.fail("data was read"))
+    with pytest.raises(ValueError, match=match):
+        train.train(_train_cfg(image_root, "trainer.epochs=1", *overrides), tmp_path)
+
+
+def test_a_file_that_is_no_image_fails_before_the_first_step(image_root, tmp_path, monkeypatch):
+    """Text saved as .png passed the extension scan and failed when the loader first read it, mid-epoch."""
+    root = tmp_path / "images"
+    shutil.copytree(image_root, root)
+    (root / "train" / "fox" / "download.png").write_text("<html>403 Forbidden</html>")
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("an epoch started"))
+    with pytest.raises(data.BadImageError, match=r"train/: 1 of 25 files .*download.png' \(UnidentifiedImageError"):
+        train.train(_train_cfg(root), tmp_path / "run")
+
+
+def test_warmup_as_long_as_the_run_and_val_on_the_train_split_warn(image_root, tmp_path):
+    overrides = ("trainer.epochs=1", "sched.warmup_epochs=3", "data.val_split=train")
+    train.train(_train_cfg(image_root, *overrides), tmp_path, should_stop=lambda: True)
+    log = (tmp_path / "train.log").read_text()
+    assert "sched.warmup_epochs=3 >= trainer.epochs=1: the learning rate rises for the whole run" in log
+    assert "data.val_split=train is the training split" in log
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_passes_the_value_checks(experiment):
+    train.check_config(compose_config("train", [f"experiment={experiment}", "data.root=/unused"]))
