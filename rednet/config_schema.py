@@ -68,6 +68,7 @@ class DataConfig:
     pin_memory: bool = MISSING
     persistent_workers: bool = MISSING
     skip_bad_images: bool = MISSING
+    verify_images: Any = MISSING  # auto, true or false (rednet.data.VERIFY_IMAGES_AUTO_LIMIT)
     scale: list[float] = MISSING
     ratio: list[float] = MISSING
     hflip: float = MISSING
@@ -235,6 +236,7 @@ def _interpolations() -> tuple[str, ...]:
 # timm reads crop_pct 0 as 0.875), or that would fail only at the first step (std 0, an unknown clip_mode).
 VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.epochs", lambda v: v >= 1, ">= 1 (0 would only evaluate the initial weights)"),
+    ("data.verify_images", lambda v: v in ("auto", True, False), "auto, true or false"),
     ("trainer.grad_accum", lambda v: v >= 1, ">= 1 (micro-batches per optimizer step)"),
     ("trainer.log_interval", lambda v: v >= 1, ">= 1 (optimizer steps per log point)"),
     ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1) (1 makes every target uniform: nothing to learn)"),

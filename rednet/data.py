@@ -186,12 +186,32 @@ def unreadable_files(paths: Sequence[str]) -> list[tuple[str, str]]:
     return [(path, error) for path, error in zip(paths, errors) if error is not None]
 
 
-def _drop_unreadable(samples: list[tuple[str, int]], split: str, skip: bool) -> list[tuple[str, int]]:
+# data.verify_images=auto reads the headers of splits up to this many files (a few seconds); ImageNet's 1.28M would
+# cost every rank minutes at every start (more on a network file system), so there a bad file fails when first
+# loaded, naming the file (or is skipped with data.skip_bad_images=true), unless data.verify_images=true.
+VERIFY_IMAGES_AUTO_LIMIT = 100_000
+
+
+def _drop_unreadable(
+    samples: list[tuple[str, int]], split: str, skip: bool, verify: bool | str = "auto"
+) -> list[tuple[str, int]]:
     """`samples` without the files Pillow cannot open: an error listing them, or (skip) a warning, before any step.
+
+    `verify`: data.verify_images (True, False, or "auto": splits of at most VERIFY_IMAGES_AUTO_LIMIT files).
 
     Raises:
         BadImageError: with `skip` false, naming up to 10 of the files, why, and the fix.
     """
+    if verify is False or (verify == "auto" and len(samples) > VERIFY_IMAGES_AUTO_LIMIT):
+        if verify == "auto":
+            _logger.info(
+                "%s/: %d files, not reading each header before training (data.verify_images=auto stops at %d; "
+                "set data.verify_images=true to check them all first)",
+                split,
+                len(samples),
+                VERIFY_IMAGES_AUTO_LIMIT,
+            )
+        return samples
     start = time.perf_counter()
     bad = unreadable_files([path for path, _ in samples])
     seconds = time.perf_counter() - start
@@ -474,7 +494,8 @@ def create_image_dataset(
     """timm folder dataset of `<root>/<split>` with the class order fixed by `classes` (same indices every split).
 
     `seed` makes each image's augmentation a function of (seed, epoch, index) (see `CheckedImageFolder`). Every
-    file's header is read first (`unreadable_files`): files that are no image fail here, before any training step.
+    file's header is read first (`unreadable_files`; data.verify_images, see VERIFY_IMAGES_AUTO_LIMIT): files that
+    are no image fail here, before any training step.
 
     Raises:
         BadImageError: files Pillow cannot open, listed (with data.skip_bad_images=true: left out, with a warning).
@@ -491,7 +512,8 @@ def create_image_dataset(
     )
     # The files `check_image_folder` counted as images: timm's reader would also take hidden ._x.jpg files.
     samples = [s for s in dataset.reader.samples if _is_image(os.path.basename(s[0]))]
-    dataset.reader.samples = _drop_unreadable(samples, split, data_cfg.skip_bad_images)
+    verify = data_cfg.get("verify_images", "auto")
+    dataset.reader.samples = _drop_unreadable(samples, split, data_cfg.skip_bad_images, verify)
     dataset.transform = create_transforms(data_cfg, is_training)
     return CheckedImageFolder(dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad, seed=seed)
 

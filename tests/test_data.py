@@ -425,6 +425,27 @@ def test_files_that_are_no_images_fail_when_the_dataset_is_built(tmp_path):
     assert "data.skip_bad_images=true" in str(error.value)
 
 
+@pytest.mark.parametrize("verify,limit,checked", [("auto", 100, True), ("auto", 8, False), (True, 8, True),
+                                                   (False, 100, False)])  # fmt: skip
+def test_verify_images_reads_headers_of_small_splits_or_when_asked(tmp_path, monkeypatch, caplog, verify, limit,
+                                                                  checked):  # fmt: skip
+    """auto: splits up to the limit (9 train files here) are checked before training; larger ones are not (their bad
+    files fail when loaded, naming the file), and the log says how to check them; true / false force it."""
+    root = make_image_folder(tmp_path, n_train=2, n_val=1)
+    _not_images(root)
+    monkeypatch.setattr(data, "VERIFY_IMAGES_AUTO_LIMIT", limit)
+    caplog.set_level(logging.INFO, logger="rednet")
+    cfg = _data_cfg(root, f"data.verify_images={str(verify).lower()}")
+    build = lambda: data.create_image_dataset(cfg, "train", data.check_image_folder(root), True, replace_bad=True)  # noqa: E731
+    if checked:
+        with pytest.raises(data.BadImageError, match="3 of 9 files"):
+            build()
+        return
+    dataset = build()
+    assert len(dataset) == 9
+    assert ("set data.verify_images=true to check them all first" in caplog.text) == (verify == "auto")
+
+
 def test_skip_bad_images_leaves_files_that_are_no_images_out(tmp_path, caplog):
     root = make_image_folder(tmp_path, n_train=2, n_val=1)
     bad = _not_images(root)
