@@ -5,9 +5,9 @@
     python eval.py model=rednet50 pretrained=true data.root=/data/imagenet
 
 The weights bring their settings: architecture and shape arguments (model= is needed only when the checkpoint does
-not name its architecture) and preprocessing (image size, crop_pct, interpolation, mean, std), unless set on the
-command line (configs/eval.yaml). Prints top-1, top-5 (percent) and loss, and writes them to results.json in the run
-directory.
+not name its architecture; in_chans=1 reads the images as grayscale) and preprocessing (image size, crop_pct,
+interpolation, mean, std), unless set on the command line (configs/eval.yaml). Prints top-1, top-5 (percent) and
+loss, and writes them to results.json in the run directory.
 """
 
 from __future__ import annotations
@@ -161,8 +161,12 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     loaded = loaded or read_weights(cfg)
     model, settings = load_model(cfg, len(classes), classes, loaded)
     warn_about_other_precision(saved_config(loaded), cfg)
+    in_chans = weights.model_in_chans(model)  # the checkpoint's in_chans (or model.in_chans): gray or RGB images
+    data.image_mode(in_chans)  # 1 or 3, else an error naming it
     data_cfg = eval_data_config(cfg, model, settings)
-    dataset = data.create_image_dataset(data_cfg, cfg.data.val_split, classes, is_training=False, replace_bad=False)
+    dataset = data.create_image_dataset(
+        data_cfg, cfg.data.val_split, classes, is_training=False, replace_bad=False, in_chans=in_chans
+    )
     loader = data.create_eval_loader(dataset, data_cfg, dist.world_size, dist.rank, dist.device)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device=dist.device, memory_format=memory_format)

@@ -140,7 +140,11 @@ def resolve_preprocessing(cfg: DictConfig, model: torch.nn.Module, resume: run_s
     pretrained_cfg: pretrained=<checkpoint>'s values, the published weights', or the architecture's defaults (timm's
     resolve_data_config, as timm's train.py does). A resumed run takes its checkpoint's values first. The values are
     written into cfg.data, so that the transforms, the checks, config.yaml and the checkpoints all see the same ones,
-    and logged with where each came from.
+    and logged with where each came from. mean and std get one value per channel the model takes (an RGB default
+    for a 1-channel model: its luma-weighted sum; see weights.resolve_preprocessing).
+
+    Raises:
+        ValueError: data.mean or data.std with another number of values than 1 or the model's channels.
     """
     if resume is not None:  # the resumed checkpoint's preprocessing (older checkpoints: their config's values)
         model.pretrained_cfg = {**model.pretrained_cfg, **weights_settings(resume.ckpt).pretrained_cfg}
@@ -158,8 +162,11 @@ def resolve_preprocessing(cfg: DictConfig, model: torch.nn.Module, resume: run_s
     log.info("preprocessing: %s", weights.describe_preprocessing(resolved, [("config", explicit), (source, own)]))
 
 
-def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int) -> None:
-    """Before the first epoch: a batch of one sample for BatchNorm, and one image of data.img_size through the model.
+def check_model_fits_data(
+    model: torch.nn.Module, cfg: DictConfig, num_classes: int, world_size: int, in_chans: int | None = None
+) -> None:
+    """Before the first epoch: a batch of one sample for BatchNorm, and one image of data.img_size with the data's
+    `in_chans` channels (default: the model's, `weights.model_in_chans`) through the model.
 
     Every training forward gets exactly data.batch_size samples per process (the loader drops a partial last batch;
     trainer.grad_accum adds micro-batches, not samples to a batch). In training mode BatchNorm normalizes each
@@ -167,7 +174,8 @@ def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: 
     value per channel when training", and larger maps turn it into a per-image norm the evaluation does not use).
 
     Raises:
-        ValueError: naming the setting and the fix.
+        ValueError: naming the setting and the fix (the channels, when the model takes another number of channels
+            than the images have).
     """
     batch, name = cfg.data.batch_size, cfg.model.name
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -179,22 +187,26 @@ def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: 
             "(trainer.grad_accum keeps the memory per step and scales the global batch)"
         )
     size = cfg.data.img_size
+    in_chans = weights.model_in_chans(model) if in_chans is None else in_chans
     image = torch.zeros(
-        1, 3, *((size, size) if isinstance(size, int) else size), device=next(model.parameters()).device
+        1, in_chans, *((size, size) if isinstance(size, int) else size), device=next(model.parameters()).device
     )
-    was_training = model.training
     try:
-        with torch.no_grad():
-            logits = model.eval()(image)  # eval mode: BatchNorm statistics and dropout untouched
+        logits = _probe(model, image)
     except torch.OutOfMemoryError:
         raise  # not the image size: the caller adds its advice
     except (RuntimeError, ValueError, AssertionError) as e:
+        takes = _channels_taken(model, image)
+        if takes is not None:
+            raise ValueError(
+                f"{name} takes {takes}-channel images but the data gives {in_chans}-channel ones "
+                f"({data.image_mode(in_chans)}); build the model with model.in_chans={in_chans}, or give it "
+                f"{takes}-channel data ({type(e).__name__}: {e})"
+            ) from e
         raise ValueError(
             f"{name} cannot take data.img_size={size} images ({type(e).__name__}: {e}); set data.img_size to a size "
             "the model accepts (its pretrained_cfg input_size, e.g.)"
         ) from e
-    finally:
-        model.train(was_training)
     if logits.shape[-1] != num_classes:
         raise ValueError(f"{name} outputs {logits.shape[-1]} classes but the data has {num_classes}")
     reduction = (getattr(model, "feature_info", None) or [{}])[-1].get("reduction", 1)
@@ -203,6 +215,28 @@ def check_model_fits_data(model: torch.nn.Module, cfg: DictConfig, num_classes: 
             "data.img_size=%s is smaller than %s's %dx downsampling: its last stages see 1x1 maps made mostly of "
             "padding; data.img_size=%d or more uses the whole model", size, name, reduction, reduction,
         )  # fmt: skip
+
+
+def _probe(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The model's logits for `image`, in eval mode (BatchNorm statistics and dropout untouched), without grad."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return model.eval()(image)
+    finally:
+        model.train(was_training)
+
+
+def _channels_taken(model: torch.nn.Module, image: torch.Tensor) -> int | None:
+    """After `image` failed: another channel count the model runs with at the same size (its first conv's, else 1
+    or 3), i.e. the channels were the mismatch; None when none does (the size, or something else, is)."""
+    candidates = dict.fromkeys([weights.model_in_chans(model), 3, 1])
+    for chans in candidates:
+        if chans != image.shape[1]:
+            with contextlib.suppress(RuntimeError, ValueError, AssertionError):
+                _probe(model, image.new_zeros(1, chans, *image.shape[2:]))
+                return chans
+    return None
 
 
 def out_of_memory_advice(cfg: DictConfig) -> str:
@@ -353,13 +387,17 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     model = factory.build_model(cfg.model.name, len(classes), pretrained=pretrained, **model_kwargs)
     if pretrained:
         log.info("initial weights: pretrained=%s", pretrained)
+    in_chans = weights.model_in_chans(model)  # model.in_chans or the checkpoint's: the images' channels
+    data.image_mode(in_chans)  # 1: images read as grayscale, 3: RGB; any other: an error naming it, now
     resolve_preprocessing(cfg, model, resume)
 
     # --- data
     train_set = data.create_image_dataset(
-        cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed
+        cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed, in_chans=in_chans
     )
-    val_set = data.create_image_dataset(cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False)
+    val_set = data.create_image_dataset(
+        cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False, in_chans=in_chans
+    )
     if resume is not None:
         run_state.check_resume(resume, cfg, classes, len(train_set), dist.world_size)
     train_loader = data.create_train_loader(train_set, cfg.data, dist.world_size, dist.rank, cfg.seed, device)
@@ -371,7 +409,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         model = convert_sync_batchnorm(model)
     model.to(device=device, memory_format=torch.channels_last if tcfg.channels_last else torch.contiguous_format)
     with advise_on_out_of_memory(cfg):
-        check_model_fits_data(model, cfg, len(classes), dist.world_size)
+        check_model_fits_data(model, cfg, len(classes), dist.world_size, in_chans)
     model_ema = (
         ModelEmaV3(model, decay=tcfg.model_ema_decay, use_warmup=tcfg.model_ema_warmup) if tcfg.model_ema else None
     )

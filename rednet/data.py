@@ -248,8 +248,30 @@ def _composite_over_background(img: Image.Image) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8))
 
 
-def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
-    return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+def _scaled_gray(img: Image.Image) -> np.ndarray | None:
+    """The 8-bit values of a 16-bit integer, 32-bit integer or float image, scaled from its range; None for others.
+
+    Raises:
+        ValueError: an I image outside 0..65535 or an F image outside 0.0..1.0 (or NaN) (see `to_rgb`).
+    """
+    mode = img.mode
+    if mode in _UINT16_MODES or mode == "I":
+        values = np.asarray(img)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"mode I (32-bit integer) image with values {values.min()}..{values.max()}: only 0..65535 (16-bit "
+                "data) is read; rescale the file to 16 or 8 bits"
+            )
+        return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)  # == round(v / 257): 257 is odd, no ties
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(
+                f"mode F (32-bit float) image with values {np.nanmin(values):.6g}..{np.nanmax(values):.6g}: only "
+                "0.0..1.0 is read (no NaN or inf); rescale the file to 0..1, or save it as 8- or 16-bit"
+            )
+        return np.rint(values * 255).astype(np.uint8)
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -274,39 +296,73 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     if mode in _ALPHA_MODES or mode == "P":
         return _composite_over_background(img)
-    if mode in _UINT16_MODES or mode == "I":
-        values = np.asarray(img)
-        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(
-                f"mode I (32-bit integer) image with values {values.min()}..{values.max()}: only 0..65535 (16-bit "
-                "data) is read; rescale the file to 16 or 8 bits"
-            )
-        return _gray_to_rgb((values.astype(np.uint32) + 128) // 257)  # == round(v / 257): 257 is odd, no ties
-    if mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
-            raise ValueError(
-                f"mode F (32-bit float) image with values {np.nanmin(values):.6g}..{np.nanmax(values):.6g}: only "
-                "0.0..1.0 is read (no NaN or inf); rescale the file to 0..1, or save it as 8- or 16-bit"
-            )
-        return _gray_to_rgb(np.rint(values * 255))
+    gray = _scaled_gray(img)
+    if gray is not None:
+        return Image.fromarray(gray).convert("RGB")
     return img.convert("RGB")
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Read an image file as 8-bit RGB: decoded, EXIF orientation applied (as a viewer shows it), `to_rgb`.
+def to_gray(img: Image.Image) -> Image.Image:
+    """The image as 8-bit grayscale (mode L), for models that take 1 channel.
+
+    L and 1 (0/255) as Pillow gives them; 16-bit, 32-bit integer and float modes scaled from their range as in
+    `to_rgb` (no 8-bit RGB step in between); every other mode is `to_rgb`'s 8-bit RGB (palette, alpha over white,
+    CMYK, ...) converted by Pillow's ITU-R 601-2 luma, L = R * 299/1000 + G * 587/1000 + B * 114/1000 (rounded),
+    so a gray RGB pixel (v, v, v) stays v.
+
+    Raises:
+        ValueError: as `to_rgb`.
+    """
+    if img.mode in ("L", "1"):
+        return img.convert("L") if img.mode == "1" else img
+    gray = _scaled_gray(img)
+    if gray is not None:
+        return Image.fromarray(gray)
+    return to_rgb(img).convert("L")
+
+
+# The Pillow mode images are decoded to for a model taking that many input channels (its in_chans).
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+def image_mode(in_chans: int) -> str:
+    """The Pillow mode image files are decoded to for a model with `in_chans` input channels: 1 "L", 3 "RGB".
+
+    Raises:
+        ValueError: any other `in_chans`, naming it: an image file gives gray or colour, and which 2 or 4+ planes a
+            model means (alpha? depth? a second band?) no file format says.
+    """
+    if in_chans not in IMAGE_MODES:
+        raise ValueError(
+            f"model in_chans={in_chans}: images are read as 1-channel grayscale (in_chans=1) or 3-channel RGB "
+            "(in_chans=3) only; set model.in_chans=1 or 3 (or leave it out: 3)"
+        )
+    return IMAGE_MODES[in_chans]
+
+
+def open_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Read an image file as 8-bit RGB or L (`mode`): decoded, EXIF orientation applied (as a viewer shows it), then
+    `to_rgb` or `to_gray`.
 
     Multi-frame files (GIF, TIFF stacks) give their first frame.
 
     Raises:
         OSError / SyntaxError / ValueError / Image.DecompressionBombError: unreadable or undecodable file, or a
             mode whose values have no known range (see `to_rgb`).
+        ValueError: a `mode` other than "RGB" or "L".
     """
+    if mode not in IMAGE_MODES.values():
+        raise ValueError(f"mode={mode!r}: images are read as 'RGB' or 'L'")
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()  # decode now: truncated files fail here, while the file is open
         ImageOps.exif_transpose(img, in_place=True)
-        return to_rgb(img)
+        return to_gray(img) if mode == "L" else to_rgb(img)
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """`open_image(path, "RGB")`: the file as 8-bit RGB."""
+    return open_image(path, "RGB")
 
 
 # --- datasets, samplers, loaders
@@ -321,9 +377,16 @@ class CheckedImageFolder(Dataset):
 
     With a `seed`, the random augmentation of image i in epoch e depends only on (seed, e, i): not on the loader
     worker that reads it, nor on where a resumed run restarted, so a resumed run sees the same images.
+
+    `mode`: "RGB" or "L", what each file is decoded to (`open_image`; `image_mode` gives it for a model's in_chans).
     """
 
-    def __init__(self, dataset: Any, skip_bad_images: bool, replace_bad: bool, seed: int | None = None) -> None:
+    def __init__(
+        self, dataset: Any, skip_bad_images: bool, replace_bad: bool, seed: int | None = None, mode: str = "RGB"
+    ) -> None:
+        if mode not in IMAGE_MODES.values():  # here, not per file: open_image's ValueError would read as a bad image
+            raise ValueError(f"mode={mode!r}: images are read as 'RGB' or 'L'")
+        self.mode = mode
         self.dataset = dataset
         self.samples: list[tuple[str, int]] = dataset.reader.samples
         self.skip_bad_images = skip_bad_images
@@ -368,7 +431,7 @@ class CheckedImageFolder(Dataset):
     def _load(self, index: int) -> Image.Image | None:
         path = self.samples[index][0]
         try:
-            return open_rgb(path)
+            return open_image(path, self.mode)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_bad_images:
                 raise BadImageError(
@@ -441,12 +504,16 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def create_transforms(data_cfg: Any, is_training: bool) -> Any:
+def create_transforms(data_cfg: Any, is_training: bool, in_chans: int = 3) -> Any:
     """timm's transform pipeline for the split: RandomResizedCrop/flip/RandAugment/erasing, or resize + center crop.
 
+    The images it takes are `in_chans`-channel PIL images (see `image_mode`); the tensors it gives are float32
+    (in_chans, H, W), normalized by data.mean / data.std (one value per channel).
+
     Raises:
-        ValueError: a preprocessing key is still null (train.py and eval.py fill them from the model's weights), or
-            a setting timm refuses (an unknown data.auto_augment policy, ...), naming the data.* keys.
+        ValueError: a preprocessing key is still null (train.py and eval.py fill them from the model's weights),
+            data.mean or data.std without one value per channel, or a setting timm refuses (an unknown
+            data.auto_augment policy, ...), naming the data.* keys.
     """
     unresolved = [key for key in PREPROCESSING_KEYS if data_cfg[key] is None]
     if unresolved:
@@ -454,6 +521,12 @@ def create_transforms(data_cfg: Any, is_training: bool) -> Any:
             f"data.{', data.'.join(unresolved)} not resolved (null): set them, or resolve them from the model "
             "first (train.resolve_preprocessing / rednet.weights.resolve_preprocessing)"
         )
+    for key in ("mean", "std"):
+        if len(data_cfg[key]) not in (1, in_chans):  # one value: timm's Normalize applies it to every channel
+            raise ValueError(
+                f"data.{key}={list(data_cfg[key])} has {len(data_cfg[key])} values but the model takes {in_chans}-"
+                f"channel images: give one value per channel (or one for all), or null for the weights' values"
+            )
     common = dict(
         input_size=data_cfg.img_size,
         interpolation=data_cfg.interpolation,
@@ -489,9 +562,18 @@ def _timm_transform(data_cfg: Any, is_training: bool, common: dict[str, Any]) ->
 
 
 def create_image_dataset(
-    data_cfg: Any, split: str, classes: list[str], is_training: bool, replace_bad: bool, seed: int | None = None
+    data_cfg: Any,
+    split: str,
+    classes: list[str],
+    is_training: bool,
+    replace_bad: bool,
+    seed: int | None = None,
+    in_chans: int = 3,
 ) -> CheckedImageFolder:
     """timm folder dataset of `<root>/<split>` with the class order fixed by `classes` (same indices every split).
+
+    Its samples are (float32 tensor (in_chans, H, W), class index): `in_chans` is the model's input channels, 1
+    (files decoded to 8-bit grayscale, `to_gray`) or 3 (8-bit RGB, `to_rgb`).
 
     `seed` makes each image's augmentation a function of (seed, epoch, index) (see `CheckedImageFolder`). Every
     file's header is read first (`unreadable_files`; data.verify_images, see VERIFY_IMAGES_AUTO_LIMIT): files that
@@ -499,8 +581,10 @@ def create_image_dataset(
 
     Raises:
         BadImageError: files Pillow cannot open, listed (with data.skip_bad_images=true: left out, with a warning).
-        ValueError: a transform setting timm refuses (see `create_transforms`).
+        ValueError: an `in_chans` other than 1 or 3 (`image_mode`), or a transform setting timm refuses, or
+            data.mean/std of another length (see `create_transforms`).
     """
+    mode = image_mode(in_chans)  # before the headers are read: a bad in_chans fails at once
     dataset = create_dataset(
         "",
         root=str(Path(data_cfg.root).expanduser()),
@@ -514,8 +598,10 @@ def create_image_dataset(
     samples = [s for s in dataset.reader.samples if _is_image(os.path.basename(s[0]))]
     verify = data_cfg.get("verify_images", "auto")
     dataset.reader.samples = _drop_unreadable(samples, split, data_cfg.skip_bad_images, verify)
-    dataset.transform = create_transforms(data_cfg, is_training)
-    return CheckedImageFolder(dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad, seed=seed)
+    dataset.transform = create_transforms(data_cfg, is_training, in_chans)
+    return CheckedImageFolder(
+        dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad, seed=seed, mode=mode
+    )
 
 
 def usable_cpus() -> int:

@@ -11,6 +11,7 @@ objects) or safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -48,6 +49,7 @@ __all__ = [
     "to_state_dict",
     "load_state_dict",
     "load_weights",
+    "model_in_chans",
     "preprocessing_from_cfg",
     "resolve_preprocessing",
     "describe_preprocessing",
@@ -498,20 +500,83 @@ def preprocessing_from_cfg(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def model_in_chans(model: nn.Module) -> int:
+    """The number of image channels ``model`` takes: its ``in_chans`` (RedNet, many timm models), else the input
+    channels of its first conv (pretrained_cfg ``first_conv``, else the first Conv2d), else pretrained_cfg
+    ``input_size[0]``, else 3.
+
+    Not pretrained_cfg first: timm keeps an architecture's (3, H, W) there when the model is built with in_chans=1.
+    """
+    in_chans = getattr(model, "in_chans", None)
+    if isinstance(in_chans, int):
+        return in_chans
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    first_conv = pretrained_cfg.get("first_conv")
+    for name in (first_conv,) if isinstance(first_conv, str) else first_conv or ():
+        with contextlib.suppress(AttributeError):
+            module = model.get_submodule(name)
+            if isinstance(module, nn.modules.conv._ConvNd):
+                return module.in_channels
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is not None:
+        return conv.in_channels
+    return int((pretrained_cfg.get("input_size") or (3,))[0])
+
+
+# ITU-R 601-2 luma weights: the gray value Pillow's convert("L") (and so rednet.data.to_gray) makes of R, G, B.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _per_channel(key: str, values: list[float], in_chans: int, given: bool) -> list[float]:
+    """``values`` (mean or std) with one value per channel of an ``in_chans``-channel model.
+
+    One value is repeated (timm's resolve_data_config rule); RGB values for a 1-channel model, when they come from the
+    weights or timm's defaults (an RGB architecture's pretrained_cfg), become their luma-weighted sum: for the mean,
+    the mean of the gray images exactly; for the std, an upper bound reached when the channels are fully correlated
+    (ImageNet's mean/std give 0.4589 / 0.2256). timm's own rule stops there (it asserts on a user's value and
+    leaves the weights' 3 values, which a 1-channel tensor cannot be normalized with).
+
+    Raises:
+        ValueError: the user gave (``given``) another number of values than 1 or ``in_chans``, naming data.<key>.
+    """
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    if not given and in_chans == 1 and len(values) == 3:
+        return [round(sum(w * v for w, v in zip(_LUMA, values)), 6)]
+    where = "data." + key if given else f"the weights' {key}"
+    raise ValueError(
+        f"{where}={values} has {len(values)} values but the model takes {in_chans}-channel images: give "
+        f"one value per channel ({in_chans}) or one for all; leave data.{key} null for the weights' values"
+    )
+
+
 def resolve_preprocessing(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The evaluation preprocessing of ``model``'s weights, as data-config keys (see `preprocessing_from_cfg`).
 
     Each value is the override when it is not None, else the model's ``pretrained_cfg`` (registered weights, or a
     checkpoint's values that ``factory.model_from_checkpoint`` / ``create_model(pretrained=path)`` merged in), else
     timm's default (224 px, crop_pct 0.875, bicubic, ImageNet mean/std), resolved by
-    ``timm.data.resolve_data_config``.
+    ``timm.data.resolve_data_config``. mean and std get one value per channel the model takes (`model_in_chans`;
+    see `_per_channel`).
+
+    Raises:
+        ValueError: an override mean/std with another number of values than 1 or the model's channels.
     """
     from timm.data import resolve_data_config
 
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    in_chans = (pretrained_cfg.get("input_size") or (3,))[0]
-    args = pretrained_cfg_from_data(overrides or {}, in_chans)  # (None values left out: the weights' then)
-    return preprocessing_from_cfg(resolve_data_config(args, pretrained_cfg=pretrained_cfg, model=model))
+    in_chans = model_in_chans(model)
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for key in ("mean", "std"):  # checked here: timm only asserts
+        if key in overrides:
+            overrides[key] = _per_channel(key, [float(v) for v in overrides[key]], in_chans, given=True)
+    args = {**pretrained_cfg_from_data(overrides, in_chans), "in_chans": in_chans}
+    resolved = preprocessing_from_cfg(resolve_data_config(args, pretrained_cfg=pretrained_cfg, model=model))
+    for key in ("mean", "std"):
+        resolved[key] = _per_channel(key, resolved[key], in_chans, given=False)
+    return resolved
 
 
 def describe_preprocessing(resolved: Mapping[str, Any], sources: list[tuple[str, Mapping[str, Any]]]) -> str:

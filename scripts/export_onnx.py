@@ -22,7 +22,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 import rednet
-from rednet import factory
+from rednet import factory, weights
 from rednet.export import INPUT_NAME, check_onnx, export_onnx
 
 
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> float | None:
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = factory.model_from_weights(args.weights, args.model, "rednet50", **kwargs)
     # The input size the weights were trained and evaluated at (their pretrained_cfg), unless --img-size.
-    overrides = {} if args.img_size is None else {"input_size": (model.in_chans, args.img_size, args.img_size)}
-    size = tuple(resolve_data_config(overrides, model=model)["input_size"])
+    overrides = {} if args.img_size is None else {"img_size": args.img_size}
+    # The channels are the model's (a checkpoint's in_chans), not its architecture's pretrained_cfg (3, H, W).
+    size = (weights.model_in_chans(model), *resolve_data_config(overrides, model=model)["input_size"][1:])
     dynamic_batch = not args.static_batch
     path = export_onnx(model, args.out, size, dynamic_batch, opset_version=args.opset, optimize=args.optimize)
     print(

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 
 import rednet
 from rednet import factory
-from rednet.data import open_rgb
+from rednet.data import image_mode, open_image
 from rednet.models.involution import Involution
+from rednet.weights import model_in_chans, resolve_preprocessing
 
 # A perceptual dark-to-bright colour map (anchors sampled from matplotlib's "inferno").
 _COLORMAP = torch.tensor(
@@ -89,7 +90,7 @@ def main() -> None:
         "--model", default=None, choices=rednet.list_models(), help="default: the checkpoint's, else rednet26"
     )
     parser.add_argument("--checkpoint", help="weights: path or URL in any layout rednet.weights reads")
-    parser.add_argument("--image", required=True, help="an RGB image file")
+    parser.add_argument("--image", required=True, help="an image file (read as gray for a 1-channel model)")
     parser.add_argument("--out", default="kernels.png", help="output PNG")
     parser.add_argument("--layers", nargs="+", default=["stem.1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"])
     parser.add_argument("--groups", type=int, default=4, help="heat maps (kernel groups) per layer")
@@ -99,13 +100,20 @@ def main() -> None:
     args = parser.parse_args()
 
     model = factory.model_from_weights(args.checkpoint, args.model, "rednet26")
-    # The weights' preprocessing (their pretrained_cfg: size, crop, interpolation, mean/std), unless --size.
-    config = resolve_data_config({} if args.size is None else {"input_size": (3, args.size, args.size)}, model=model)
+    # The weights' preprocessing (their pretrained_cfg: size, crop, interpolation, mean/std), unless --size; the
+    # image's channels are the model's (in_chans=1: grayscale, one mean/std value), as training reads them.
+    in_chans = model_in_chans(model)
+    prep = resolve_preprocessing(model, {"img_size": args.size})
+    size = prep["img_size"] if isinstance(prep["img_size"], list) else [prep["img_size"]] * 2
+    config = dict(
+        input_size=(in_chans, *size), crop_pct=prep["crop_pct"], interpolation=prep["interpolation"],
+        mean=tuple(prep["mean"]), std=tuple(prep["std"]),
+    )  # fmt: skip
     transform = create_transform(**config)  # the eval transform: resize, center crop, normalize
-    picture = open_rgb(args.image)  # as training reads images: EXIF orientation, 16-bit and alpha handled
+    picture = open_image(args.image, image_mode(in_chans))  # EXIF orientation, 16-bit and alpha handled
     image = transform(picture).unsqueeze(0)
-    # The cropped image as the network sees it, without normalization, to draw on.
-    shown = create_transform(**dict(config, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))(picture)
+    # The cropped image as the network sees it, without normalization, to draw on (gray drawn as RGB).
+    shown = create_transform(**dict(config, mean=(0.0,) * in_chans, std=(1.0,) * in_chans))(picture).expand(3, -1, -1)
     shown = Image.fromarray((shown.permute(1, 2, 0) * 255).round().byte().numpy())
 
     maps = kernel_maps(model, image, args.layers)

@@ -509,3 +509,64 @@ def test_transform_settings_timm_refuses_are_named():
     cfg = resolved_config("train", ["data.root=/d", "data.auto_augment=rand-x9"]).data
     with pytest.raises(ValueError, match=r"timm cannot build the training transforms from data\.\* \(Assert"):
         data.create_transforms(cfg, is_training=True)
+
+
+# --- 1-channel models: images read as grayscale, mean/std one value per channel
+
+
+def _one_colour_folder(root: Path, colour: tuple[int, int, int]) -> Path:
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), colour).save(root / split / name / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("is_training", [False, True])
+def test_one_channel_dataset_yields_the_luma_of_each_rgb_pixel(tmp_path, is_training):
+    """The data pipeline read every image as RGB whatever the model took: a 1-channel model got (3, H, W)."""
+    root = _one_colour_folder(tmp_path, (200, 100, 50))
+    cfg = _data_cfg(root, "data.img_size=8", "data.re_prob=0", "data.color_jitter=0")
+    cfg.mean, cfg.std = [0.0], [1.0]  # the tensor is value / 255
+    classes = data.check_image_folder(root)
+    dataset = data.create_image_dataset(cfg, "train", classes, is_training, replace_bad=False, seed=0, in_chans=1)
+    image, _ = dataset[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.float32
+    # Pillow's ITU-R 601-2 luma: (200 * 299 + 100 * 587 + 50 * 114) / 1000 = 124.2 -> 124
+    torch.testing.assert_close(image, torch.full((1, 8, 8), 124 / 255), rtol=0, atol=1e-6)
+    rgb, _ = data.create_image_dataset(cfg.copy(), "train", classes, is_training, False, seed=0, in_chans=3)[0]
+    assert rgb.shape == (3, 8, 8)  # mean=[0] applies to every channel (timm's rule for one value)
+
+
+def test_one_channel_augmentation_runs_with_rand_augment(tmp_path):
+    root = _one_colour_folder(tmp_path, (10, 200, 30))
+    overrides = ("data.img_size=8", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.color_jitter=0.4", "data.re_prob=1")
+    cfg = _data_cfg(root, *overrides)
+    cfg.mean, cfg.std = [0.5], [0.25]
+    dataset = data.create_image_dataset(cfg, "train", data.check_image_folder(root), True, False, seed=0, in_chans=1)
+    assert all(dataset[i % 2][0].shape == (1, 8, 8) for i in range(8))
+
+
+def test_mean_and_std_need_one_value_per_channel(tmp_path):
+    from rednet import factory, weights
+
+    gray = factory.build_model("rednet26", 2, in_chans=1)
+    with pytest.raises(ValueError, match=r"data.mean=\[0.5, 0.5, 0.5\] has 3 values but the model takes 1-channel"):
+        weights.resolve_preprocessing(gray, {"mean": [0.5, 0.5, 0.5]})
+    with pytest.raises(ValueError, match=r"data.std=\[0.2, 0.2\] has 2 values but the model takes 3-channel"):
+        weights.resolve_preprocessing(factory.build_model("rednet26", 2), {"std": [0.2, 0.2]})
+    # One value is every channel's (timm's rule); the weights' RGB values become their luma-weighted sum.
+    assert weights.resolve_preprocessing(factory.build_model("rednet26", 2), {"mean": [0.5]})["mean"] == [0.5] * 3
+    resolved = weights.resolve_preprocessing(gray)
+    assert resolved["mean"] == [round(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406, 6)]  # ImageNet's, as gray
+    assert resolved["std"] == [round(0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225, 6)]
+    cfg = _data_cfg(_one_colour_folder(tmp_path, (1, 2, 3)))  # resolved for an RGB model
+    with pytest.raises(ValueError, match=r"data.mean=\[0.485, 0.456, 0.406\] has 3 values but the model takes 1-"):
+        data.create_transforms(cfg, is_training=False, in_chans=1)
+
+
+@pytest.mark.parametrize("in_chans", [2, 4])
+def test_other_channel_counts_are_refused_naming_them(tmp_path, in_chans):
+    root = _one_colour_folder(tmp_path, (1, 2, 3))
+    with pytest.raises(ValueError, match=rf"model in_chans={in_chans}: images are read as 1-channel grayscale"):
+        data.create_image_dataset(_data_cfg(root), "val", ["a", "b"], False, False, in_chans=in_chans)

@@ -286,3 +286,42 @@ def test_exif_orientation_of_16_bit_and_float_files(tmp_path):
     assert _rgb_list(data.open_rgb(tmp_path / "depth.png")) == [(v, v, v) for v in (0, 16, 255)]
     assert data.open_rgb(tmp_path / "depth.png").size == (1, 3)
     assert _rgb_list(data.open_rgb(tmp_path / "float.tif")) == [(v, v, v) for v in (0, 51, 255)]
+
+
+# --- 1-channel models: every mode to 8-bit grayscale (L)
+
+
+def _values(gray: Image.Image) -> list[int]:
+    assert gray.mode == "L"
+    return np.asarray(gray).ravel().tolist()
+
+
+def test_to_gray_uses_pillow_luma_of_the_8_bit_rgb_and_the_16_bit_path():
+    """L = (299 R + 587 G + 114 B) / 1000 (Pillow's fixed point) of `to_rgb`'s pixels; 16-bit and float data scaled
+    from their range without an 8-bit RGB step; gray stays gray."""
+    rgb = Image.new("RGB", (3, 1))
+    rgb.putdata([(200, 100, 50), (255, 0, 0), (7, 7, 7)])
+    assert _values(data.to_gray(rgb)) == [124, 76, 7]  # 124.2, 76.2
+    assert data.to_gray(rgb).mode == "L"
+    assert _values(data.to_gray(_gray("I;16", [0, 1000, 65535]))) == [0, 4, 255]  # round(v / 257)
+    assert _values(data.to_gray(_gray("F", [0.0, 0.2, 1.0]))) == [0, 51, 255]
+    assert _values(data.to_gray(_gray("1", [0, 1]))) == [0, 255]
+    assert _values(data.to_gray(_gray("L", [0, 17, 255]))) == [0, 17, 255]
+    transparent = Image.new("LA", (2, 1))
+    transparent.putdata([(10, 255), (10, 0)])
+    assert _values(data.to_gray(transparent)) == [10, 255]  # alpha over white, as in RGB
+    with pytest.raises(ValueError, match=r"mode I .*65536"):
+        data.to_gray(_gray("I", [0, 65536]))
+
+
+def test_open_image_gray_applies_exif_like_rgb(tmp_path):
+    img = Image.new("RGB", (2, 1))
+    img.putdata([(200, 100, 50), (0, 0, 255)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rotated.png", exif=exif)
+    gray = data.open_image(tmp_path / "rotated.png", "L")
+    assert gray.mode == "L" and gray.size == (1, 2)
+    assert _values(gray) == [124, 29]
+    with pytest.raises(ValueError, match="'CMYK'"):
+        data.open_image(tmp_path / "rotated.png", "CMYK")

@@ -642,3 +642,48 @@ def test_warmup_as_long_as_the_run_and_val_on_the_train_split_warn(image_root, t
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
 def test_every_experiment_passes_the_value_checks(experiment):
     train.check_config(compose_config("train", [f"experiment={experiment}", "data.root=/unused"]))
+
+
+# --- 1-channel models: grayscale images end to end
+
+
+def test_one_channel_model_trains_and_evaluates_from_the_checkpoint_alone(image_root, tmp_path):
+    """+model.in_chans=1 could not train (the data gave RGB, the pre-flight check blamed data.img_size); the
+    checkpoint carries in_chans, so eval.py checkpoint= alone reads the images as gray and reproduces the top-1."""
+    results = train.train(_train_cfg(image_root, "+model.in_chans=1", "trainer.epochs=1"), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["top1"] == pytest.approx(results["top1"])
+    ckpt = checkpoint.read_torch_file(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert ckpt["model_kwargs"]["in_chans"] == 1 and tuple(ckpt["pretrained_cfg"]["input_size"]) == (1, 32, 32)
+    assert len(ckpt["pretrained_cfg"]["mean"]) == 1 and len(ckpt["pretrained_cfg"]["std"]) == 1
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    overrides = [f"checkpoint={best}", "data.num_workers=0", "trainer.device=cpu", "trainer.progress_bar=false"]
+    evaluated = eval_script.evaluate_checkpoint(compose_config("eval", overrides), tmp_path / "eval")
+    assert evaluated["top1"] == pytest.approx(results["top1"], abs=1e-4) and evaluated["count"] == 12
+    assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-4)
+
+
+def test_channels_are_named_when_they_are_the_mismatch(image_root):
+    from rednet import factory
+
+    cfg = _train_cfg(image_root)
+    gray = factory.build_model("rednet26", 3, in_chans=1)
+    with pytest.raises(ValueError, match=r"rednet26 takes 1-channel images but the data gives 3-channel ones \(RGB\)"):
+        train.check_model_fits_data(gray, cfg, 3, 1, in_chans=3)
+    rgb = factory.build_model("rednet26", 3)
+    with pytest.raises(ValueError, match=r"takes 3-channel images but the data gives 1-channel ones \(L\)"):
+        train.check_model_fits_data(rgb, cfg, 3, 1, in_chans=1)
+    train.check_model_fits_data(gray, cfg, 3, 1)  # the model's own channels: fits
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["+model.in_chans=2"], r"model in_chans=2: images are read as 1-channel grayscale \(in_chans=1\) or 3-"),
+        (["+model.in_chans=1", "data.mean=[0.5,0.5,0.5]"], r"data.mean=\[0.5, 0.5, 0.5\] has 3 values but the model"),
+    ],
+    ids=["in_chans-2", "mean-length"],
+)
+def test_channel_settings_that_cannot_be_read_fail_before_data(image_root, tmp_path, monkeypatch, overrides, match):
+    monkeypatch.setattr(data, "create_image_dataset", lambda *args, **kwargs: pytest.fail("data was loaded"))
+    with pytest.raises(ValueError, match=match):
+        train.train(_train_cfg(image_root, *overrides), tmp_path)
