@@ -15,7 +15,7 @@ call of KIND's point, printing "PROBE injected KIND at <unix time>" to stderr fi
     device                 resolving trainer.device raises, before the process group is joined
     data                   the image folder check raises FileNotFoundError (data.root missing on one node)
     build                  building the model raises
-    resume                 reading last.pt raises CheckpointError (a torn last.pt seen by one rank)
+    resume                 every read of last.pt raises CheckpointError (a torn last.pt seen by one rank)
     ema                    the EMA update raises
     precise_bn             recomputing BatchNorm statistics raises
     results                writing results.json raises OSError (after the last epoch's training and evaluation)
@@ -71,7 +71,8 @@ calls: dict[str, int] = {}
 def injected(kind: str) -> bool:
     """Whether this call is the one to fail (and announce it with the time, for the tests' time limit)."""
     calls[kind] = calls.get(kind, 0) + 1
-    if fail_here and calls[kind] == int(fail_at):
+    # (a torn last.pt stays torn: every read of it from the N-th on fails)
+    if fail_here and (calls[kind] == int(fail_at) or (kind == "resume" and calls[kind] > int(fail_at))):
         print(f"PROBE injected {fail_kind} at {time.time()}", file=sys.stderr, flush=True)
         return True
     return False
