@@ -321,3 +321,31 @@ def test_a_checkpoint_that_cannot_be_pickled_leaves_no_temp_file(tmp_path):
     with pytest.raises(TypeError, match="pickle"):
         run_state.save_checkpoint({"lock": threading.Lock()}, tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_best_pt_copy_names_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """On a file system without hard links best.pt is a copy; the disk filling up during that copy names best.pt
+    and the cause (last.pt is written already and stays)."""
+    import errno
+
+    run_state.write_checkpoints(_epoch_state(1), tmp_path, epoch_end=True, is_best=True, keep_last=0)
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    copy = shutil.copyfile
+
+    def full_disk(src, dst):  # the disk fills up during the copy to best.pt
+        if "best" not in os.path.basename(dst):
+            return copy(src, dst)
+        open(dst, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write checkpoint '\S+/best.pt': the disk is full"):
+        run_state.write_checkpoints(_epoch_state(2), tmp_path, epoch_end=False, is_best=True, keep_last=0)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "last_prev.pt"]
+    assert run_state.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert run_state.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
