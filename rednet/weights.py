@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -155,6 +156,8 @@ def download(
     directory.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".partial")
     try:
+        # A bar only on a terminal: in a batch job's or a redirected log its frames would fill the file (issue 9.9).
+        progress = progress and sys.stderr.isatty()
         torch.hub.download_url_to_file(url, str(partial), hash_prefix=None, progress=progress)
     except (urllib.error.URLError, OSError, ValueError) as error:
         partial.unlink(missing_ok=True)
