@@ -355,10 +355,16 @@ def end_job_on_error() -> Iterator[None]:
     group. The other ranks' collectives then fail on the closed connection and end them the same way, and torchrun
     stops whatever is left (SIGTERM, then SIGKILL). Checkpoints already written stay: they are written atomically.
 
-    A single process logs the error (train.log says why the run stopped) and re-raises.
+    A single process logs the error (train.log says why the run stopped) and re-raises. Ctrl-C (KeyboardInterrupt)
+    is logged and re-raised on every rank: unwinding it enters no collective, and torchrun names the signal.
     """
     try:
         yield
+    except KeyboardInterrupt:
+        rank = os.environ.get("RANK", "0")
+        _logger.error("interrupted (SIGINT, Ctrl-C) on rank %s: the run stops here; the checkpoints written so far "
+                      "are kept, resume=auto continues from the last one", rank)  # fmt: skip
+        raise
     except Exception as error:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if world_size <= 1:  # the error goes to train.log too: the run directory then says why the run stopped

@@ -349,3 +349,18 @@ def test_a_failed_best_pt_copy_names_the_file_and_leaves_no_temp_file(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "last_prev.pt"]
     assert run_state.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
     assert run_state.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_ctrl_c_says_in_the_log_why_the_run_stopped(image_root, tmp_path, monkeypatch):
+    """A single process stopped by Ctrl-C: train.log says so and what is kept (it ended without a word)."""
+    from rednet import distributed, engine
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "evaluate", interrupt)  # after the first epoch's training and its checkpoints
+    with pytest.raises(KeyboardInterrupt), distributed.end_job_on_error():
+        train.train(_cfg(image_root, "trainer.ckpt_every_steps=3"), tmp_path)
+    log = (tmp_path / "train.log").read_text()
+    assert "interrupted (SIGINT, Ctrl-C) on rank 0: the run stops here; the checkpoints written so far are kept" in log
+    assert run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == UPDATES
