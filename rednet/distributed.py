@@ -147,17 +147,101 @@ def all_gather_object(obj: Any) -> list[Any]:
 CLAIM_FILE = ".run_claim"
 
 
-def _claim(run_dir: Path, exclusive: bool) -> bool:
-    """Create `run_dir`/.run_claim (naming host, process and time); False when `exclusive` and it exists already."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22; "" where unknown): a pid and its
+    start time name one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # (the command name in parentheses may hold spaces)
+
+
+def job_id() -> str:
+    """The batch system's id of this job, which a requeued job keeps ("" outside one): submitit's, else SLURM's."""
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        with contextlib.suppress(Exception):  # (outside a submitit job process)
+            return str(submitit.JobEnvironment().job_id)
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID", "")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who claimed a run directory (the fields of its .run_claim line; "" where the line does not say)."""
+
+    host: str = ""
+    pid: int = 0
+    start: str = ""  # the process's start time (`_process_start`)
+    job: str = ""  # the batch job (`job_id`), kept when the job is requeued
+    moved_from: str = ""  # the directory this run was named first, when another run had claimed that
+
+    def alive_elsewhere(self) -> bool:
+        """Whether the claiming process still runs on this host and is not this process."""
+        if self.host != socket.gethostname() or not self.pid or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # (another user's process: it exists)
+            return True
+        return not self.start or self.start == _process_start(self.pid)
+
+
+def read_claim(run_dir: Path) -> Claim:
+    """The claim of `run_dir` (an empty `Claim` when there is none or it cannot be read)."""
+    first, *more = claim_holder(run_dir).split("\n")
+    words = first.split()
+    fields = dict(zip(words[0::2], words[1::2]))
+    fields.update(line.split(" ", 1) for line in more if " " in line)  # "moved_from PATH" (a path may hold spaces)
+    pid = fields.get("pid", "")
+    return Claim(
+        host=fields.get("host", ""),
+        pid=int(pid) if pid.isdigit() else 0,
+        start=fields.get("start", ""),
+        job=fields.get("job", ""),
+        moved_from=fields.get("moved_from", ""),
+    )
+
+
+def _claim(run_dir: Path, exclusive: bool, moved_from: str = "") -> bool:
+    """Create `run_dir`/.run_claim (naming host, process, job and time); False when `exclusive` and it exists.
+
+    Raises:
+        PermissionError / OSError: the directory cannot be created or written, naming it and the fix.
+    """
     flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if exclusive else os.O_TRUNC)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / CLAIM_FILE, flags, 0o644)  # O_EXCL: one creator wins, atomically (also on NFS 3+)
     except FileExistsError:
         return False
+    except OSError as e:
+        raise type(e)(
+            e.errno, f"cannot claim the run directory '{run_dir}' ({e.strerror}): choose a writable hydra.run.dir"
+        ) from e
+    line = f"host {socket.gethostname()} pid {os.getpid()} start {_process_start(os.getpid()) or '?'}"
+    line += f" job {job_id()}" if job_id() else ""
     with os.fdopen(fd, "w") as f:
-        f.write(f"host {socket.gethostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(
+            f"{line} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + (f"moved_from {moved_from}\n" if moved_from else "")
+        )
     return True
+
+
+def _numbered(run_dir: Path) -> list[Path]:
+    """The `run_dir`_1, _2, ... directories that exist, in order."""
+    found = []
+    for attempt in itertools.count(1):
+        candidate = run_dir.with_name(f"{run_dir.name}_{attempt}")
+        if not candidate.is_dir():
+            return found
+        found.append(candidate)
+    raise AssertionError("unreachable")
 
 
 def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
@@ -165,39 +249,79 @@ def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
 
     Hydra names the default directory by the second (outputs/train/<date>/<time>) and creates it before our code
     runs, so two runs started in the same second share it. A run claims its directory by creating .run_claim in it
-    exclusively; whoever comes second takes a directory of its own, so no run writes into another's. A run that
-    continues one (`continue_run`: resume=auto or a path) uses `run_dir` as it is, and so does a new run in a
-    directory that already holds checkpoints (train.py then asks for resume=auto) or whose run ended before saving
-    any (on this host).
+    exclusively; whoever comes second takes a directory of its own (its claim says which it was moved from), so no
+    run writes into another's. A new run in a directory whose run ended before saving any checkpoint (on this host)
+    takes it over; one that holds checkpoints is left untouched (train.py then asks for resume=auto).
+
+    A run that continues one (`continue_run`: resume=auto or a path) continues in `run_dir` when it holds
+    checkpoints, or in the `run_dir`_N its batch job was moved to (a requeued job keeps its id and its Hydra
+    directory name); with no checkpoints yet it is a new run and claims a directory as one.
+
+    Raises:
+        FileExistsError: `continue_run` and the directory's run is still running on this host (another process).
+        OSError: the directory cannot be created or written.
     """
     run_dir = Path(run_dir)
-    if continue_run or (run_dir / "checkpoints" / "last.pt").exists() or _abandoned(run_dir):
+    if continue_run:
+        target = _continued_dir(run_dir)
+        holder = read_claim(target)
+        if _has_checkpoints(target):
+            if holder.alive_elsewhere():
+                raise FileExistsError(
+                    f"'{target}' is in use by a run that is still running ({claim_holder(target)}): two runs must not "
+                    "write into one directory; wait for it to end or stop it, or choose another hydra.run.dir"
+                )
+            _claim(target, exclusive=False, moved_from=holder.moved_from)
+            return target
+        if holder.pid == os.getpid() or (holder.job and holder.job == job_id()):  # this run's own, before a save
+            _claim(target, exclusive=False, moved_from=holder.moved_from)
+            return target
+    elif _has_checkpoints(run_dir):
+        return run_dir  # another run's checkpoints: its claim stays, and train.py refuses to start a new run here
+    if _abandoned(run_dir):
         _claim(run_dir, exclusive=False)
         return run_dir
     for attempt in itertools.count():
         candidate = run_dir.with_name(f"{run_dir.name}_{attempt}") if attempt else run_dir
-        if _claim(candidate, exclusive=True):
+        if _claim(candidate, exclusive=True, moved_from=str(run_dir) if attempt else ""):
             return candidate
     raise AssertionError("unreachable")
 
 
+def _has_checkpoints(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a checkpoint (a write killed half-way leaves only a hidden .tmp file)."""
+    return any((run_dir / "checkpoints").glob("*.pt"))
+
+
+def _continued_dir(run_dir: Path) -> Path:
+    """Where a run continuing `run_dir` continues: the `run_dir`_N this batch job was moved to, else `run_dir`
+    (with a warning when other runs were moved from it: the user may have meant one of those)."""
+    moved = [d for d in _numbered(run_dir) if read_claim(d).moved_from == str(run_dir)]
+    job = job_id()
+    own = [d for d in moved if job and read_claim(d).job == job]
+    if own:
+        return own[0]
+    if moved and _has_checkpoints(run_dir):
+        _logger.warning(
+            "resume: continuing the run in %s; %s started in the same directory and moved to %s (to continue one of "
+            "those, set hydra.run.dir to it)", run_dir, "a run" if len(moved) == 1 else "runs",
+            ", ".join(map(str, moved)),
+        )  # fmt: skip
+    return run_dir
+
+
 def _abandoned(run_dir: Path) -> bool:
     """Whether `run_dir` was claimed by a process of this host that has ended without saving a checkpoint (a run
-    that failed during set-up, e.g. on a wrong data.root): rerunning the same command may take the directory over."""
-    holder = claim_holder(run_dir).split()
-    if len(holder) < 4 or holder[0] != "host" or holder[1] != socket.gethostname() or holder[2] != "pid":
+    that failed during set-up, e.g. on a wrong data.root, or was killed before its first checkpoint was complete):
+    rerunning the same command may take the directory over."""
+    holder = read_claim(run_dir)
+    if holder.host != socket.gethostname() or not holder.pid or holder.pid == os.getpid() or holder.alive_elsewhere():
         return False
-    try:
-        os.kill(int(holder[3]), 0)
-    except ProcessLookupError:
-        return not (run_dir / "checkpoints").exists()
-    except (OSError, ValueError):
-        return False
-    return False
+    return not _has_checkpoints(run_dir)
 
 
 def claim_holder(run_dir: Path) -> str:
-    """Who claimed `run_dir` ("host H pid P at T"), for messages."""
+    """Who claimed `run_dir` ("host H pid P start S [job J] at T", then "moved_from D" on a line of its own)."""
     try:
         return (run_dir / CLAIM_FILE).read_text().strip()
     except OSError:
@@ -231,10 +355,16 @@ def end_job_on_error() -> Iterator[None]:
     group. The other ranks' collectives then fail on the closed connection and end them the same way, and torchrun
     stops whatever is left (SIGTERM, then SIGKILL). Checkpoints already written stay: they are written atomically.
 
-    A single process logs the error (train.log says why the run stopped) and re-raises.
+    A single process logs the error (train.log says why the run stopped) and re-raises. Ctrl-C (KeyboardInterrupt)
+    is logged and re-raised on every rank: unwinding it enters no collective, and torchrun names the signal.
     """
     try:
         yield
+    except KeyboardInterrupt:
+        rank = os.environ.get("RANK", "0")
+        _logger.error("interrupted (SIGINT, Ctrl-C) on rank %s: the run stops here; the checkpoints written so far "
+                      "are kept, resume=auto continues from the last one", rank)  # fmt: skip
+        raise
     except Exception as error:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if world_size <= 1:  # the error goes to train.log too: the run directory then says why the run stopped

@@ -131,8 +131,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:  # (a pickling error or Ctrl-C in torch.save too: no temp file left behind)
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         cause = _os_error(e)
         if cause is None:
             raise CheckpointError(f"could not write checkpoint '{path}': {type(e).__name__}: {e}") from e
@@ -154,6 +156,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _write_error(dst, e) from e
+
+
+def _epoch_number(path: Path) -> int:
+    return int(_EPOCH_FILE.fullmatch(path.name).group(1))
 
 
 def epoch_files(ckpt_dir: str | Path) -> list[Path]:
@@ -178,7 +184,10 @@ def write_checkpoints(
     save_checkpoint(state, last)
     if epoch_end and keep_last > 0:
         _link_or_copy(last, ckpt_dir / f"epoch_{state['epoch']:04d}.pt")
-        for old in epoch_files(ckpt_dir)[:-keep_last]:
+        # Only epochs up to this one take turns: a run resumed from an earlier epoch_NNNN.pt finds the later epochs of
+        # its first course here, which are newer by number but not by time (they would push out the file just
+        # written); they are left alone.
+        for old in [p for p in epoch_files(ckpt_dir) if _epoch_number(p) <= state["epoch"]][:-keep_last]:
             old.unlink()
     if is_best:
         _link_or_copy(last, ckpt_dir / "best.pt")

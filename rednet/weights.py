@@ -19,6 +19,7 @@ import http.client
 import logging
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -178,6 +179,8 @@ def download(
             f"directory, or download {url} by hand and pass its local path as pretrained='/path/to/{file_name}'"
         ) from error
     try:
+        # A bar only on a terminal: in a batch job's or a redirected log its frames would fill the file (issue 9.9).
+        progress = progress and sys.stderr.isatty()
         torch.hub.download_url_to_file(url, str(partial), hash_prefix=None, progress=progress)
     except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and HTTPError are OSErrors
         partial.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,8 +248,8 @@ def _torchrun_failing(
     image_root: Path, run_dir: Path, probe_fail: str = "", on_first_checkpoint=None, run: list[str] = RUN
 ) -> tuple[int, str, float]:
     """train.py under torchrun --standalone, 2 gloo processes; returns (exit status, output, seconds from the failure
-    to the end). `on_first_checkpoint()` runs once last.pt exists and returns the failure time; else the probe's
-    PROBE_FAIL=KIND:RANK:N injects it and reports the time."""
+    to the end). `on_first_checkpoint(torchrun_pid)` runs once last.pt exists and returns the failure time; else the
+    probe's PROBE_FAIL=KIND:RANK:N injects it and reports the time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "tests/ddp_probe.py"]
     cmd += [str(run_dir.parent), *run, f"data.root={image_root}", f"hydra.run.dir={run_dir}"]
     env = {**ENV, "PROBE_FAIL": probe_fail}
@@ -261,7 +262,7 @@ def _torchrun_failing(
             deadline = time.monotonic() + 120
             while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            failed_at = on_first_checkpoint()
+            failed_at = on_first_checkpoint(proc.pid)
         output, _ = proc.communicate(timeout=180)
     finally:
         with contextlib.suppress(ProcessLookupError):  # torchrun and its workers, should they hang (the failure here)
@@ -290,7 +291,7 @@ def test_unreadable_training_image_on_one_rank_ends_the_job(fresh_images, tmp_pa
     the second epoch, it ends both, naming the file (this hung: the failing rank entered a collective)."""
     bad = fresh_images / "train" / "cat" / "3.png"
 
-    def damage() -> float:
+    def damage(torchrun_pid: int) -> float:
         bad.write_bytes(b"not a png" * 50)
         return time.time()
 
@@ -309,7 +310,7 @@ def test_unreadable_validation_image_ends_the_job(fresh_images, tmp_path):
     bad.write_bytes((fresh_images / "val" / "dog" / "0.png").read_bytes()[:60])
     run_dir = tmp_path / "run"
     started = time.time()
-    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=lambda: started)
+    returncode, output, elapsed = _torchrun_failing(fresh_images, run_dir, on_first_checkpoint=lambda pid: started)
     # val/ in order: cat 0-2, dog 0-2, dog/img3 is the 7th image (index 6), rank 6 % 2 = 0's shard
     _assert_job_failed(returncode, output, elapsed, rf"BadImageError: cannot read image '{re.escape(str(bad))}'", "0")
     ckpt = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -336,3 +337,67 @@ def test_failure_on_one_rank_ends_the_job(image_root, tmp_path, probe_fail, erro
     returncode, output, elapsed = _torchrun_failing(image_root, run_dir, probe_fail)
     _assert_job_failed(returncode, output, elapsed, error, rank)
     assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == step  # the last good save
+
+
+# More injection points (issue 9 kind 1): each ends both ranks within the limit, names the error and its rank, exits
+# non-zero and keeps the checkpoints written before (`step`: the last one; None: none was written yet). The probe's
+# "build" and "precise_bn" points behave as "data-root" and "validation" do (tried, not kept: suite time).
+@pytest.mark.parametrize(
+    "probe_fail, overrides, error, rank, step",
+    [
+        ("val:1:1", [], "RuntimeError: injected failure in validation on rank 1", "1", 3),
+        (  # the 13th image a rank-1 loader worker reads: the first of epoch 2
+            "worker:1:13",
+            ["data.num_workers=1"],
+            r"RuntimeError: Caught RuntimeError in DataLoader worker process 0.\n(.*\n)*"
+            r"RuntimeError: injected failure in a loader worker on rank 1",
+            "1",
+            3,
+        ),
+        ("data:1:1", [], "FileNotFoundError: injected: data.root missing on rank 1", "1", None),
+        ("ema:1:2", ["trainer.model_ema=true"], "RuntimeError: injected failure in the EMA update on rank 1", "1", 1),
+        (  # after the last epoch's training, evaluation and checkpoint: results.json cannot be written
+            "results:0:1",
+            [],
+            r"OSError: \[Errno 28\] No space left on device \(injected\)",
+            "0",
+            6,
+        ),
+        ("kill:1:2", [], r"RuntimeError: \S+ (Connection closed by peer|Read error)", "0", 1),  # rank 1: SIGKILL
+    ],
+    ids=["validation", "loader-worker", "data-root", "ema-update", "results", "sigkill"],
+)
+def test_failure_at_other_points_ends_the_job(image_root, tmp_path, probe_fail, overrides, error, rank, step):
+    run_dir = tmp_path / "run"
+    returncode, output, elapsed = _torchrun_failing(image_root, run_dir, probe_fail, run=[*RUN, *overrides])
+    _assert_job_failed(returncode, output, elapsed, error, rank)
+    last = run_dir / "checkpoints" / "last.pt"
+    assert (run_state.load_checkpoint(last)["step"] if last.exists() else None) == step
+    assert not (run_dir / "results.json").exists()
+    if probe_fail.startswith("kill"):
+        assert "exitcode  : -9" in output and "(SIGKILL)" in output  # torchrun's summary names the killed rank
+
+
+def test_torn_last_pt_seen_by_one_rank_ends_the_job(torchrun, image_root, tmp_path):
+    """resume=auto where rank 1 cannot read last.pt (rank 0 can): rank 1 does not continue from another checkpoint
+    than rank 0 (it would fall back to last_prev.pt); it stops the job, and the checkpoints stay as they were."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(torchrun[0][0], run_dir)
+    overrides = [*RUN, "trainer.epochs=3", "resume=auto"]
+    returncode, output, elapsed = _torchrun_failing(image_root, run_dir, "resume:1:1", run=overrides)
+    _assert_job_failed(returncode, output, elapsed, "CheckpointError: injected: torn last.pt on rank 1", "1")
+    assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_ctrl_c_ends_the_job_and_keeps_the_checkpoints(image_root, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to torchrun and both ranks (the foreground process group) at once."""
+    run_dir = tmp_path / "run"
+
+    def ctrl_c(torchrun_pid: int) -> float:
+        os.killpg(torchrun_pid, signal.SIGINT)  # (torchrun leads a process group of its own here)
+        return time.time()
+
+    returncode, output, elapsed = _torchrun_failing(image_root, run_dir, on_first_checkpoint=ctrl_c)
+    assert returncode != 0 and elapsed < FAIL_LIMIT_S, output[-3000:]
+    assert "KeyboardInterrupt" in output and "got signal: 2" in output
+    assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 1

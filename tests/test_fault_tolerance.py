@@ -291,3 +291,76 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
             rank.wait()
     assert ranks[0].returncode == 128 + signal.SIGTERM, stderr.decode()[-2000:]
     assert b"SIGTERM not handled for 2 s (blocked outside Python" in stderr
+
+
+# --- checkpoint files: new inputs of issue 13 point 6
+
+
+def _epoch_state(epoch: int) -> dict:
+    return {"state_dict": {"w": torch.full((2,), float(epoch))}, "optimizer": {}, "epoch": epoch, "step": epoch,
+            "arch": "rednet26"}  # fmt: skip
+
+
+def test_keep_last_after_resuming_from_an_earlier_epoch_keeps_the_new_epochs(tmp_path):
+    """A run resumed from an earlier checkpoint (resume=<run>/checkpoints/best.pt of epoch 3, same directory) finds
+    epochs 9-10 of its first course: newer by number, older by time. Its own new epoch files must not be the ones
+    rotated out (epoch 4 was deleted as soon as it was written); the first course's files are left alone."""
+    for epoch in range(1, 11):
+        run_state.write_checkpoints(_epoch_state(epoch), tmp_path, epoch_end=True, is_best=False, keep_last=2)
+    for epoch in (4, 5, 6):  # the second course, from epoch 3 on
+        run_state.write_checkpoints(_epoch_state(epoch), tmp_path, epoch_end=True, is_best=False, keep_last=2)
+        assert run_state.load_checkpoint(tmp_path / f"epoch_{epoch:04d}.pt")["epoch"] == epoch
+    kept = [p.name for p in run_state.epoch_files(tmp_path)]
+    assert kept == ["epoch_0005.pt", "epoch_0006.pt", "epoch_0009.pt", "epoch_0010.pt"]
+
+
+def test_a_checkpoint_that_cannot_be_pickled_leaves_no_temp_file(tmp_path):
+    """torch.save failing on an object it cannot pickle (not an OSError): the error as it is, no .tmp left."""
+    import threading
+
+    with pytest.raises(TypeError, match="pickle"):
+        run_state.save_checkpoint({"lock": threading.Lock()}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_best_pt_copy_names_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    """On a file system without hard links best.pt is a copy; the disk filling up during that copy names best.pt
+    and the cause (last.pt is written already and stays)."""
+    import errno
+
+    run_state.write_checkpoints(_epoch_state(1), tmp_path, epoch_end=True, is_best=True, keep_last=0)
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    copy = shutil.copyfile
+
+    def full_disk(src, dst):  # the disk fills up during the copy to best.pt
+        if "best" not in os.path.basename(dst):
+            return copy(src, dst)
+        open(dst, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write checkpoint '\S+/best.pt': the disk is full"):
+        run_state.write_checkpoints(_epoch_state(2), tmp_path, epoch_end=False, is_best=True, keep_last=0)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "last_prev.pt"]
+    assert run_state.load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert run_state.load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_ctrl_c_says_in_the_log_why_the_run_stopped(image_root, tmp_path, monkeypatch):
+    """A single process stopped by Ctrl-C: train.log says so and what is kept (it ended without a word)."""
+    from rednet import distributed, engine
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "evaluate", interrupt)  # after the first epoch's training and its checkpoints
+    with pytest.raises(KeyboardInterrupt), distributed.end_job_on_error():
+        train.train(_cfg(image_root, "trainer.ckpt_every_steps=3"), tmp_path)
+    log = (tmp_path / "train.log").read_text()
+    assert "interrupted (SIGINT, Ctrl-C) on rank 0: the run stops here; the checkpoints written so far are kept" in log
+    assert run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == UPDATES

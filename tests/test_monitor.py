@@ -29,3 +29,14 @@ def test_warnings_reach_the_log_file(tmp_path):
             for handler in list(logging.getLogger(name).handlers):
                 logging.getLogger(name).removeHandler(handler)
                 handler.close()
+
+
+def test_a_weights_download_without_a_terminal_writes_no_bar_frames(server, weights_cache, capsys):
+    """pretrained=true in a batch job: torch.hub's download bar would write its frames into the job's log."""
+    from rednet import weights
+
+    root, base_url, _ = server
+    (root / "w.pth").write_bytes(b"0" * 2_000_000)
+    path = weights.download(f"{base_url}/w.pth", file_name="w.pth")
+    assert path.stat().st_size == 2_000_000
+    assert "\r" not in capsys.readouterr().err  # pytest's captured stderr is no terminal

@@ -687,3 +687,125 @@ def test_channel_settings_that_cannot_be_read_fail_before_data(image_root, tmp_p
     monkeypatch.setattr(data, "create_image_dataset", lambda *args, **kwargs: pytest.fail("data was loaded"))
     with pytest.raises(ValueError, match=match):
         train.train(_train_cfg(image_root, *overrides), tmp_path)
+
+
+# --- run directories: more inputs of issue 9 kind 5 (a run claims its directory; only resume continues one)
+
+
+def _claim_in_subprocess(run_dir, then: str = "") -> subprocess.Popen:
+    """Another process claims `run_dir` (as a run starting there would), prints "claimed", then runs `then`."""
+    code = f"from rednet import distributed; distributed.claim_run_dir({str(run_dir)!r}); print('claimed', flush=True)"
+    proc = subprocess.Popen([sys.executable, "-c", f"{code}\n{then}"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "claimed\n"
+    return proc
+
+
+@pytest.fixture()
+def no_job_id(monkeypatch):
+    for name in ("SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_a_requeued_job_continues_in_the_directory_it_was_moved_to(tmp_path, no_job_id, caplog):
+    """Two SLURM jobs whose Hydra directories clash: job 7 ran in run_1. Requeued (same job id, same Hydra
+    directory name, resume=auto) it must continue run_1, not job 6's run (it did: both then wrote into run)."""
+    run_dir = tmp_path / "run"
+    no_job_id.setenv("SLURM_JOB_ID", "6")
+    assert distributed.claim_run_dir(run_dir) == run_dir
+    no_job_id.setenv("SLURM_JOB_ID", "7")
+    assert distributed.claim_run_dir(run_dir) == tmp_path / "run_1"
+    for folder in (run_dir, tmp_path / "run_1"):
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.pt").touch()
+    assert distributed.claim_run_dir(run_dir, continue_run=True) == tmp_path / "run_1"
+    assert distributed.read_claim(tmp_path / "run_1").moved_from == str(run_dir)  # kept by the new claim
+    no_job_id.setenv("SLURM_JOB_ID", "6")
+    assert distributed.claim_run_dir(run_dir, continue_run=True) == run_dir
+    no_job_id.delenv("SLURM_JOB_ID")  # a rerun by hand: the directory named, and a word about the moved run
+    assert distributed.claim_run_dir(run_dir, continue_run=True) == run_dir
+    assert f"started in the same directory and moved to {tmp_path / 'run_1'}" in caplog.text
+
+
+def test_resume_into_a_directory_whose_run_is_still_running_is_refused(tmp_path, no_job_id):
+    run_dir = tmp_path / "run"
+    running = _claim_in_subprocess(run_dir, "import time; time.sleep(60)")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.pt").touch()  # its first checkpoint
+    try:
+        holder = distributed.claim_holder(run_dir)
+        with pytest.raises(FileExistsError, match=rf"'{re.escape(str(run_dir))}' is in use by a run that is still"):
+            distributed.claim_run_dir(run_dir, continue_run=True)
+        assert distributed.claim_run_dir(run_dir) == run_dir  # a new run: train.py refuses it (checkpoints there)
+        assert distributed.claim_holder(run_dir) == holder  # and the running run's claim was not overwritten
+        shutil.rmtree(run_dir / "checkpoints")  # resume=auto with nothing to resume yet: a new run, its own directory
+        assert distributed.claim_run_dir(run_dir, continue_run=True) == tmp_path / "run_1"
+    finally:
+        running.kill()
+        running.wait()
+    assert distributed.claim_run_dir(run_dir, continue_run=True) == run_dir  # its process ended: taken over
+
+
+def test_a_run_killed_before_its_first_complete_checkpoint_leaves_its_directory(tmp_path, no_job_id):
+    """SIGKILL in the middle of the first checkpoint write leaves checkpoints/ with only a temp file: a rerun of
+    the same command takes the directory over (it took run_1, leaving an empty run behind)."""
+    import signal  # (this module's imports are others' to edit: tests appended here import what they need)
+
+    run_dir = tmp_path / "run"
+    kill = "import os, signal; p = {0!r}; os.makedirs(p); open(p + '/.last.pt.1.tmp', 'wb').write(b'PK');"
+    kill += " os.kill(os.getpid(), signal.SIGKILL)"
+    killed = _claim_in_subprocess(run_dir, kill.format(str(run_dir / "checkpoints")))
+    assert killed.wait() == -signal.SIGKILL
+    assert distributed.claim_run_dir(run_dir) == run_dir
+
+
+def test_a_claim_whose_pid_was_reused_is_not_a_running_run(tmp_path, no_job_id):
+    """The claiming process ended and its pid now names another process (here: pytest's parent)."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    claim = f"host {socket.gethostname()} pid {os.getppid()} start 1 at 2026-01-01 00:00:00\n"
+    (run_dir / distributed.CLAIM_FILE).write_text(claim)
+    assert distributed.claim_run_dir(run_dir) == run_dir
+
+
+def test_an_unwritable_run_directory_names_it_and_the_fix(tmp_path, no_job_id):
+    """A read-only parent folder (Hydra's directory pattern under it): the error names the directory and the fix.
+    (Tests run as root here, so the read-only folder is a file in the way: the same error path, EEXIST/ENOTDIR.)"""
+    (tmp_path / "readonly").write_text("a file where the parent folder should be")
+    with pytest.raises(OSError, match=r"cannot claim the run directory '.*readonly/run' .*choose a writable"):
+        distributed.claim_run_dir(tmp_path / "readonly" / "run")
+
+
+# --- results do not depend on the worker count or on where a run was resumed (issue 9 kind 8, more inputs)
+
+HEAVY_AUGMENTATION = (
+    "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.5", "data.color_jitter=0.4", "data.hflip=0.5",
+    "data.mixup=0.4", "data.cutmix=1.0", "model.drop_path_rate=0.2",
+    "trainer.grad_accum=4",  # 6 batches per epoch: updates of 4 and 2 micro-batches
+    "trainer.epochs=2", "trainer.ckpt_every_steps=1",
+)  # fmt: skip
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_heavy_augmentation_is_the_same_with_any_workers_and_resume(image_root, tmp_path):
+    """RandAugment, random erasing, colour jitter, flips, mixup/cutmix, drop-path and a short last accumulation:
+    0 workers uninterrupted, and 2 workers stopped in the middle of epoch 2 then resumed with 1, end bit-identical."""
+    reference = tmp_path / "reference"
+    train.train(_train_cfg(image_root, *HEAVY_AUGMENTATION, "data.num_workers=0"), reference)
+    run_dir = tmp_path / "run"
+    calls = {"n": 0}
+
+    def stop_at_step_3() -> bool:  # epoch 2's first update (2 updates per epoch)
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    stopped = train.train(_train_cfg(image_root, *HEAVY_AUGMENTATION, "data.num_workers=2"), run_dir, stop_at_step_3)
+    assert stopped == {"stopped": True, "epoch": 1, "step": 3}
+    train.train(_train_cfg(image_root, *HEAVY_AUGMENTATION, "data.num_workers=1", "resume=auto"), run_dir)
+    expected = run_state.load_checkpoint(reference / "checkpoints" / "last.pt")
+    final = run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (final["step"], expected["step"]) == (4, 4)
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
