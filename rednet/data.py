@@ -604,11 +604,49 @@ def create_image_dataset(
     )
 
 
+def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> int | None:
+    """The CPUs a cgroup CPU quota grants this process (docker --cpus=2, a Kubernetes CPU limit), rounded up, or None
+    without a quota. Such a limit leaves the affinity mask at every host CPU: a container limited to 2 CPUs of a
+    64-core host would otherwise start 64-CPU worth of workers, which only queue for the 2.
+
+    Reads cgroup v2's cpu.max ("200000 100000": quota and period in us; "max ..": none) or v1's cpu.cfs_quota_us /
+    cpu.cfs_period_us (-1: none), in this process's own cgroup (from /proc/self/cgroup) or else at `root`.
+    """
+    root = Path(root)
+    own: dict[str, str] = {}  # controller ("" for v2) -> this process's cgroup path
+    with contextlib.suppress(OSError):
+        for line in Path(proc_cgroup).read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path.lstrip("/")
+    candidates = []
+    for base in dict.fromkeys([own.get("", ""), ""]):
+        candidates.append(("v2", root / base / "cpu.max"))
+    for base in dict.fromkeys([own.get("cpu", ""), ""]):
+        candidates.append(("v1", root / "cpu" / base))
+    for kind, path in candidates:
+        try:
+            if kind == "v2":
+                quota, period = path.read_text().split()[:2]
+                if quota == "max":
+                    return None
+            else:
+                quota = (path / "cpu.cfs_quota_us").read_text().strip()
+                period = (path / "cpu.cfs_period_us").read_text().strip()
+                if int(quota) < 0:
+                    return None
+        except (OSError, ValueError):
+            continue
+        return max(1, math.ceil(int(quota) / int(period)))
+    return None
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: cgroups, taskset, SLURM bindings), else all of them."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """CPUs this process may run on: its affinity mask (cpusets, taskset, SLURM bindings), lowered to a cgroup CPU
+    quota (`cgroup_cpu_quota`), else all of them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return min(cpus, quota) if quota else cpus
 
 
 def cpus_per_process(cpus: int | None = None, env: Mapping[str, str] | None = None) -> tuple[int, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -349,6 +350,33 @@ def test_resuming_with_another_worker_count_ends_as_the_uninterrupted_run(no_wor
 )
 def test_workers_are_capped_by_this_process_cpus(requested, cpus, env, expected):
     assert data.capped_workers(requested, cpus=cpus, env=env) == expected
+
+
+@pytest.mark.parametrize(
+    "files,own,expected",
+    [
+        ({"cpu.max": "200000 100000\n"}, "0::/\n", 2),  # v2, docker --cpus=2
+        ({"job/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"}, "0::/job\n", 2),  # own cgroup, 1.5 -> 2
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # v2 without a quota
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "4:cpu,cpuacct:/\n", 4),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "4:cpu,cpuacct:/\n", None),
+        ({"cpu.max": "50000 100000\n"}, "0::/\n", 1),  # half a CPU: still one worker's worth
+        ({}, "", None),  # no cgroup file system at all
+    ],
+)
+def test_a_cgroup_cpu_quota_lowers_the_usable_cpus(tmp_path, files, own, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "self_cgroup").write_text(own)
+    assert data.cgroup_cpu_quota(tmp_path, tmp_path / "self_cgroup") == expected
+
+
+def test_usable_cpus_takes_the_smaller_of_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(data, "cgroup_cpu_quota", lambda: 1)
+    assert data.usable_cpus() == 1
+    monkeypatch.setattr(data, "cgroup_cpu_quota", lambda: 10_000)
+    assert data.usable_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_capping_is_logged_and_reaches_the_loader(tmp_path, caplog, monkeypatch):
