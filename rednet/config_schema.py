@@ -257,8 +257,10 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.re_count", lambda v: v >= 1, ">= 1"),
     ("data.crop_pct", lambda v: v is None or 0 < v <= 1, "null (the weights' value) or in (0, 1]"),
     ("data.interpolation", lambda v: v is None or v in _interpolations(), "null or a timm name (bilinear, ...)"),
-    ("data.mean", lambda v: v is None or len(v) == 3, "null or 3 values (R, G, B: images are read as RGB)"),
-    ("data.std", lambda v: v is None or (len(v) == 3 and min(v) > 0), "null or 3 values > 0"),
+    # One value per image channel (3: R, G, B; 1 for in_chans=1), or one for all (timm's rule); weights.
+    # resolve_preprocessing checks the count against the model's channels.
+    ("data.mean", lambda v: v is None or len(v) in (1, 3), "null, 3 values (R, G, B) or 1 (every channel)"),
+    ("data.std", lambda v: v is None or (len(v) in (1, 3) and min(v) > 0), "null, 3 values or 1, all > 0"),
     ("data.mixup", lambda v: v >= 0, ">= 0 (0: off)"),
     ("data.cutmix", lambda v: v >= 0, ">= 0 (0: off)"),
     ("data.mixup_prob", _probability, "a probability in [0, 1]"),

@@ -189,6 +189,13 @@ def test_eval_refuses_settings_that_contradict_the_checkpoint(trained_run, tmp_p
         _eval(root, best, tmp_path / "e4", "pretrained=true")
 
 
+def test_eval_refuses_values_that_cannot_evaluate_before_loading_anything(trained_run, tmp_path):
+    root, run_dir, _ = trained_run
+    best = run_dir / "checkpoints" / "best.pt"
+    with pytest.raises(ValueError, match=r"data.crop_pct=0.0 must be .*data.std=\[0.0, 1.0, 1.0\] must be"):
+        _eval(root, best, tmp_path / "e", "data.std=[0.0,1.0,1.0]", "data.crop_pct=0.0")
+
+
 def test_eval_takes_the_checkpoints_data_root_when_none_is_given(trained_run, tmp_path, caplog):
     root, run_dir, results = trained_run
     best = run_dir / "checkpoints" / "best.pt"

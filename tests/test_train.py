@@ -602,8 +602,8 @@ def test_grad_accum_that_does_not_divide_the_epoch_uses_every_batch():
         (["trainer.label_smoothing=1.5", "data.mixup=0.2"], r"label_smoothing=1.5"),  # trained on negative targets
         (["trainer.clip_grad=1.0", "trainer.clip_mode=foo"], r"trainer.clip_mode='foo' must be one of norm"),
         (["trainer.clip_grad=-1.0"], r"trainer.clip_grad=-1.0 must be null \(off\) or > 0"),  # reversed gradients
-        (["data.std=[0,1,1]"], r"data.std=\[0.0, 1.0, 1.0\] must be null or 3 values > 0"),
-        (["data.mean=[0.5,0.5]"], r"data.mean=\[0.5, 0.5\] must be null or 3 values"),
+        (["data.std=[0,1,1]"], r"data.std=\[0.0, 1.0, 1.0\] must be null, 3 values or 1, all > 0"),
+        (["data.mean=[0.5,0.5]"], r"data.mean=\[0.5, 0.5\] must be null, 3 values \(R, G, B\) or 1 \(every channel\)"),
         (["data.crop_pct=0"], r"data.crop_pct=0.0 must be null .* or in \(0, 1\]"),  # timm read 0 as 0.875
         (["data.interpolation=foo"], r"data.interpolation='foo' must be null or a timm name"),
         (["data.num_workers=-1"], r"data.num_workers=-1 must be >= 0"),
