@@ -22,18 +22,26 @@ from rednet import weights
 
 
 def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = True) -> Path:
-    """Write the clean weights of ``source`` next to ``out`` as NAME-<sha256[:8]>.ext; return the path."""
+    """Write the clean weights of ``source`` next to ``out`` as NAME-<sha256[:8]>.ext; return the path.
+
+    The file's bytes depend only on the tensors (names, dtypes, shapes, values): the same weights give the same file
+    and name whatever the input's layout (plain, DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes, a training
+    checkpoint, EMA only), key order or file name, and however often they are converted.
+    """
     path = weights.fetch(source)
     state_dict = weights.to_state_dict(weights.read_checkpoint(path), use_ema=use_ema, origin=str(path))
     # Contiguous copies: safetensors refuses shared or strided storage, and torch.save would keep whole storages.
-    state_dict = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}
+    # Sorted: the input's order varies (safetensors files read back sorted, others in the model's order).
+    state_dict = {key: state_dict[key].detach().contiguous().clone() for key in sorted(state_dict)}
     out_path = Path(out)
     suffix = ".safetensors" if safetensors else ".pth"
     name = out_path.name.removesuffix(out_path.suffix) if out_path.suffix else out_path.name
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out_path.parent, suffix=suffix, delete=False) as file:
-        temporary = Path(file.name)
-    try:
+    # A private directory, and in it a file of a fixed name: torch.save names the zip's inner folder after the file's
+    # stem ("archive/data.pkl", as for a buffer), so a random temporary name would change the bytes and the hash.
+    # torch's zip writer stores no timestamps (1980-01-01 for every entry); safetensors' header is sorted.
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{name}-") as directory:
+        temporary = Path(directory) / f"archive{suffix}"
         if safetensors:
             from safetensors.torch import save_file
 
@@ -42,8 +50,6 @@ def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = Tr
             torch.save(state_dict, temporary)
         final = out_path.parent / f"{name}-{weights.sha256_file(temporary)[:8]}{suffix}"
         os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
     return final
 
 

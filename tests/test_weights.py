@@ -7,6 +7,7 @@ import importlib.util
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,36 @@ def test_convert_checkpoint_script(fmt, source, server, tmp_path):
     assert sorted(contents) == sorted(plain)
     model = rednet.create_model("rednet26", pretrained=f"{base_url}/{written.name}")
     torch.testing.assert_close(model.state_dict(), ema, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_convert_checkpoint_gives_the_same_bytes_and_name_for_the_same_tensors(fmt, tmp_path):
+    """Publishing is reproducible: every layout of the same tensors, any file name, converted any number of times,
+    gives one file (torch.save once named its zip folder after a random temporary file)."""
+    torch.manual_seed(0)
+    plain = {"stem.0.conv.weight": torch.randn(4, 3, 3, 3), "fc.bias": torch.randn(5), "bn.num_batches_tracked":
+             torch.tensor(7), "fc.weight": torch.randn(5, 4)}  # fmt: skip
+    inputs = {
+        "plain.pth": plain,
+        "ddp.pt": {f"module.{key}": value for key, value in plain.items()},
+        "compiled.pth": {f"_orig_mod.{key}": value for key, value in plain.items()},
+        "ema_only.pt": {"model_ema": {f"module.{key}": value for key, value in plain.items()}, "epoch": 3},
+        "reversed.pth": dict(reversed(plain.items())),
+    }
+    for file_name, contents in inputs.items():
+        torch.save(contents, tmp_path / file_name)
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    convert = load_script("convert_checkpoint").convert
+    written = [
+        convert(str(tmp_path / file_name), str(tmp_path / f"out{i}" / "rednet26"), safetensors=fmt == "safetensors")
+        for i, file_name in enumerate([*inputs, "plain.safetensors", "plain.pth"])
+    ]
+    assert {path.name for path in written} == {f"rednet26-{sha256(written[0])[:8]}.{fmt}"}
+    assert {path.read_bytes() for path in written} == {written[0].read_bytes()}
+    assert sorted(weights.read_checkpoint(written[0])) == sorted(plain)
+    if fmt == "pth":  # the zip's inner folder is torch's name for an in-memory save, not a temporary file's
+        assert {name.split("/")[0] for name in zipfile.ZipFile(written[0]).namelist()} == {"archive"}
+    assert [path.name for path in written[0].parent.iterdir()] == [written[0].name]  # no temporary left behind
 
 
 def test_features_only_in_chans_and_num_classes_from_the_checkpoint(source, tmp_path):
