@@ -1,20 +1,22 @@
 """Evaluate a checkpoint or published weights on an image folder's validation split.
 
     python eval.py checkpoint=outputs/train/.../checkpoints/best.pt data.root=/data/imagenet
-    python eval.py checkpoint=outputs/train/.../checkpoints/best.pt     # the data.root it was trained on
+    python eval.py checkpoint=outputs/train/.../checkpoints/best.pt     # the val set it was trained with
     python eval.py model=rednet50 pretrained=true data.root=/data/imagenet
 
 The weights bring their settings: architecture and shape arguments (model= is needed only when the checkpoint does
 not name its architecture; in_chans=1 reads the images as grayscale) and preprocessing (image size, crop_pct,
 interpolation, mean, std), unless set on the command line (configs/eval.yaml). Prints top-1, top-5 (percent) and
-loss, and writes them to results.json in the run directory.
+loss, and writes them to results.json in the run directory. Without data.root= a train.py checkpoint is evaluated on
+its training's val set: data.root and `VAL_SET_KEYS` (val_split, skip_bad_images, verify_images) from its saved
+config, each unless set on the command line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,34 @@ def checkpoint_data_root(cfg: DictConfig, loaded: Loaded | None) -> str:
         raise FileNotFoundError(f"data.root '{root}' (from checkpoint '{loaded[0]}') does not exist here: {fix}")
     log.info("data.root=%s (from the checkpoint's training config; data.root= on the command line overrides)", root)
     return root
+
+
+# The data settings besides data.root that decide which files form the val set: its folder, and which files are left
+# out (data.skip_bad_images, with data.verify_images deciding whether bad ones are found before or while loading).
+VAL_SET_KEYS = ("val_split", "skip_bad_images", "verify_images")
+
+
+def command_line_keys(overrides: Sequence[str]) -> set[str]:
+    """The config keys that Hydra override strings set ("data.val_split=v" -> "data.val_split"; +, ++, ~ too)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {override.key_or_group for override in OverridesParser.create().parse_overrides(list(overrides))}
+
+
+def checkpoint_val_set(cfg: DictConfig, loaded: Loaded | None, given: set[str]) -> dict[str, Any]:
+    """The `VAL_SET_KEYS` values of the checkpoint's training config that the command line (`given`) leaves unset,
+    for an evaluation on the data.root training used: it then reads the images training validated on (a bad file
+    training skipped with data.skip_bad_images=true is skipped again, not an error). Logged in one line; keys an
+    older checkpoint lacks keep `cfg`'s values."""
+    trained = (saved_config(loaded) or {}).get("data") or {}
+    taken = {key: trained[key] for key in VAL_SET_KEYS if key in trained and f"data.{key}" not in given}
+    if taken:
+        log.info(
+            "%s (from the checkpoint's training config: the val set training used; set them on the command line "
+            "to override)",
+            " ".join(f"data.{key}={value}" for key, value in taken.items()),
+        )
+    return taken
 
 
 def load_model(
@@ -137,8 +167,15 @@ def warn_about_other_precision(trained: dict[str, Any] | None, cfg: DictConfig) 
         )
 
 
-def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Build the model, load `cfg.checkpoint` (or the published weights), evaluate, write results.json."""
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Build the model, load `cfg.checkpoint` (or the published weights), evaluate, write results.json.
+
+    Args:
+        cfg: the composed eval config.
+        run_dir: where eval.log and results.json go.
+        overrides: the command line's Hydra overrides (main passes them): the `VAL_SET_KEYS` they set are kept when
+            data.root is taken from the checkpoint; the others then come from the checkpoint's training config.
+    """
     config_schema.check_known_keys(cfg, config_schema.EvalConfig)
     config_schema.check_values(cfg)  # e.g. data.std=[0, 1, 1], data.crop_pct=0: named before any data is read
     dist = distributed.init_distributed(cfg.trainer.device)
@@ -156,7 +193,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     loaded = None
     if OmegaConf.is_missing(cfg.data, "root"):  # else the folder is checked before the weights are read
         loaded = read_weights(cfg)
-        cfg = OmegaConf.merge(cfg, {"data": {"root": checkpoint_data_root(cfg, loaded)}})
+        root = checkpoint_data_root(cfg, loaded)
+        val_set = checkpoint_val_set(cfg, loaded, command_line_keys(overrides))
+        cfg = OmegaConf.merge(cfg, {"data": {"root": root, **val_set}})
 
     classes = data.check_image_folder(cfg.data.root, (cfg.data.val_split,))
     loaded = loaded or read_weights(cfg)
@@ -196,7 +235,8 @@ config_schema.register()  # the typed schemas that configs/*.yaml name in their 
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns top-1."""
     with distributed.end_job_on_error():  # an error on one of several ranks ends the job instead of hanging it
-        return evaluate_checkpoint(cfg, HydraConfig.get().runtime.output_dir)["top1"]
+        hydra_cfg = HydraConfig.get()
+        return evaluate_checkpoint(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)["top1"]
 
 
 if __name__ == "__main__":

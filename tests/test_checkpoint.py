@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rednet import checkpoint, run_state
+from rednet import checkpoint, data, run_state
 
 
 def _state(epoch: int = 1, **extra) -> dict:
@@ -149,8 +150,8 @@ def _eval(root, path, out, *overrides):
 
     base = [f"checkpoint={path}", "data.num_workers=0", "trainer.device=cpu"]
     base += [f"data.root={root}"] if root is not None else []  # None: the checkpoint's
-    cfg = compose_config("eval", [*base, "trainer.progress_bar=false", *overrides])
-    return eval_script.evaluate_checkpoint(cfg, out)
+    overrides = [*base, "trainer.progress_bar=false", *overrides]
+    return eval_script.evaluate_checkpoint(compose_config("eval", overrides), out, overrides)
 
 
 def test_checkpoint_carries_its_preprocessing_classes_and_arch(trained_run):
@@ -218,6 +219,27 @@ def test_eval_takes_the_checkpoints_data_root_when_none_is_given(trained_run, tm
         ValueError, match=r"data.root is not set and checkpoint '.*rootless.pt' saved no data.root: add data.root="
     ):
         _eval(None, tmp_path / "rootless.pt", tmp_path / "eval4")
+
+
+def test_checkpoint_alone_evaluates_the_val_set_training_used(tmp_path, caplog):
+    """A run with data.skip_bad_images=true over a folder with a bad val file: eval.py checkpoint= alone takes the
+    setting with data.root (it failed on the bad file) and gives training's top-1; the command line still wins."""
+    from train_utils import TINY, compose_config, make_image_folder
+
+    import train
+
+    root = make_image_folder(tmp_path / "images", size=32)
+    (root / "val" / "dog" / "broken.png").write_text("not an image")
+    cfg = compose_config("train", [*TINY, f"data.root={root}", "trainer.epochs=1", "data.skip_bad_images=true"])
+    train.train(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    with caplog.at_level("INFO"):
+        got = _eval(None, best, tmp_path / "eval")
+    assert got["top1"] == results["top1"] and got["count"] == results["count"] == 12
+    assert "data.val_split=val data.skip_bad_images=True data.verify_images=auto (from the checkpoint's" in caplog.text
+    with pytest.raises(data.BadImageError, match="broken.png"):
+        _eval(None, best, tmp_path / "eval2", "data.skip_bad_images=false")
 
 
 def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch, caplog):
