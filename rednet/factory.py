@@ -3,6 +3,7 @@ rednet.weights reads; and the checks that a checkpoint fits a model and a class 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import rednet
 from rednet import weights
 from rednet.checkpoint import WeightsSettings, check_arch, weights_settings
 from rednet.models import rednet as rednet_model
+
+_logger = logging.getLogger(__name__)
 
 
 def check_model_name(name: str) -> None:
@@ -119,7 +122,16 @@ def class_difference(trained: list[str] | None, classes: list[str]) -> str:
 def check_checkpoint_classes(
     ckpt: dict[str, Any], state_dict: dict[str, torch.Tensor], model: nn.Module, classes: list[str], path: Path
 ) -> None:
-    """Refuse to evaluate a checkpoint on class folders other than the ones it was trained on."""
+    """Refuse to evaluate a checkpoint on class folders other than the ones it was trained on; one that names no
+    classes (a plain state dict, other tools' files) takes the folders' sorted order, with a log line saying so."""
+    if ckpt.get("classes") is None:
+        shown = ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "")
+        _logger.info(
+            "checkpoint '%s' does not name its classes: output i is taken as the i-th val class folder in sorted "
+            "order (%s); correct only if the weights were trained with that order",
+            path,
+            shown,
+        )
     difference = class_difference(ckpt.get("classes"), classes)
     if difference:
         raise ValueError(

@@ -63,6 +63,7 @@ _logger = logging.getLogger(__name__)
 # torch.hub's convention: a file named NAME-<first hex digits of its sha256>.ext carries its own check.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_WRAPPER_NAMES = {"module.": "DistributedDataParallel / DataParallel", "_orig_mod.": "torch.compile"}
 # An mmcls / mmpretrain ImageClassifier checkpoint (any backbone, RedNet's official release among them):
 # backbone.<the network's keys>, head.fc.*. RedNet's checkpoint_filter_fn maps its official names too.
 _MMCLS_PREFIXES = ("backbone.", "head.")
@@ -312,6 +313,24 @@ def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
+def _strip_wrappers(tensors: Mapping[str, Tensor], where: str = "") -> dict[str, Tensor]:
+    """``tensors`` without the DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes of their keys, logging
+    (INFO) each prefix removed, with its wrapper and how many keys had it; ``where`` names the part of the checkpoint
+    for that line."""
+    stripped: dict[str, Tensor] = {}
+    removed: dict[str, int] = {}
+    for key, value in tensors.items():
+        plain = _strip_prefixes(key, _WRAPPER_PREFIXES)
+        stripped[plain] = value
+        if plain != key:
+            head = key[: len(key) - len(plain)]
+            removed[head] = removed.get(head, 0) + 1
+    for head, count in removed.items():
+        wrappers = " + ".join(_WRAPPER_NAMES[prefix] for prefix in re.findall(r"module\.|_orig_mod\.", head))
+        _logger.info("removed the prefix %r (%s) from %d of %d keys%s", head, wrappers, count, len(tensors), where)
+    return stripped
+
+
 # (raw weights key, EMA weights key) of each training tool's layout, most specific first.
 _WEIGHTS_KEYS = (("model", "model_ema"), ("state_dict", "state_dict_ema"))
 # Keys of an mmpretrain ImageClassifier that are not the network's: its data preprocessor's mean/std buffers
@@ -330,7 +349,11 @@ def _weights_entry(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str,
         use = ema_key if ema is not None and (use_ema or raw is None) else model_key
         if use == ema_key and not use_ema:
             _logger.warning("the checkpoint holds only EMA weights (%r): loading them although use_ema is off", use)
-        _logger.info("loading the %r weights of the checkpoint", use)
+        elif raw is None:
+            _logger.info("the checkpoint holds only EMA weights: loading its %r entry", use)
+        else:
+            kind = "EMA" if use == ema_key else "raw (not EMA)" if ema is not None else "model"
+            _logger.info("loading the %s weights of the checkpoint: its %r entry", kind, use)
         return checkpoint[use]
     return checkpoint
 
@@ -349,7 +372,7 @@ def _lightning_network(tensors: dict[str, Tensor], use_ema: bool) -> dict[str, T
             return tensors
         attribute, rest = key.split(".", 1)
         if rest != "n_averaged":  # an AveragedModel's update count
-            groups.setdefault(attribute, {})[_strip_prefixes(rest, _WRAPPER_PREFIXES)] = value
+            groups.setdefault(attribute, {})[rest] = value
     named = [name for name in _LIGHTNING_NETWORK_NAMES if name in groups]
     if len(groups) > 1 and not named:
         return tensors
@@ -359,9 +382,10 @@ def _lightning_network(tensors: dict[str, Tensor], use_ema: bool) -> dict[str, T
     if use_ema and emas:
         chosen = emas[0]
     dropped = sorted(set(groups) - {chosen})
-    if dropped:
-        _logger.info("Lightning checkpoint: loading the %r attribute's weights, not those of %s", chosen, dropped)
-    return groups[chosen]
+    others = f", not those of {dropped}" if dropped else ""
+    _logger.info("Lightning checkpoint: loading the %r attribute's weights (prefix %r removed)%s", chosen,
+                 f"{chosen}.", others)  # fmt: skip
+    return _strip_wrappers(groups[chosen], f" of the Lightning attribute {chosen!r}")
 
 
 def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True, origin: str = "") -> dict[str, Tensor]:
@@ -386,11 +410,13 @@ def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True, origin: s
         )
     source = checkpoint
     checkpoint = _weights_entry(checkpoint, use_ema)
-    tensors = {
-        _strip_prefixes(key, _WRAPPER_PREFIXES): value
-        for key, value in checkpoint.items()
-        if isinstance(value, Tensor) and key.rsplit(".", 1)[-1] != "n_averaged"  # AveragedModel's update count
-    }
+    tensors = _strip_wrappers(
+        {
+            key: value
+            for key, value in checkpoint.items()
+            if isinstance(value, Tensor) and key.rsplit(".", 1)[-1] != "n_averaged"  # AveragedModel's update count
+        }
+    )
     if not tensors:
         raise CheckpointError(
             f"{named} holds no weights: no tensors under {[key for pair in _WEIGHTS_KEYS for key in pair]} "
@@ -399,6 +425,7 @@ def to_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True, origin: s
     if any(key in source for key in _LIGHTNING_KEYS):  # the LightningModule's attribute that holds the network
         tensors = _lightning_network(tensors, use_ema)
     if any(key.startswith("backbone.") for key in tensors):  # mmcls layout; timm models keep their own head.* keys
+        _logger.info("mmcls / mmpretrain layout: removed the prefixes 'backbone.' and 'head.'")
         tensors = {
             _strip_prefixes(key, _MMCLS_PREFIXES): value
             for key, value in tensors.items()

@@ -216,6 +216,48 @@ def test_training_checkpoint_prefers_ema_and_strips_ddp_and_compile_prefixes(sou
     assert_same_weights(rednet.create_model("rednet26", pretrained=str(path), use_ema=False), reference)
 
 
+@pytest.mark.parametrize(
+    "layout, logged",
+    [
+        ({"module.fc.weight": 1}, "removed the prefix 'module.' (DistributedDataParallel / DataParallel) from 1 of 1"),
+        ({"_orig_mod.fc.weight": 1}, "removed the prefix '_orig_mod.' (torch.compile) from 1 of 1 keys"),
+        ({"module._orig_mod.fc.weight": 1}, "prefix 'module._orig_mod.' (DistributedDataParallel / DataParallel + "),
+        ({"state_dict_ema": {"fc.weight": 1}}, "the checkpoint holds only EMA weights: loading its 'state_dict_ema'"),
+        ({"model_ema": {"module.fc.weight": 1, "module.n_averaged": 1}}, "holds only EMA weights: loading its 'model_"),
+        ({"model": {"fc.weight": 1}, "model_ema": {"fc.weight": 1}}, "loading the EMA weights of the checkpoint: its"),
+        ({"state_dict": {"backbone.fc.weight": 1}}, "mmcls / mmpretrain layout: removed the prefixes 'backbone.' and"),
+    ],
+)
+def test_loading_logs_each_prefix_removed_and_the_entry_taken(layout, logged, caplog):
+    """A key rename or a choice among the file's weights is never silent (one INFO line each)."""
+
+    def tensors(value):
+        return {k: tensors(v) for k, v in value.items()} if isinstance(value, dict) else torch.ones(1) * value
+
+    with caplog.at_level("INFO", logger="rednet.weights"):
+        assert list(weights.to_state_dict(tensors(layout))) == ["fc.weight"]
+    assert logged in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rednet.weights"):
+        weights.to_state_dict({"fc.weight": torch.ones(1)})
+    assert caplog.text == ""  # a plain state dict: nothing to say
+
+
+def test_a_checkpoint_without_class_names_logs_that_the_folder_gives_the_order(caplog):
+    from rednet import factory
+
+    state_dict = timm.create_model("test_resnet", num_classes=3).state_dict()
+    with caplog.at_level("INFO", logger="rednet.factory"):
+        factory.model_from_checkpoint(state_dict, "plain.pth", "test_resnet", 3, classes=["cat", "dog", "fox"])
+    assert "checkpoint 'plain.pth' does not name its classes: output i is taken as the i-th val class folder in " \
+        "sorted order (cat, dog, fox)" in caplog.text  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rednet.factory"):
+        named = {"model": state_dict, "classes": ["cat", "dog", "fox"]}
+        factory.model_from_checkpoint(named, "named.pth", "test_resnet", 3, classes=["cat", "dog", "fox"])
+    assert "does not name its classes" not in caplog.text
+
+
 def test_only_mmcls_checkpoints_lose_backbone_and_head_prefixes():
     tensor = torch.zeros(1)
     mmcls = {"state_dict": {"backbone.stem.0.conv.weight": tensor, "head.fc.weight": tensor}, "meta": {}}
