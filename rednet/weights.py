@@ -575,10 +575,16 @@ def _per_channel(key: str, values: list[float], in_chans: int, given: bool) -> l
         return values * in_chans
     if not given and in_chans == 1 and len(values) == 3:
         return [round(sum(w * v for w, v in zip(_LUMA, values)), 6)]
-    where = "data." + key if given else f"the weights' {key}"
+    # A 1-channel model takes exactly one value: "one per channel or one for all" would say it twice.
+    counts = "1 value" if in_chans == 1 else f"{in_chans} values (one per channel) or 1 (for every channel)"
+    if given:
+        raise ValueError(
+            f"data.{key}={values} has {len(values)} values but the model takes {in_chans}-channel images: give "
+            f"{counts}, or leave data.{key} null for the weights' values"
+        )
     raise ValueError(
-        f"{where}={values} has {len(values)} values but the model takes {in_chans}-channel images: give "
-        f"one value per channel ({in_chans}) or one for all; leave data.{key} null for the weights' values"
+        f"the weights' {key} {values} has {len(values)} values but the model takes {in_chans}-channel images: set "
+        f"data.{key} to {counts}"
     )
 
 

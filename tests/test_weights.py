@@ -528,6 +528,21 @@ def test_a_hostile_pickle_is_refused_by_name_and_never_runs(tmp_path, image_root
         assert not marker.exists(), name
 
 
+def test_a_mean_of_the_wrong_length_names_the_counts_once_and_the_fix():
+    with pytest.raises(ValueError) as error:
+        weights._per_channel("mean", [0.5, 0.5, 0.5], 1, given=True)
+    assert str(error.value) == (
+        "data.mean=[0.5, 0.5, 0.5] has 3 values but the model takes 1-channel images: give 1 value, or leave "
+        "data.mean null for the weights' values"
+    )
+    with pytest.raises(ValueError, match=r"data.std=\[0.2, 0.3\] has 2 values .* give 3 values \(one per channel\)"):
+        weights._per_channel("std", [0.2, 0.3], 3, given=True)
+    with pytest.raises(ValueError) as error:  # the weights' values are the problem: null would not help
+        weights._per_channel("std", [0.2, 0.3], 3, given=False)
+    assert str(error.value).endswith("takes 3-channel images: set data.std to 3 values (one per channel) or 1 (for "
+                                     "every channel)")  # fmt: skip
+
+
 def test_describe_preprocessing_names_the_first_source_that_holds_each_value():
     resolved = {"img_size": 40, "crop_pct": 0.9, "mean": [0.5, 0.5, 0.5]}
     sources = [("config", {"img_size": 40}), ("the checkpoint", {"img_size": 36, "crop_pct": 0.9})]
