@@ -377,7 +377,8 @@ def _lightning_network(tensors: dict[str, Tensor], use_ema: bool) -> dict[str, T
     if len(groups) > 1 and not named:
         return tensors
     chosen = named[0] if named else next(iter(groups))
-    same_keys = [name for name in groups if name != chosen and groups[name].keys() == groups[chosen].keys()]
+    keys = {name: {_strip_prefixes(key, _WRAPPER_PREFIXES) for key in group} for name, group in groups.items()}
+    same_keys = [name for name in groups if name != chosen and keys[name] == keys[chosen]]
     emas = [name for name in same_keys if "ema" in name.lower()]
     if use_ema and emas:
         chosen = emas[0]
