@@ -519,7 +519,7 @@ def test_more_extensions_hidden_folders_and_unicode_names(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="rednet")
     classes = data.check_image_folder(root)
     assert classes == ["cat", unicode_class, "dog", "fox"]
-    assert "train/: 16 images used, 1 files left out" in caplog.text and "hidden folders 1" in caplog.text
+    assert "train/: 16 images used, 1 file left out" in caplog.text and "hidden folders 1" in caplog.text
     cfg = _data_cfg(root, "data.img_size=8")
     train = data.create_image_dataset(cfg, "train", classes, is_training=False, replace_bad=False)
     assert len(train) == 16  # 1 per class folder + 12 in cat

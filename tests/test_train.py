@@ -450,7 +450,7 @@ def test_command_line_run_that_fails_says_why_in_train_log(image_root, tmp_path)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     log = (run_dir / "train.log").read_text()
-    assert "the run failed: BadImageError" in log and str(victim) in log
+    assert "the run failed: UnreadableImagesError" in log and str(victim) in log  # (a BadImageError)
 
 
 def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
