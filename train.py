@@ -121,15 +121,16 @@ def check_classes(cfg: DictConfig, classes: list[str]) -> None:
     """Errors for class folders a classifier cannot learn from, or that disagree with the config."""
     if len(classes) < 2:
         raise ValueError(
-            f"data.root '{cfg.data.root}' has {len(classes)} class folder under {cfg.data.train_split}/ "
-            f"({classes}): a classifier needs at least 2 classes (with one, every prediction is right and the loss "
-            "is 0 from the start); add one folder per class"
+            f"data.root '{cfg.data.root}' has {data.plural(len(classes), 'class folder')} under "
+            f"{cfg.data.train_split}/ ({classes}): a classifier needs at least 2 classes (with one, every "
+            "prediction is right and the loss is 0 from the start); add one folder per class"
         )
     configured = cfg.model.get("num_classes")
     if configured is not None and configured != len(classes):
         raise ValueError(
-            f"model.num_classes={configured} but data.root '{cfg.data.root}' has {len(classes)} class folders: the "
-            "classifier's size comes from the class folders; remove model.num_classes"
+            f"model.num_classes={configured} but data.root '{cfg.data.root}' has "
+            f"{data.plural(len(classes), 'class folder')}: the classifier's size comes from the class folders; "
+            "remove model.num_classes"
         )
 
 
@@ -253,8 +254,14 @@ def out_of_memory_advice(cfg: DictConfig) -> str:
 
 
 def check_new_run_dir(cfg: DictConfig, ckpt_dir: Path) -> None:
-    """A new run (resume=null) never writes into a directory that holds another run's checkpoints."""
-    if cfg.resume is None and (ckpt_dir / "last.pt").exists():
+    """A new run (resume=null) never writes into a directory that holds another run's checkpoints.
+
+    Raises:
+        FileExistsError: the directory's run is still running (its host and pid: resume=auto would be refused as
+            well), or it ended: then resume=auto continues it.
+    """
+    if cfg.resume is None and any(ckpt_dir.glob("*.pt")):  # (last_prev.pt or epoch_NNNN.pt alone: resumable too)
+        distributed.check_not_running(ckpt_dir.parent)
         raise FileExistsError(
             f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "
             "or choose another hydra.run.dir"
@@ -392,12 +399,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     resolve_preprocessing(cfg, model, resume)
 
     # --- data
-    train_set = data.create_image_dataset(
-        cfg.data, cfg.data.train_split, classes, is_training=True, replace_bad=True, seed=cfg.seed, in_chans=in_chans
-    )
-    val_set = data.create_image_dataset(
-        cfg.data, cfg.data.val_split, classes, is_training=False, replace_bad=False, in_chans=in_chans
-    )
+    train_set, val_set = data.create_train_val_datasets(cfg.data, classes, seed=cfg.seed, in_chans=in_chans)
     if resume is not None:
         run_state.check_resume(resume, cfg, classes, len(train_set), dist.world_size)
     train_loader = data.create_train_loader(train_set, cfg.data, dist.world_size, dist.rank, cfg.seed, device)
@@ -431,6 +433,8 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         scheduler.step_update(num_updates=run_state.schedule_position(progress, epoch_updates, tcfg.grad_accum))
     saver = run_state.CheckpointSaver(ckpt_dir, model, model_ema, optimizer, scaler, progress, config, classes,
                                       tcfg.keep_last, dist.is_main)  # fmt: skip
+    if resume is not None and resume.path.resolve().parent == ckpt_dir.resolve():
+        saver.saved_step = progress.step  # this directory holds the resumed step already
     if dist.is_main:
         run_state.clean_stale_temp_files(ckpt_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -460,7 +464,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
         done_before = math.ceil(progress.epoch_batches / tcfg.grad_accum)  # > 0 only after a mid-epoch resume
         train_set.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        with stop_on_train_error(cfg, dist, saver, ckpt_dir, "image"):
+        with stop_on_train_error(cfg, dist, saver, "image"):
             stats = engine.train_one_epoch(
                 train_model, train_loader, optimizer, loss_fn, progress, loop, scheduler=scheduler, scaler=scaler,
                 mixup=mixup, model_ema=model_ema, writer=writer, save_checkpoint=saver.save, should_stop=should_stop,
@@ -471,17 +475,20 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
             close(writer)
             return {"stopped": True, "epoch": progress.epoch, "step": progress.step}
         skipped = train_set.take_bad_count()
-        with stop_on_train_error(cfg, dist, saver, ckpt_dir, "validation image"):
+        with stop_on_train_error(cfg, dist, saver, "validation image"):
             metrics, ema_metrics = evaluate_epoch(
                 model, eval_model, model_ema, train_loader, val_loader, epoch, dist, tcfg
             )
+        train_set.take_bad_count()  # precise BatchNorm's pass met training files again: not the next epoch's skips
         skipped += val_set.take_bad_count()  # after this epoch's evaluation, so the count is this epoch's
         primary = ema_metrics or metrics  # best.pt and results.json follow the weights eval.py evaluates
         progress.epoch, progress.epoch_batches = epoch + 1, 0
         is_best = primary["top1"] > progress.best_top1
         progress.best_top1 = max(progress.best_top1, primary["top1"])
         saver.save(epoch_end=True, is_best=is_best)
-        notes = (" | best" if is_best else "") + (f" | skipped {skipped} unreadable images" if skipped else "")
+        notes = (" | best" if is_best else "") + (
+            f" | skipped {data.plural(skipped, 'unreadable image')}" if skipped else ""
+        )
         seconds = time.perf_counter() - epoch_start
         log_epoch(writer, epoch, tcfg, progress.step, stats, metrics, ema_metrics, seconds, device, notes,
                   done_before, epoch_updates)  # fmt: skip
@@ -509,19 +516,17 @@ def advise_on_out_of_memory(cfg: DictConfig):
 
 
 @contextlib.contextmanager
-def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver, ckpt_dir: Path, what: str):
-    """An unreadable image saves what one process can, and says where; CUDA out of memory gets advice."""
+def stop_on_train_error(cfg: DictConfig, dist, saver: run_state.CheckpointSaver, what: str):
+    """An unreadable image saves what one process can, and says what was kept; CUDA out of memory gets advice."""
     try:
         with advise_on_out_of_memory(cfg):
             yield
     except data.BadImageError:
         # One rank's error path has no collective (the other ranks would never join it): several processes keep the
         # last periodic checkpoint; one process saves the work done up to the last update (after a validation
-        # error, the trained epoch: resume=auto goes straight to its evaluation).
-        if not dist.distributed:
-            saver.save()
-        kept = "the last saved step" if dist.distributed or what == "image" else "the trained epoch"
-        log.error("stopped on an unreadable %s; %s holds %s", what, ckpt_dir / "last.pt", kept)
+        # error, the trained epoch: resume=auto goes straight to its evaluation). Nothing trained: nothing saved.
+        kept = saver.save_after_error(can_save=not dist.distributed)
+        log.error("stopped on an unreadable %s; %s", what, kept)
         raise
 
 

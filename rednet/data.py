@@ -34,6 +34,32 @@ class BadImageError(RuntimeError):
     """An image file that cannot be read or decoded, or whose pixel values have no known range."""
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`count` and `noun` in its number: plural(1, "file") is "1 file", plural(0, "file") "0 files" (`nouns`: the
+    plural when it is not noun + "s")."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+class UnreadableImagesError(BadImageError):
+    """Files named as images that Pillow cannot open, found before training, in one or more splits.
+
+    Attributes:
+        reports: (split, [(path, why), ...] of its unreadable files, files in the split), one per split.
+    """
+
+    def __init__(self, reports: list[tuple[str, list[tuple[str, str]], int]]) -> None:
+        self.reports = reports
+        parts = []
+        for split, bad, total in reports:
+            listing = "; ".join(f"'{path}' ({why})" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            verb = "is not an image" if len(bad) == 1 else "are not images"
+            parts.append(f"{split}/: {len(bad)} of {plural(total, 'file')} named as images {verb} Pillow can open: "
+                         f"{listing}")  # fmt: skip
+        super().__init__(
+            " | ".join(parts) + "; replace or delete them, or set data.skip_bad_images=true to leave them out"
+        )
+
+
 # --- which files are images: every format this Pillow can decode
 
 
@@ -115,7 +141,7 @@ def _check_split(split_dir: Path, layout: str) -> list[str]:
     for class_dir in class_dirs:
         images, skipped = _scan_class_folder(class_dir)
         if images == 0:
-            held = ", ".join(skipped[:10]) + (f", ... ({len(skipped)} files)" if len(skipped) > 10 else "")
+            held = ", ".join(skipped[:10]) + (f", ... ({plural(len(skipped), 'file')})" if len(skipped) > 10 else "")
             raise ValueError(
                 f"class folder '{class_dir}' holds no image this Pillow can read ({held or 'it is empty'}); add "
                 "images (.png, .jpg, .webp, .bmp, .tif, ...: rednet.data.image_extensions() lists them), convert "
@@ -126,9 +152,10 @@ def _check_split(split_dir: Path, layout: str) -> list[str]:
     if left_out:
         counts = Counter(kind for _, kind in left_out)
         _logger.info(
-            "%s/: %d images used, %d files left out (not an image format this Pillow decodes, hidden, or not "
+            "%s/: %s used, %s left out (not an image format this Pillow decodes, hidden, or not "
             "directly in a class folder): %s; e.g. %s",
-            split_dir.name, used, len(left_out), ", ".join(f"{kind} {n}" for kind, n in counts.most_common()),
+            split_dir.name, plural(used, "image"), plural(len(left_out), "file"),
+            ", ".join(f"{kind} {n}" for kind, n in counts.most_common()),
             ", ".join(path for path, _ in left_out[:3]),
         )  # fmt: skip
     return [d.name for d in class_dirs]
@@ -200,15 +227,15 @@ def _drop_unreadable(
     `verify`: data.verify_images (True, False, or "auto": splits of at most VERIFY_IMAGES_AUTO_LIMIT files).
 
     Raises:
-        BadImageError: with `skip` false, naming up to 10 of the files, why, and the fix.
+        UnreadableImagesError: with `skip` false, naming up to 10 of the files, why, and the fix.
     """
     if verify is False or (verify == "auto" and len(samples) > VERIFY_IMAGES_AUTO_LIMIT):
         if verify == "auto":
             _logger.info(
-                "%s/: %d files, not reading each header before training (data.verify_images=auto stops at %d; "
+                "%s/: %s, not reading each header before training (data.verify_images=auto stops at %d; "
                 "set data.verify_images=true to check them all first)",
                 split,
-                len(samples),
+                plural(len(samples), "file"),
                 VERIFY_IMAGES_AUTO_LIMIT,
             )
         return samples
@@ -216,16 +243,16 @@ def _drop_unreadable(
     bad = unreadable_files([path for path, _ in samples])
     seconds = time.perf_counter() - start
     if seconds > 10:
-        _logger.info("%s/: read the headers of %d files in %.0f s", split, len(samples), seconds)
+        _logger.info("%s/: read the headers of %s in %.0f s", split, plural(len(samples), "file"), seconds)
     if not bad:
         return samples
-    listing = "; ".join(f"'{path}' ({why})" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
     if not skip:
-        raise BadImageError(
-            f"{split}/: {len(bad)} of {len(samples)} files named as images are not images Pillow can open: "
-            f"{listing}; replace or delete them, or set data.skip_bad_images=true to leave them out"
-        )
-    _logger.warning("%s/: left out %d files that are not images Pillow can open: %s", split, len(bad), listing)
+        raise UnreadableImagesError([(split, bad, len(samples))])
+    listing = "; ".join(f"'{path}' ({why})" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    _logger.warning(
+        "%s/: left out %s that %s Pillow can open: %s",
+        split, plural(len(bad), "file"), "is not an image" if len(bad) == 1 else "are not images", listing,
+    )  # fmt: skip
     left_out = {path for path, _ in bad}
     return [sample for sample in samples if sample[0] not in left_out]
 
@@ -373,7 +400,8 @@ class CheckedImageFolder(Dataset):
 
     Skipped training images are replaced by the next readable one (batches keep their size, mixup needs even
     ones); skipped evaluation images come back as None and are dropped by `collate_skip_none`, so nothing is
-    counted twice.
+    counted twice. Each skipped file is warned about once per dataset (the first time any pass or worker meets it);
+    `take_bad_count` counts every skip.
 
     With a `seed`, the random augmentation of image i in epoch e depends only on (seed, e, i): not on the loader
     worker that reads it, nor on where a resumed run restarted, so a resumed run sees the same images.
@@ -393,6 +421,9 @@ class CheckedImageFolder(Dataset):
         self.replace_bad = replace_bad
         self.seed = seed
         self.bad_count = multiprocessing.Value("i", 0)  # shared with loader workers
+        # 1 for each sample whose skip was logged: every pass (epochs, precise BatchNorm's, any worker) reads the same
+        # bad file again, and one warning per file per run says it (shared memory: a byte per sample).
+        self.warned = multiprocessing.Array("b", len(self.samples), lock=False)
         self.epoch = multiprocessing.Value("i", 0)  # shared, so persistent workers see set_epoch too
 
     def set_epoch(self, epoch: int) -> None:
@@ -438,9 +469,14 @@ class CheckedImageFolder(Dataset):
                     f"cannot read image '{path}' ({type(e).__name__}: {e}); replace or delete the file, "
                     "or set data.skip_bad_images=true to skip unreadable images"
                 ) from e
-            with self.bad_count.get_lock():
+            with self.bad_count.get_lock():  # (the lock also makes the warned flag's test-and-set atomic)
                 self.bad_count.value += 1
-            _logger.warning("skipping unreadable image '%s' (%s)", path, e)
+                first = not self.warned[index]
+                self.warned[index] = 1
+            if first:
+                _logger.warning(
+                    "skipping unreadable image '%s' (%s); later reads skip it without another warning", path, e
+                )
             return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
@@ -451,7 +487,7 @@ class CheckedImageFolder(Dataset):
                 with self._augmentation_rng(index):
                     return self.dataset.transform(img), self.samples[i][1]
         if self.replace_bad:
-            raise BadImageError(f"no readable image in the {len(self.samples)} files of this dataset")
+            raise BadImageError(f"no readable image in the {plural(len(self.samples), 'file')} of this dataset")
         return None
 
     def take_bad_count(self) -> int:
@@ -580,7 +616,8 @@ def create_image_dataset(
     are no image fail here, before any training step.
 
     Raises:
-        BadImageError: files Pillow cannot open, listed (with data.skip_bad_images=true: left out, with a warning).
+        UnreadableImagesError: files Pillow cannot open, listed (with data.skip_bad_images=true: left out, with a
+            warning).
         ValueError: an `in_chans` other than 1 or 3 (`image_mode`), or a transform setting timm refuses, or
             data.mean/std of another length (see `create_transforms`).
     """
@@ -602,6 +639,33 @@ def create_image_dataset(
     return CheckedImageFolder(
         dataset, skip_bad_images=data_cfg.skip_bad_images, replace_bad=replace_bad, seed=seed, mode=mode
     )
+
+
+def create_train_val_datasets(
+    data_cfg: Any, classes: list[str], seed: int | None = None, in_chans: int = 3
+) -> tuple[CheckedImageFolder, CheckedImageFolder]:
+    """The training set (data.train_split: augmented, unreadable images replaced when skipped) and the validation set
+    (data.val_split), each as `create_image_dataset` builds it.
+
+    Both splits' headers are read before either error is raised, so one error lists the unreadable files of both (a
+    user fixing train/'s files would otherwise learn of val/'s only on the next start).
+
+    Raises:
+        UnreadableImagesError: files Pillow cannot open in either split, listed by split.
+        ValueError: as `create_image_dataset`.
+    """
+    datasets, reports = [], []
+    for split, is_training in ((data_cfg.train_split, True), (data_cfg.val_split, False)):
+        try:
+            datasets.append(
+                create_image_dataset(data_cfg, split, classes, is_training=is_training, replace_bad=is_training,
+                                     seed=seed if is_training else None, in_chans=in_chans)
+            )  # fmt: skip
+        except UnreadableImagesError as e:
+            reports += [report for report in e.reports if report[0] not in {r[0] for r in reports}]  # (val = train)
+    if reports:
+        raise UnreadableImagesError(reports)
+    return datasets[0], datasets[1]
 
 
 def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> int | None:
@@ -702,8 +766,8 @@ def create_train_loader(
     per_rank = math.ceil(len(dataset) / world_size)
     if per_rank < data_cfg.batch_size:
         raise ValueError(
-            f"data.batch_size={data_cfg.batch_size} is larger than the {per_rank} training images per process "
-            f"({len(dataset)} in all); lower data.batch_size"
+            f"data.batch_size={data_cfg.batch_size} is larger than the {plural(per_rank, 'training image')} per "
+            f"process ({len(dataset)} in all); lower data.batch_size"
         )
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
     # Worker seeds come from the loader's own generator, so starting an epoch leaves the global RNG untouched.

@@ -266,11 +266,7 @@ def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
         target = _continued_dir(run_dir)
         holder = read_claim(target)
         if _has_checkpoints(target):
-            if holder.alive_elsewhere():
-                raise FileExistsError(
-                    f"'{target}' is in use by a run that is still running ({claim_holder(target)}): two runs must not "
-                    "write into one directory; wait for it to end or stop it, or choose another hydra.run.dir"
-                )
+            check_not_running(target)
             _claim(target, exclusive=False, moved_from=holder.moved_from)
             return target
         if holder.pid == os.getpid() or (holder.job and holder.job == job_id()):  # this run's own, before a save
@@ -286,6 +282,21 @@ def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
         if _claim(candidate, exclusive=True, moved_from=str(run_dir) if attempt else ""):
             return candidate
     raise AssertionError("unreachable")
+
+
+def check_not_running(run_dir: str | Path) -> None:
+    """Refuse `run_dir` while the run that claimed it still runs (on this host, in another process).
+
+    Raises:
+        FileExistsError: naming the directory, the running run (host, pid, start, job) and the fix.
+    """
+    run_dir = Path(run_dir)
+    if read_claim(run_dir).alive_elsewhere():
+        raise FileExistsError(
+            f"'{run_dir}' is in use by a run that is still running ({claim_holder(run_dir)}): two runs must not "
+            "write into one directory; wait for it to end (then resume=auto continues it) or stop it, or choose "
+            "another hydra.run.dir"
+        )
 
 
 def _has_checkpoints(run_dir: Path) -> bool:

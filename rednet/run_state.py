@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 
 from rednet import distributed
 from rednet.checkpoint import CheckpointError, check_arch, read_torch_file, weights_metadata
+from rednet.data import plural
 from rednet.factory import class_difference
 
 _logger = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def updates_per_epoch(batches: int, grad_accum: int) -> int:
         ValueError: grad_accum exceeds the batches of an epoch (not one full update per epoch).
     """
     if grad_accum > batches:
-        raise ValueError(f"trainer.grad_accum={grad_accum} exceeds the {batches} batches per epoch; lower it")
+        raise ValueError(
+            f"trainer.grad_accum={grad_accum} exceeds the {plural(batches, 'batch', 'batches')} per epoch; lower it"
+        )
     return math.ceil(batches / grad_accum)
 
 
@@ -265,9 +268,9 @@ def rank_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int, worl
         saved = [saved]
     if len(saved) != world_size:
         _logger.warning(
-            "the checkpoint holds RNG states of %d processes, this run has %d: random augmentation continues from "
+            "the checkpoint holds RNG states of %s, this run has %d: random augmentation continues from "
             "fresh per-rank seeds (the run is not bit-exact with an uninterrupted one)",
-            len(saved),
+            plural(len(saved), "process", "processes"),
             world_size,
         )
         return None
@@ -325,7 +328,11 @@ def checkpoint_state(
 
 @dataclasses.dataclass
 class CheckpointSaver:
-    """Saves a run's state into `ckpt_dir` (see `write_checkpoints`); every rank calls `save`, rank 0 writes."""
+    """Saves a run's state into `ckpt_dir` (see `write_checkpoints`); every rank calls `save`, rank 0 writes.
+
+    `saved_step`: the step last.pt in `ckpt_dir` holds (this run's last save, or the checkpoint of that folder it
+    resumed from), None while it holds none.
+    """
 
     ckpt_dir: Path
     model: torch.nn.Module
@@ -337,10 +344,12 @@ class CheckpointSaver:
     classes: list[str]
     keep_last: int
     is_main: bool
+    saved_step: int | None = None
 
     def save(self, epoch_end: bool = False, is_best: bool = False) -> None:
         """Write last.pt (and at an epoch end epoch_NNNN.pt, best.pt when `is_best`); a collective on every rank."""
         rng = distributed.all_gather_object(rng_state())  # every rank's, for an exact resume
+        self.saved_step = self.progress.step
         if not self.is_main:
             return
         state = checkpoint_state(
@@ -348,6 +357,28 @@ class CheckpointSaver:
             progress=self.progress, config=self.config, classes=self.classes, rng=rng,
         )  # fmt: skip
         write_checkpoints(state, self.ckpt_dir, epoch_end=epoch_end, is_best=is_best, keep_last=self.keep_last)
+
+    def save_after_error(self, can_save: bool) -> str:
+        """After an error ends the run: save the updates done since the last save when `can_save` (one process: an
+        error path of one rank of several has no collective), and say what `ckpt_dir` keeps, for the error's log.
+
+        No checkpoint of step 0 is written: it would hold untrained weights, and its last.pt would make a rerun of
+        the same command refuse the directory ("already holds checkpoints") for a run that trained nothing.
+        """
+        step = self.progress.step
+        if step == 0:
+            return "no checkpoint was saved: nothing was trained yet (rerun the same command once the files are fixed)"
+        if can_save and step != self.saved_step:
+            self.save()
+        last = self.ckpt_dir / "last.pt"
+        if self.saved_step is None:
+            return (
+                f"no checkpoint was saved ({plural(step, 'step')} trained, lost: a run of several processes saves "
+                "only at epoch ends and every trainer.ckpt_every_steps updates)"
+            )
+        lost = step - self.saved_step
+        held = f"{last} holds step {self.saved_step}" + (f" ({plural(lost, 'later step')} lost)" if lost else "")
+        return f"{held}; resume=auto continues from it"
 
 
 # --- resuming: which checkpoint, what may change, restoring
@@ -394,9 +425,9 @@ def check_resume(resume: Resume, cfg: DictConfig, classes: list[str], train_imag
     difference = class_difference(ckpt.get("classes"), classes)
     if difference:
         raise ValueError(
-            f"resume: '{path}' was trained on {len(ckpt['classes'])} classes, data.root={cfg.data.root} has "
-            f"{len(classes)} ({difference}): resume on the same data, or start a new run with "
-            "pretrained=<that checkpoint> to fine-tune"
+            f"resume: '{path}' was trained on {plural(len(ckpt['classes']), 'class', 'classes')}, "
+            f"data.root={cfg.data.root} has {len(classes)} ({difference}): resume on the same data, or start a new "
+            "run with pretrained=<that checkpoint> to fine-tune"
         )
     saved = ckpt.get("config") or {}
     saved_opt = saved.get("optim", {}).get("opt")
@@ -438,6 +469,20 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
     return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in keys]
 
 
+def resume_position(path: Path, progress: TrainProgress, epochs: int) -> str:
+    """Where a run resumed from `path` at `progress` stands in a run of `epochs` epochs, for the log: the epoch it
+    continues in (1-based, as the epoch lines count), or that every epoch is done and how to train longer."""
+    if progress.epoch < epochs:
+        return f"resumed from {path}: continues in epoch {progress.epoch + 1} after step {progress.step}"
+    done = plural(progress.epoch, "epoch")
+    return (
+        f"resumed from {path}: the run has finished ({done} trained, step {progress.step}; trainer.epochs={epochs}), "
+        "nothing is left to train (its weights are evaluated once); to train longer, raise trainer.epochs above "
+        f"{progress.epoch} (e.g. trainer.epochs={2 * progress.epoch} resume=auto; the LR schedule follows the new "
+        "length)"
+    )
+
+
 def restore(
     resume: Resume,
     *,
@@ -452,7 +497,8 @@ def restore(
     """Load a checkpoint's weights, EMA, optimizer moments, scaler and this rank's RNG; return its progress.
 
     The optimizer's hyperparameters (weight decay, betas, ...) stay the configured ones, not the checkpoint's; the
-    LR is the schedule's (place it with `schedule_position`). Settings changed since the checkpoint are logged.
+    LR is the schedule's (place it with `schedule_position`). Where the run continues (`resume_position`, against
+    config's trainer.epochs) and the settings changed since the checkpoint are logged.
     """
     ckpt, path = resume.ckpt, resume.path
     model.load_state_dict(ckpt["state_dict"])
@@ -471,8 +517,8 @@ def restore(
     if rng is not None:
         set_rng_state(rng)
     progress = TrainProgress(ckpt["epoch"], ckpt["step"], ckpt.get("epoch_batches", 0), ckpt["best_top1"])
-    # 1-based, as the epoch log lines ("epoch E/N") and "stopped in epoch E" count
-    _logger.info("resumed from %s: continues in epoch %d after step %d", path, progress.epoch + 1, progress.step)
+    epochs = config.get("trainer", {}).get("epochs", progress.epoch + 1)
+    _logger.info("%s", resume_position(path, progress, epochs))
     changes = changed_settings(ckpt["config"], config) if ckpt.get("config") else []
     if changes:
         _logger.warning(

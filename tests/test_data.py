@@ -519,7 +519,7 @@ def test_more_extensions_hidden_folders_and_unicode_names(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="rednet")
     classes = data.check_image_folder(root)
     assert classes == ["cat", unicode_class, "dog", "fox"]
-    assert "train/: 16 images used, 1 files left out" in caplog.text and "hidden folders 1" in caplog.text
+    assert "train/: 16 images used, 1 file left out" in caplog.text and "hidden folders 1" in caplog.text
     cfg = _data_cfg(root, "data.img_size=8")
     train = data.create_image_dataset(cfg, "train", classes, is_training=False, replace_bad=False)
     assert len(train) == 16  # 1 per class folder + 12 in cat
@@ -598,3 +598,34 @@ def test_other_channel_counts_are_refused_naming_them(tmp_path, in_chans):
     root = _one_colour_folder(tmp_path, (1, 2, 3))
     with pytest.raises(ValueError, match=rf"model in_chans={in_chans}: images are read as 1-channel grayscale"):
         data.create_image_dataset(_data_cfg(root), "val", ["a", "b"], False, False, in_chans=in_chans)
+
+
+def test_counts_name_one_file_in_the_singular(tmp_path, caplog):
+    """ "left out 1 files" and "1 of 7 files ... are not images": a count says "file" for one."""
+    assert [data.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert data.plural(1, "class", "classes") == "1 class" and data.plural(3, "class", "classes") == "3 classes"
+    root = make_image_folder(tmp_path, n_train=2, n_val=1)
+    (root / "train" / "cat" / "page.png").write_text("<html>404</html>")
+    caplog.set_level(logging.WARNING, logger="rednet")
+    classes = data.check_image_folder(root)
+    data.create_image_dataset(_data_cfg(root, "data.skip_bad_images=true"), "train", classes, True, replace_bad=True)
+    assert "train/: left out 1 file that is not an image Pillow can open: " in caplog.text
+    with pytest.raises(data.BadImageError, match="train/: 1 of 7 files named as images is not an image Pillow"):
+        data.create_image_dataset(_data_cfg(root), "train", classes, True, replace_bad=True)
+
+
+def test_a_skipped_file_is_warned_about_once_whatever_reads_it(tmp_path, caplog):
+    """The epoch's pass and precise BatchNorm's pass each warned (and each later epoch again): one warning per file."""
+    root = make_image_folder(tmp_path, n_train=4, n_val=2)
+    bad = root / "train" / "cat" / "2.png"
+    _corrupt(bad)
+    cfg = _data_cfg(root, "data.skip_bad_images=true", "data.verify_images=false", "data.num_workers=0")
+    train = data.create_image_dataset(cfg, "train", data.check_image_folder(root), True, replace_bad=True, seed=0)
+    loader = data.create_train_loader(train, cfg, 1, 0, seed=0, device=torch.device("cpu"))
+    caplog.set_level(logging.WARNING, logger="rednet")
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        list(loader)
+        list(engine.precise_bn_loader(loader, 3))  # every training image again
+    assert train.take_bad_count() == 4  # every skip is counted
+    assert caplog.text.count(f"skipping unreadable image '{bad}'") == 1

@@ -394,9 +394,19 @@ def test_unreadable_training_image_is_named_and_work_is_kept(image_root, tmp_pat
     with pytest.raises(data.BadImageError, match=f"cannot read image '{bad}'"):
         train.train(_train_cfg(root), tmp_path / "run")
     assert run_state.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] < UPDATES_PER_EPOCH
-    results = train.train(_train_cfg(root, "trainer.epochs=1", "data.skip_bad_images=true"), tmp_path / "skip")
-    assert results["step"] == UPDATES_PER_EPOCH
-    assert "skipped 1 unreadable images" in (tmp_path / "skip" / "train.log").read_text()
+    # Skipped: each epoch line counts the epoch's skip once (precise BatchNorm's pass reads it again, uncounted), and
+    # the file is warned about once in the run, not in each pass of each epoch.
+    overrides = (
+        "trainer.epochs=2",
+        "data.skip_bad_images=true",
+        "data.verify_images=false",
+        "trainer.precise_bn_batches=6",
+    )
+    results = train.train(_train_cfg(root, *overrides), tmp_path / "skip")
+    assert results["step"] == 2 * UPDATES_PER_EPOCH
+    log = (tmp_path / "skip" / "train.log").read_text()
+    assert len(re.findall(r"\| skipped 1 unreadable image\n", log)) == 2
+    assert log.count(f"skipping unreadable image '{bad}'") == 1
 
 
 def test_unreadable_validation_image_keeps_the_trained_epoch(image_root, tmp_path):
@@ -440,7 +450,7 @@ def test_command_line_run_that_fails_says_why_in_train_log(image_root, tmp_path)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     log = (run_dir / "train.log").read_text()
-    assert "the run failed: BadImageError" in log and str(victim) in log
+    assert "the run failed: UnreadableImagesError" in log and str(victim) in log  # (a BadImageError)
 
 
 def test_eval_refuses_other_class_folders(trained, image_root, tmp_path):
@@ -809,3 +819,75 @@ def test_heavy_augmentation_is_the_same_with_any_workers_and_resume(image_root, 
     assert (final["step"], expected["step"]) == (4, 4)
     for key, value in expected["state_dict"].items():
         assert torch.equal(final["state_dict"][key], value), key
+
+
+# --- a fresh user's runs: what a failed, finished or running run leaves and says
+
+
+def _truncated_train_images(image_root, root):
+    """A copy of `image_root` whose training images are all truncated: their headers read, their pixels do not, so
+    the very first batch fails (the check before training passes them)."""
+    shutil.copytree(image_root, root)
+    for path in (root / "train").rglob("*.png"):
+        path.write_bytes(path.read_bytes()[:60])
+    return root
+
+
+def test_a_run_that_fails_before_its_first_update_leaves_no_checkpoint(image_root, tmp_path):
+    """It wrote last.pt at step 0 (untrained weights) and said "last.pt holds the last saved step"; the same command
+    rerun after fixing the files was then refused ("already holds checkpoints")."""
+    root, run_dir = _truncated_train_images(image_root, tmp_path / "images"), tmp_path / "run"
+    cfg = _train_cfg(root, "trainer.epochs=1", "data.verify_images=false")
+    with pytest.raises(data.BadImageError, match="cannot read image"):
+        train.train(cfg, run_dir)
+    assert not list((run_dir / "checkpoints").glob("*.pt"))
+    log = (run_dir / "train.log").read_text()
+    assert "no checkpoint was saved: nothing was trained yet" in log and "last.pt holds" not in log
+    shutil.rmtree(root)
+    shutil.copytree(image_root, root)  # fixed
+    train.check_new_run_dir(_train_cfg(root), run_dir / "checkpoints")  # the same command is not refused
+    results = train.train(_train_cfg(root, "trainer.epochs=1", "resume=auto"), run_dir)
+    assert results["step"] == UPDATES_PER_EPOCH
+
+
+def test_resume_of_a_finished_run_says_it_is_finished_and_how_to_train_longer(trained, image_root, tmp_path):
+    """resume=auto on a run that trained all its epochs said "continues in epoch 3 after step 12", then "done"."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    results = train.train(_train_cfg(image_root, "trainer.epochs=2", "trainer.model_ema=true", "resume=auto"), run_dir)
+    assert (results["epoch"], results["step"]) == (2, 2 * UPDATES_PER_EPOCH)
+    log = (run_dir / "train.log").read_text()
+    assert "continues in epoch 3" not in log
+    assert "the run has finished (2 epochs trained, step 12; trainer.epochs=2), nothing is left to train" in log
+    assert "raise trainer.epochs above 2 (e.g. trainer.epochs=4 resume=auto" in log
+
+
+def test_a_new_run_into_a_directory_whose_run_is_still_running_says_so(image_root, tmp_path, no_job_id):
+    """It said "set resume=auto to continue that run", which was then refused: the run was still running."""
+    run_dir = tmp_path / "run"
+    running = _claim_in_subprocess(run_dir, "import time; time.sleep(60)")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.pt").touch()
+    try:
+        with pytest.raises(FileExistsError, match=rf"still running \(host \S+ pid {running.pid} ") as error:
+            train.train(_train_cfg(image_root), run_dir)
+        assert "set resume=auto" not in str(error.value)
+    finally:
+        running.kill()
+        running.wait()
+    with pytest.raises(FileExistsError, match="already holds checkpoints: set resume=auto"):  # it ended
+        train.train(_train_cfg(image_root), run_dir)
+
+
+def test_unreadable_files_of_both_splits_are_listed_in_one_error(image_root, tmp_path, monkeypatch):
+    """train/'s bad files were reported first, and val/'s only on the next start, after fixing those."""
+    root = tmp_path / "images"
+    shutil.copytree(image_root, root)
+    (root / "train" / "fox" / "download.png").write_text("<html>403 Forbidden</html>")
+    (root / "val" / "cat" / "page.png").write_text("<html>404</html>")
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *args, **kwargs: pytest.fail("an epoch started"))
+    with pytest.raises(data.BadImageError) as error:
+        train.train(_train_cfg(root), tmp_path / "run")
+    message = str(error.value)
+    assert re.search(r"train/: 1 of 25 files named as images is not an image .*download\.png' \(", message)
+    assert re.search(r"val/: 1 of 13 files named as images is not an image .*page\.png' \(", message)
