@@ -561,7 +561,9 @@ def create_transforms(data_cfg: Any, is_training: bool, in_chans: int = 3) -> An
         if len(data_cfg[key]) not in (1, in_chans):  # one value: timm's Normalize applies it to every channel
             raise ValueError(
                 f"data.{key}={list(data_cfg[key])} has {len(data_cfg[key])} values but the model takes {in_chans}-"
-                f"channel images: give one value per channel (or one for all), or null for the weights' values"
+                f"channel images: give {plural(in_chans, 'value')}"
+                + (" (one per channel) or 1 (for every channel)" if in_chans > 1 else "")
+                + ", or null for the weights' values"
             )
     common = dict(
         input_size=data_cfg.img_size,
