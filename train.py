@@ -260,7 +260,7 @@ def check_new_run_dir(cfg: DictConfig, ckpt_dir: Path) -> None:
         FileExistsError: the directory's run is still running (its host and pid: resume=auto would be refused as
             well), or it ended: then resume=auto continues it.
     """
-    if cfg.resume is None and any(ckpt_dir.glob("*.pt")):  # (last_prev.pt or epoch_NNNN.pt alone: resumable too)
+    if cfg.resume is None and distributed.has_checkpoints(ckpt_dir.parent):  # (last_prev.pt, epoch_NNNN.pt too)
         distributed.check_not_running(ckpt_dir.parent)
         raise FileExistsError(
             f"'{ckpt_dir}' already holds checkpoints: set resume=auto to continue that run, "

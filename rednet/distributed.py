@@ -202,7 +202,7 @@ def read_claim(run_dir: Path) -> Claim:
     return Claim(
         host=fields.get("host", ""),
         pid=int(pid) if pid.isdigit() else 0,
-        start=fields.get("start", ""),
+        start=fields.get("start", "").strip("?"),  # "?": unknown, as older claims wrote it
         job=fields.get("job", ""),
         moved_from=fields.get("moved_from", ""),
     )
@@ -224,7 +224,8 @@ def _claim(run_dir: Path, exclusive: bool, moved_from: str = "") -> bool:
         raise type(e)(
             e.errno, f"cannot claim the run directory '{run_dir}' ({e.strerror}): choose a writable hydra.run.dir"
         ) from e
-    line = f"host {socket.gethostname()} pid {os.getpid()} start {_process_start(os.getpid()) or '?'}"
+    start = _process_start(os.getpid())  # unknown without /proc: left out, so a reader does not compare it
+    line = f"host {socket.gethostname()} pid {os.getpid()}" + (f" start {start}" if start else "")
     line += f" job {job_id()}" if job_id() else ""
     with os.fdopen(fd, "w") as f:
         f.write(
@@ -265,14 +266,14 @@ def claim_run_dir(run_dir: str | Path, continue_run: bool = False) -> Path:
     if continue_run:
         target = _continued_dir(run_dir)
         holder = read_claim(target)
-        if _has_checkpoints(target):
+        if has_checkpoints(target):
             check_not_running(target)
             _claim(target, exclusive=False, moved_from=holder.moved_from)
             return target
         if holder.pid == os.getpid() or (holder.job and holder.job == job_id()):  # this run's own, before a save
             _claim(target, exclusive=False, moved_from=holder.moved_from)
             return target
-    elif _has_checkpoints(run_dir):
+    elif has_checkpoints(run_dir):
         return run_dir  # another run's checkpoints: its claim stays, and train.py refuses to start a new run here
     if _abandoned(run_dir):
         _claim(run_dir, exclusive=False)
@@ -299,7 +300,7 @@ def check_not_running(run_dir: str | Path) -> None:
         )
 
 
-def _has_checkpoints(run_dir: Path) -> bool:
+def has_checkpoints(run_dir: Path) -> bool:
     """Whether `run_dir` holds a checkpoint (a write killed half-way leaves only a hidden .tmp file)."""
     return any((run_dir / "checkpoints").glob("*.pt"))
 
@@ -312,7 +313,7 @@ def _continued_dir(run_dir: Path) -> Path:
     own = [d for d in moved if job and read_claim(d).job == job]
     if own:
         return own[0]
-    if moved and _has_checkpoints(run_dir):
+    if moved and has_checkpoints(run_dir):
         _logger.warning(
             "resume: continuing the run in %s; %s started in the same directory and moved to %s (to continue one of "
             "those, set hydra.run.dir to it)", run_dir, "a run" if len(moved) == 1 else "runs",
@@ -328,7 +329,7 @@ def _abandoned(run_dir: Path) -> bool:
     holder = read_claim(run_dir)
     if holder.host != socket.gethostname() or not holder.pid or holder.pid == os.getpid() or holder.alive_elsewhere():
         return False
-    return not _has_checkpoints(run_dir)
+    return not has_checkpoints(run_dir)
 
 
 def claim_holder(run_dir: Path) -> str:

@@ -349,14 +349,13 @@ class CheckpointSaver:
     def save(self, epoch_end: bool = False, is_best: bool = False) -> None:
         """Write last.pt (and at an epoch end epoch_NNNN.pt, best.pt when `is_best`); a collective on every rank."""
         rng = distributed.all_gather_object(rng_state())  # every rank's, for an exact resume
-        self.saved_step = self.progress.step
-        if not self.is_main:
-            return
-        state = checkpoint_state(
-            model=self.model, model_ema=self.model_ema, optimizer=self.optimizer, scaler=self.scaler,
-            progress=self.progress, config=self.config, classes=self.classes, rng=rng,
-        )  # fmt: skip
-        write_checkpoints(state, self.ckpt_dir, epoch_end=epoch_end, is_best=is_best, keep_last=self.keep_last)
+        if self.is_main:
+            state = checkpoint_state(
+                model=self.model, model_ema=self.model_ema, optimizer=self.optimizer, scaler=self.scaler,
+                progress=self.progress, config=self.config, classes=self.classes, rng=rng,
+            )  # fmt: skip
+            write_checkpoints(state, self.ckpt_dir, epoch_end=epoch_end, is_best=is_best, keep_last=self.keep_last)
+        self.saved_step = self.progress.step  # (after the write: a failed one leaves the previous step)
 
     def save_after_error(self, can_save: bool) -> str:
         """After an error ends the run: save the updates done since the last save when `can_save` (one process: an

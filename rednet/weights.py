@@ -189,8 +189,9 @@ def download(
             f"could not download {url} ({type(error).__name__}: {error}). Download it by hand and save it as "
             f"{destination}, or pass its local path as pretrained='/path/to/{file_name}'"
         ) from error
-    _check_download(url, partial)
     actual = sha256_file(partial)
+    if not expected:  # a pinned digest that matches proves the file; else read it before its digest is recorded
+        _check_download(url, partial)
     if expected and not actual.startswith(expected):
         partial.unlink()
         raise RuntimeError(
@@ -371,8 +372,7 @@ def _lightning_network(tensors: dict[str, Tensor], use_ema: bool) -> dict[str, T
         if "." not in key:  # a tensor of the LightningModule itself
             return tensors
         attribute, rest = key.split(".", 1)
-        if rest != "n_averaged":  # an AveragedModel's update count
-            groups.setdefault(attribute, {})[rest] = value
+        groups.setdefault(attribute, {})[rest] = value
     named = [name for name in _LIGHTNING_NETWORK_NAMES if name in groups]
     if len(groups) > 1 and not named:
         return tensors
