@@ -151,6 +151,14 @@ def test_num_classes_mismatch_drops_classifier_with_warning(source, tmp_path):
     assert_same_weights(model, reference, skip=("fc.weight", "fc.bias"))
 
 
+def test_a_classifier_of_another_input_width_is_an_error_not_dropped():
+    """Only another class count drops the classifier (with a warning); another width is another architecture."""
+    model = rednet.create_model("rednet26", num_classes=10)
+    state_dict = dict(model.state_dict(), **{"fc.weight": torch.randn(10, 999)})
+    with pytest.raises(RuntimeError, match=r"fc.weight \(10, 999\) vs \(10, 2048\)"):
+        weights.load_state_dict(model, state_dict)
+
+
 def test_unexpected_and_missing_keys_are_errors_that_list_them(source):
     reference, checkpoint = source
     state_dict = dict(checkpoint["state_dict"], **{"backbone.extra.weight": torch.zeros(1)})

@@ -363,8 +363,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: RedNet) 
         )
     own = model.state_dict()
     classifier = [f"fc.{kind}" for kind in ("weight", "bias")]
-    dropped = [
-        key for key in classifier if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape)
+    dropped = [  # another class count only, as rednet.weights.load_state_dict: another input width is another
+        # architecture, named by the shape check
+        key
+        for key in classifier
+        if key in state_dict and (key not in own or own[key].shape[:1] != state_dict[key].shape[:1])
     ]
     if dropped:
         # timm's load_pretrained drops it too (pretrained_cfg num_classes != the model's), but only logs.
