@@ -40,6 +40,12 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
+def describe_unreadable(bad: list[tuple[str, str]]) -> str:
+    """'is not an image Pillow can open: 'PATH' (why)' / 'are not images ...: ...' for up to 10 (path, why) pairs."""
+    listing = "; ".join(f"'{path}' ({why})" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    return f"{'is not an image' if len(bad) == 1 else 'are not images'} Pillow can open: {listing}"
+
+
 class UnreadableImagesError(BadImageError):
     """Files named as images that Pillow cannot open, found before training, in one or more splits.
 
@@ -51,10 +57,7 @@ class UnreadableImagesError(BadImageError):
         self.reports = reports
         parts = []
         for split, bad, total in reports:
-            listing = "; ".join(f"'{path}' ({why})" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
-            verb = "is not an image" if len(bad) == 1 else "are not images"
-            parts.append(f"{split}/: {len(bad)} of {plural(total, 'file')} named as images {verb} Pillow can open: "
-                         f"{listing}")  # fmt: skip
+            parts.append(f"{split}/: {len(bad)} of {plural(total, 'file')} named as images {describe_unreadable(bad)}")
         super().__init__(
             " | ".join(parts) + "; replace or delete them, or set data.skip_bad_images=true to leave them out"
         )
@@ -248,11 +251,7 @@ def _drop_unreadable(
         return samples
     if not skip:
         raise UnreadableImagesError([(split, bad, len(samples))])
-    listing = "; ".join(f"'{path}' ({why})" for path, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
-    _logger.warning(
-        "%s/: left out %s that %s Pillow can open: %s",
-        split, plural(len(bad), "file"), "is not an image" if len(bad) == 1 else "are not images", listing,
-    )  # fmt: skip
+    _logger.warning("%s/: left out %s that %s", split, plural(len(bad), "file"), describe_unreadable(bad))
     left_out = {path for path, _ in bad}
     return [sample for sample in samples if sample[0] not in left_out]
 
