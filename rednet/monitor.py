@@ -7,7 +7,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -182,6 +182,15 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def peak_rss_rise(fn: Callable[[], Any]) -> float:
+    """Bytes the resident set size peaked above its current value while `fn()` ran (the high-water mark restarted
+    first, so earlier peaks do not count); NaN where it cannot be restarted (`reset_peak_rss`)."""
+    reset = reset_peak_rss()
+    before = current_rss_bytes()
+    fn()
+    return peak_rss_bytes() - before if reset else float("nan")
 
 
 def peak_memory_mb(device: torch.device) -> float:

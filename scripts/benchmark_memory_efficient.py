@@ -28,7 +28,7 @@ SECTION_START, SECTION_END = "<!-- memory_efficient:start -->", "<!-- memory_eff
 def measure(model_name: str, batch: int, size: int, memory_efficient: bool) -> dict[str, float]:
     """One process's numbers for one mode: saved activations, peak RSS rise in step 1, time of step 2."""
     import rednet
-    from rednet.monitor import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from rednet.monitor import peak_rss_rise
 
     torch.manual_seed(0)
     model = rednet.create_model(model_name, memory_efficient=memory_efficient).train()
@@ -55,10 +55,7 @@ def measure(model_name: str, batch: int, size: int, memory_efficient: bool) -> d
         optimizer.step()
         return time.perf_counter() - start
 
-    reset = reset_peak_rss()  # the peak of building the model is not the step's
-    before = current_rss_bytes()
-    step(record=True)
-    peak_rise = peak_rss_bytes() - before if reset else float("nan")
+    peak_rise = peak_rss_rise(lambda: step(record=True))  # (not the peak of building the model)
     seconds = step(record=False)
     return {"saved_bytes": sum(storages.values()), "peak_rise_bytes": peak_rise, "step_seconds": seconds}
 

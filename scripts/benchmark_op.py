@@ -137,10 +137,7 @@ def measure(
         del x_warm, weight_warm, grad_warm, out_warm
         # The high-water mark so far holds the imports, the native build and the warm-up: start it again here, so
         # the peak is this one step's. Where the kernel refuses, there is no honest number to give.
-        reset = monitor.reset_peak_rss()
-        before = monitor.current_rss_bytes()
-        step(True)
-        peak = monitor.peak_rss_bytes() - before if reset else float("nan")
+        peak = monitor.peak_rss_rise(lambda: step(True))
     times = {}
     for label, backward in (("forward", False), ("forward_backward", True)):
         # torch.utils.benchmark.Timer runs on one thread unless told: time with the threads the table reports.
