@@ -543,8 +543,10 @@ config_schema.register()  # the typed schemas that configs/*.yaml name in their 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns val top-1 so that sweeps can optimize it (nan when a signal stopped the run)."""
-    # An error on one of several ranks ends that process at once, naming its rank: the job stops (no hang).
-    with distributed.end_job_on_error(), preemption.StopOnSignal() as stop:
+    # An error on one of several ranks ends that process at once, naming its rank: the job stops (no hang). The
+    # error is reported inside StopOnSignal: torchrun's SIGTERM, sent as soon as a peer dies, only gets recorded
+    # then, instead of killing this rank (default action) before its report is written.
+    with preemption.StopOnSignal() as stop, distributed.end_job_on_error():
         results = train(cfg, HydraConfig.get().runtime.output_dir, should_stop=stop)
     if results.get("stopped"):
         preemption.requeue_under_submitit(stop.received)  # a time-limit warning under submitit: requeue the job

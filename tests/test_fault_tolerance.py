@@ -364,3 +364,37 @@ def test_ctrl_c_says_in_the_log_why_the_run_stopped(image_root, tmp_path, monkey
     log = (tmp_path / "train.log").read_text()
     assert "interrupted (SIGINT, Ctrl-C) on rank 0: the run stops here; the checkpoints written so far are kept" in log
     assert run_state.load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == UPDATES
+
+
+SIGTERM_DURING_REPORT = """
+import logging, os, runpy, signal, sys, time
+sys.path.insert(0, {repo!r})
+os.environ.update(WORLD_SIZE="2", RANK="0")
+sys.argv = [{train!r}, "hydra.run.dir={run_dir}"]
+from rednet import distributed, monitor
+
+def lost_peer(*args, **kwargs):
+    raise RuntimeError("Connection closed by peer (injected)")
+
+class SigtermWhileReporting(logging.Handler):  # (runs before the console handler prints the report)
+    def emit(self, record):
+        if "failed" in record.getMessage():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+distributed.init_distributed = lost_peer  # (the first step of train(): the process group is not needed)
+monitor.setup_logging(None)  # as train() sets it up: the console
+logging.getLogger("rednet").handlers.insert(0, SigtermWhileReporting())
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_sigterm_while_a_failing_rank_reports_does_not_lose_the_report(tmp_path):
+    """A rank whose collective failed because a peer died reports the error, then exits 1, even when torchrun's
+    SIGTERM (sent as soon as it sees the dead peer) arrives during the report: it killed the rank mid-report (exit
+    -15, no error line) because train.main restored the default SIGTERM action before reporting (CI, a flaky
+    test_failure_at_other_points_ends_the_job[sigkill])."""
+    code = SIGTERM_DURING_REPORT.format(repo=str(REPO), train=str(REPO / "train.py"), run_dir=tmp_path / "run")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "rank 0 of 2 failed: RuntimeError: Connection closed by peer (injected)" in done.stderr
