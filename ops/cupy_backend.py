@@ -151,15 +151,27 @@ def plan_launch(
         split = default_split(index_bits or 32)
     work, grid = _work_and_grid(kind, geometry, memory, split, max_blocks)
     if index_bits is None:
-        g = geometry
-        largest = max(g.N * g.C * g.H * g.W, g.N * g.C * g.Ho * g.Wo, g.N * g.G * g.K * g.K * g.Ho * g.Wo, work)
-        # The grid-stride loop steps past the last index by up to one grid: keep that within int32 too.
-        index_bits = 32 if largest + grid * BLOCK_SIZE <= _INT32_MAX else 64
+        index_bits = 32 if _largest_index(geometry, split[0], work, grid) <= _INT32_MAX else 64
         if index_bits == 64 and not split_given:
             split = default_split(64)
             work, grid = _work_and_grid(kind, geometry, memory, split, max_blocks)
     suffix = "_nhwc" if memory == "nhwc" else ""
     return Launch(f"involution_{kind}{suffix}_i{index_bits}", grid, BLOCK_SIZE, geometry, *split, index_bits)
+
+
+def _largest_index(g: Geometry, channels_per_thread: int, work: int, grid: int) -> int:
+    """The largest element offset or work index a 32-bit-index kernel may compute for this geometry.
+
+    Tensor offsets count the channels of a group up to whole runs of channels_per_thread: grad_weight forms the
+    grad_out offset (c0 + k) * Ho*Wo for every k of a thread's run, the unused channels past the group's end
+    included (never read, but the int product must not overflow: with C = 1 and a 12000x12000 image the tensors
+    have 1.4e8 elements and that product 2.3e9). The grid-stride loop steps past the last work index by up to one
+    grid.
+    """
+    runs = -(-(g.C // g.G) // channels_per_thread)
+    channels = max(g.C, g.G * runs * channels_per_thread)
+    largest = max(g.N * channels * g.H * g.W, g.N * channels * g.Ho * g.Wo, g.N * g.G * g.K * g.K * g.Ho * g.Wo)
+    return max(largest, work + grid * BLOCK_SIZE)
 
 
 def _work_and_grid(kind: str, g: Geometry, memory: str, split: tuple[int, int], max_blocks: int) -> tuple[int, int]:

@@ -366,3 +366,23 @@ def test_op_copies_nothing_when_inputs_are_in_layout(monkeypatch, case, channels
     copies = [e.name for e in profile.events() if e.name in ("aten::copy_", "aten::clone", "aten::_to_copy")]
     assert copies == [], copies
     assert launched == ["nhwc" if channels_last else "nchw"] * 3
+
+
+@pytest.mark.parametrize(
+    "geometry,bits",
+    [
+        # C = 1, 12000 x 12000: every tensor has 1.44e8 elements, but grad_weight's threads form the offset
+        # (c0 + k) * Ho*Wo for all 16 channels of their run: 2.3e9, past int32.
+        (Geometry(1, 1, 12000, 12000, 1, 3, 12000, 12000, 1, 1, 1), 64),
+        (Geometry(1, 16, 11000, 11000, 1, 3, 11000, 11000, 1, 1, 1), 32),  # 1.94e9: a full run, still int32
+        (Geometry(1, 16, 11600, 11600, 1, 3, 11600, 11600, 1, 1, 1), 64),  # 2.15e9 elements
+        (Geometry(2, 32, 7, 7, 2, 3, 7, 7, 1, 1, 1), 32),
+    ],
+    ids=["C1-12000px", "C16-11000px", "C16-11600px", "small"],
+)
+def test_index_width_covers_every_offset_a_thread_forms(geometry, bits) -> None:
+    """plan_launch takes the 32-bit kernels only when no index or offset a thread computes can pass int32, the
+    unused channels of a thread's last run included."""
+    for kind in cupy_backend.KERNEL_KINDS:
+        for memory in cupy_backend.LAYOUTS:
+            assert cupy_backend.plan_launch(kind, geometry, memory=memory).index_bits == bits, (kind, memory)
