@@ -384,19 +384,27 @@ def _launch(
     pixels_per_thread: int | None = None,
 ) -> Tensor:
     """Run one kernel on (a, b) -> out (all in `memory` layout, one CUDA device) on torch's current stream there.
-    The work split per thread is the compiled default unless given (scripts/tune_kernels.py tries others)."""
+    The work split per thread is the compiled default unless given (scripts/tune_kernels.py tries others). An empty
+    output launches nothing."""
+    if out.numel() == 0:
+        return out
+    launch = plan_launch(
+        kind, geometry, memory=memory, channels_per_thread=channels_per_thread, pixels_per_thread=pixels_per_thread
+    )
+    _run(launch, a, b, out)
+    return out
+
+
+def _run(launch: Launch, a: Tensor, b: Tensor, out: Tensor) -> None:
+    """Launch a planned kernel on out's device (whatever device is current), on torch's current stream there: the
+    only part of the backend that needs CuPy and a GPU (the host-emulation tests replace it)."""
     if not out.is_cuda:
         raise RuntimeError(
             f"involution backend 'cupy' needs CUDA tensors, got {out.device}: move them with .to('cuda')"
         )
-    if out.numel() == 0:
-        return out
     import cupy
     import numpy as np
 
-    launch = plan_launch(
-        kind, geometry, memory=memory, channels_per_thread=channels_per_thread, pixels_per_thread=pixels_per_thread
-    )
     device_index = out.device.index if out.device.index is not None else torch.cuda.current_device()
     split = (launch.channels_per_thread, launch.pixels_per_thread)
     kernel = _kernels(device_index, out.dtype, *split, launch.index_bits)[launch.kernel]
@@ -404,7 +412,6 @@ def _launch(
     stream = cupy_stream(device_index, torch.cuda.current_stream(device_index).cuda_stream)
     with cupy.cuda.Device(device_index):
         kernel((launch.grid,), (launch.block,), args, stream=stream)
-    return out
 
 
 def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

@@ -149,6 +149,9 @@ def involution_unfold(x: Tensor, weight: Tensor, stride: int, padding: int, dila
     """Reference involution through ``F.unfold``: simple and obviously right, but K² times the input's memory."""
     n, c = x.shape[:2]
     groups, kernel_size, _, h_out, w_out = weight.shape[1:]
-    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(n, groups, c // groups, kernel_size, kernel_size, h_out, w_out)
+    shape = (n, groups, c // groups, kernel_size, kernel_size, h_out, w_out)
+    if c == 0:  # F.unfold refuses C = 0; there is nothing to gather (an empty view keeps x in the graph)
+        cols = x.reshape(n, groups, 0, 1, 1, 1, 1).expand(shape)
+    else:
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride).view(shape)
     return (cols * weight.unsqueeze(2)).sum(dim=(3, 4)).view(n, c, h_out, w_out)

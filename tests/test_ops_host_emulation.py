@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 import ops
-from ops import cupy_backend, layout
+from ops import cupy_backend, layout, shapes
 from ops.cupy_backend import Geometry
 
 SHIM_DIR = Path(__file__).resolve().parent / "host_emulation"
@@ -86,17 +86,23 @@ class EmulatedKernels:
         """Launch one kernel on guarded copies of a and b (one element off vector alignment if misalign), as
         cupy_backend would launch it; check the guard bands; return the output. Tensors and out_shape are in
         memory order (see _to_memory)."""
+        launch = cupy_backend.plan_launch(
+            kind, geometry, channels_per_thread=channels, pixels_per_thread=pixels, memory=memory, **plan
+        )
+        return self.run_planned(launch, a, b, out_shape, misalign)
+
+    def run_planned(
+        self, launch: cupy_backend.Launch, a: Tensor, b: Tensor, out_shape: tuple[int, ...], misalign: bool = False
+    ) -> Tensor:
+        """Run a launch as planned (its kernel, grid, block and compiled split) on guarded copies; see run."""
         offset = GUARD + int(misalign)
         a, a_buffer = _guarded(a, offset)
         b, b_buffer = _guarded(b, offset)
         out, out_buffer = _guarded(torch.full(out_shape, float("nan"), dtype=a.dtype), offset)
-        launch = cupy_backend.plan_launch(
-            kind, geometry, channels_per_thread=channels, pixels_per_thread=pixels, memory=memory, **plan
-        )
-        values = [ctypes.c_void_p(t.data_ptr()) for t in (a, b, out)] + [ctypes.c_int32(s) for s in geometry]
+        values = [ctypes.c_void_p(t.data_ptr()) for t in (a, b, out)] + [ctypes.c_int32(s) for s in launch.geometry]
         args = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        kernel = getattr(self.library(a.dtype, channels, pixels), f"emulate_{launch.kernel}")
-        kernel(ctypes.c_uint(launch.grid), ctypes.c_uint(launch.block), args)
+        library = self.library(a.dtype, launch.channels_per_thread, launch.pixels_per_thread)
+        getattr(library, f"emulate_{launch.kernel}")(ctypes.c_uint(launch.grid), ctypes.c_uint(launch.block), args)
         for inner, buffer in ((a, a_buffer), (b, b_buffer), (out, out_buffer)):
             guards = torch.cat([buffer[:offset], buffer[offset + inner.numel() :]])
             assert guards.isnan().all(), f"{launch.kernel} wrote outside its output"
@@ -259,27 +265,29 @@ def test_every_entry_point_is_built(emulated) -> None:
         assert hasattr(library, f"emulate_{name}"), name
 
 
+def _kind_and_memory(kernel: str) -> tuple[str, str]:
+    """("grad_input", "nhwc") from "involution_grad_input_nhwc_i32"."""
+    kind = next(k for k in cupy_backend.KERNEL_KINDS if kernel.startswith(f"involution_{k}_"))
+    return kind, "nhwc" if "_nhwc_" in kernel else "nchw"
+
+
 @pytest.fixture
 def gpu_launches(emulated, monkeypatch) -> list[tuple[str, str]]:
-    """Swaps cupy_backend's CuPy launch for the emulation; returns the (kind, memory) of every launch made."""
+    """Swaps cupy_backend's CuPy launch (_run) for the emulation, so everything before it (the backend functions,
+    _launch, plan_launch) runs as on a GPU; returns the (kind, memory) of every launch made."""
     launches = []
 
-    def launch(
-        kind, geometry, a, b, out, memory,
-        channels_per_thread=cupy_backend.CHANNELS_PER_THREAD, pixels_per_thread=cupy_backend.PIXELS_PER_THREAD,
-    ):  # fmt: skip
+    def run(launch, a, b, out):
+        kind, memory = _kind_and_memory(launch.kernel)
         launches.append((kind, memory))
+        assert out.numel() > 0, "an empty output launches nothing"
         as_memory = [_to_memory(t, memory) for t in (a, b, out)]
         # The kernels read raw memory: each tensor must already lie in the layout's order, without a copy.
         for t, m in zip((a, b, out), as_memory):
             assert t.data_ptr() == m.data_ptr() and m.is_contiguous(), (kind, memory, t.shape, t.stride())
-        split = {"channels": channels_per_thread, "pixels": pixels_per_thread}
-        as_memory[2].copy_(
-            emulated.run(kind, geometry, *as_memory[:2], tuple(as_memory[2].shape), memory=memory, **split)
-        )
-        return out
+        as_memory[2].copy_(emulated.run_planned(launch, *as_memory[:2], tuple(as_memory[2].shape)))
 
-    monkeypatch.setattr(cupy_backend, "_launch", launch)
+    monkeypatch.setattr(cupy_backend, "_run", run)
     return launches
 
 
@@ -386,3 +394,87 @@ def test_index_width_covers_every_offset_a_thread_forms(geometry, bits) -> None:
     for kind in cupy_backend.KERNEL_KINDS:
         for memory in cupy_backend.LAYOUTS:
             assert cupy_backend.plan_launch(kind, geometry, memory=memory).index_bits == bits, (kind, memory)
+
+
+# (N, C, G, H, W, K, stride, dilation, padding): sizes at the edges of what the kernels and their planning handle.
+EDGE_CASES = {
+    "empty_batch": (0, 16, 2, 9, 9, 3, 1, 1, 1),
+    "no_channels": (2, 0, 2, 5, 5, 3, 1, 1, 1),
+    "one_pixel_input": (2, 4, 2, 1, 1, 3, 1, 1, 1),
+    "one_output_pixel": (2, 16, 2, 9, 9, 3, 9, 1, 1),
+    "K1": (2, 16, 2, 9, 8, 1, 1, 1, 0),
+    "even_K": (1, 4, 2, 6, 7, 4, 1, 1, 1),
+    "even_K_stride2_dilation2": (1, 6, 3, 9, 8, 2, 2, 2, 1),
+    "window_larger_than_image": (1, 4, 1, 3, 2, 7, 1, 1, 3),
+    "padding_beyond_window": (2, 16, 2, 5, 6, 3, 1, 1, 4),
+    "stride_beyond_window": (1, 8, 2, 11, 10, 3, 4, 1, 1),
+    "one_channel_per_group_dilation3": (1, 5, 5, 6, 6, 3, 1, 3, 3),
+}
+
+
+def _edge_inputs(case: tuple, layout_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x, weight and a (C, Wo) gradient for out.sum(dim=(0, 2)), in one of three layouts: "nchw", "channels_last"
+    (as a channels_last model hands them over) or "strided" (x a strided view, weight with transposed strides)."""
+    n, c, g, h, w, k, s, d, p = case
+    h_out, w_out = (shapes.output_size(size, k, s, p, d) for size in (h, w))
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(n, c, h, 2 * w, generator=generator, dtype=torch.float64)
+    weight = torch.randn(n, g, k, k, w_out, h_out, generator=generator, dtype=torch.float64).transpose(-1, -2)
+    grad = torch.randn(c, w_out, generator=generator, dtype=torch.float64)
+    if layout_name == "strided":
+        return x[..., ::2], weight, grad
+    channels_last = layout_name == "channels_last"
+    return layout.to_layout(x[..., ::2], channels_last), layout.weight_to_layout(weight, channels_last), grad
+
+
+def _forward_backward(x, weight, grad, conv, backend, needs=(True, True)):
+    """out and the two gradients of out.sum(dim=(0, 2)) against grad: grad_out reaches the op expanded (stride 0
+    along N and Ho), as from any sum."""
+    x, weight = x.detach().requires_grad_(needs[0]), weight.detach().requires_grad_(needs[1])
+    out = ops.involution(x, weight, *conv, backend=backend)
+    inputs = [t for t in (x, weight) if t.requires_grad]
+    grads = iter(torch.autograd.grad(out.sum(dim=(0, 2)), inputs, grad))  # the op's own outputs, not accumulated
+    return out.detach(), *(next(grads) if t.requires_grad else None for t in (x, weight))
+
+
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("case", list(EDGE_CASES.values()), ids=list(EDGE_CASES))
+def test_edge_shapes_on_emulated_kernels(gpu_launches, monkeypatch, case, layout_name) -> None:
+    """ops.involution(backend="cupy") end to end, kernels emulated, at edge sizes (empty batch, no channels, 1-pixel
+    input and output, even K, windows larger than the image, stride beyond the window), for NCHW, channels_last and
+    strided inputs, with an expanded grad_out: shapes, dtypes, layouts and values equal the "unfold" and "torch"
+    backends', and an empty output launches no kernel."""
+    x, weight, grad = _edge_inputs(case, layout_name)
+    conv = (case[6], case[8], case[7])  # stride, padding, dilation
+    expected = _forward_backward(x, weight, grad, conv, "unfold")
+    torch_results = _forward_backward(x, weight, grad, conv, "torch")
+    monkeypatch.setattr(sys.modules["ops.involution"], "_resolve_backend", lambda backend, x: "cupy")
+    results = _forward_backward(x, weight, grad, conv, "cupy")
+    for name, got, reference, other in zip(("out", "grad_x", "grad_weight"), results, expected, torch_results):
+        assert got.shape == reference.shape == other.shape, name
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    channels_last = layout.is_channels_last(x)  # the layout of the outputs, with exactly the strides of the fakes
+    for got in results:
+        empty = layout.empty_image if got.dim() == 4 else layout.empty_weight
+        assert got.stride() == empty(got, tuple(got.shape), channels_last).stride()
+    n, c = case[:2]
+    kinds = sorted(kind for kind, _ in gpu_launches)
+    if n == 0:
+        assert kinds == []
+    elif c == 0:
+        assert kinds == ["grad_weight"]  # its output (N, G, K, K, Ho, Wo) is not empty: zeros
+    else:
+        assert kinds == sorted(cupy_backend.KERNEL_KINDS)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["x_only", "weight_only"])
+def test_backward_launches_only_the_needed_kernels(gpu_launches, monkeypatch, needs) -> None:
+    case = EDGE_CASES["padding_beyond_window"]
+    x, weight, grad = _edge_inputs(case, "nchw")
+    conv = (case[6], case[8], case[7])
+    monkeypatch.setattr(sys.modules["ops.involution"], "_resolve_backend", lambda backend, x: "cupy")
+    _, grad_x, grad_w = _forward_backward(x, weight, grad, conv, "cupy", needs)
+    assert (grad_x is not None, grad_w is not None) == needs
+    expected = ["forward", "grad_input" if needs[0] else "grad_weight"]
+    assert [kind for kind, _ in gpu_launches] == expected
