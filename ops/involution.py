@@ -213,6 +213,19 @@ def _backward(ctx, grad_out: Tensor):
 _involution_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, grad: Tensor):
+    raise NotImplementedError(
+        "involution: double backward (a gradient of the gradient, e.g. a gradient penalty under create_graph=True) "
+        "is not implemented by the 'auto', 'cupy', 'cpu' and 'torch' backends; use backend='unfold' (plain autograd)"
+    )
+
+
+# The backward ops are differentiable in principle, but nothing here implements it: say so when it is asked for,
+# rather than torch's "no autograd formula was registered" for an op the user never called.
+for _op in (_grad_input_op, _grad_weight_op):
+    _op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _involution_decomposed(
     x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, backend: str
 ) -> Tensor:  # fmt: skip

@@ -478,3 +478,22 @@ def test_backward_launches_only_the_needed_kernels(gpu_launches, monkeypatch, ne
     assert (grad_x is not None, grad_w is not None) == needs
     expected = ["forward", "grad_input" if needs[0] else "grad_weight"]
     assert [kind for kind, _ in gpu_launches] == expected
+
+
+@pytest.mark.parametrize("backend", ["cupy", "torch"])
+def test_double_backward_is_refused_clearly(gpu_launches, monkeypatch, backend) -> None:
+    """create_graph=True works (first-order gradients are exact), but differentiating those gradients raises an
+    error that names the cause and the backend that can do it."""
+    x, weight, grad = _edge_inputs(EDGE_CASES["even_K"], "nchw")
+    conv = (1, 1, 1)
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    expected = _forward_backward(x, weight, grad, conv, "unfold")
+    if backend == "cupy":
+        monkeypatch.setattr(sys.modules["ops.involution"], "_resolve_backend", lambda backend, x: "cupy")
+    out = ops.involution(x, weight, *conv, backend=backend)
+    grad_x, grad_w = torch.autograd.grad(out.sum(dim=(0, 2)), (x, weight), grad, create_graph=True)
+    torch.testing.assert_close((grad_x, grad_w), expected[1:])
+    for first_order in (grad_x, grad_w):
+        with pytest.raises(NotImplementedError, match="double backward.*backend='unfold'"):
+            first_order.square().sum().backward(retain_graph=True)
+    assert len(gpu_launches) == (3 if backend == "cupy" else 0)
