@@ -33,7 +33,6 @@ __all__ = ["forward", "grad_input", "grad_weight", "is_available", "probe"]
 
 # Runs on CUDA tensors only (see OP_BACKENDS in ops/involution.py).
 DEVICE_TYPES = ("cuda",)
-DTYPES = None  # every floating dtype: float16, bfloat16, float32, float64
 
 KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "involution.cu"
 # Channels of a group and adjacent pixels of a row that one thread handles (registers per thread grow with both);
@@ -57,6 +56,8 @@ SCALAR_TYPES = {
     torch.float16: "__half",
     torch.bfloat16: "__nv_bfloat16",
 }
+# The dtypes the kernels build for (see OP_BACKENDS in ops/involution.py): "auto" skips the backend for others.
+DTYPES = tuple(SCALAR_TYPES)
 KERNEL_KINDS = ("forward", "grad_input", "grad_weight")
 LAYOUTS = ("nchw", "nhwc")
 # channels_last tensors go to the NHWC kernels; False sends them through NCHW copies instead (for comparisons).
