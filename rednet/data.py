@@ -228,6 +228,22 @@ def list_split(split_dir: str | Path) -> SplitListing:
     return listing
 
 
+def expand_home_in_overrides(overrides: Sequence[str]) -> list[str]:
+    """Hydra command-line overrides with a value starting with `~` ("data.root=~/images") given the home folder.
+
+    The shell expands no `~` after `data.root=` (it is no variable assignment), and Hydra's override grammar refuses
+    one unquoted ("LexerNoViableAltException: data.root=~/images"), so such an override could never be meant
+    otherwise; `~user/x` is expanded too. Deletions (`~key`) and quoted values are left as they are.
+    """
+    expanded = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and value.startswith("~") and not key.startswith("~"):
+            override = f"{key}={os.path.expanduser(value)}"
+        expanded.append(override)
+    return expanded
+
+
 # timm's create_dataset(search_split=True) reads these folders when the split's own is missing: data.train_split=train
 # also finds training/, data.val_split=val finds valid/, validation/, eval/ or evaluation/.
 SPLIT_SYNONYMS = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"))
@@ -378,13 +394,25 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
     return names
 
 
+def explain_error(error: BaseException) -> str:
+    """'Type: message' of an error opening an image, with the fix for one too large for Pillow's bomb guard."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, Image.DecompressionBombError):
+        # Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS (179 Mpx): a 20000 x 20000 scan or satellite tile
+        text += (
+            " Pillow refuses images this large; downscale the file (it is resized to data.img_size anyway), or tile "
+            "it into several images"
+        )
+    return text
+
+
 def _header_error(path: str) -> str | None:
-    """Why Pillow cannot open `path` as an image ('Type: message'), or None when its header reads."""
+    """Why Pillow cannot open `path` as an image (`explain_error`), or None when its header reads."""
     try:
         with Image.open(path):  # reads the header only: format, mode and size, no pixels
             return None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+        return explain_error(e)
 
 
 def unreadable_files(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -649,7 +677,7 @@ class CheckedImageFolder(Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_bad_images:
                 raise BadImageError(
-                    f"cannot read image '{path}' ({type(e).__name__}: {e}); replace or delete the file, "
+                    f"cannot read image '{path}' ({explain_error(e)}); replace or delete the file, "
                     "or set data.skip_bad_images=true to skip unreadable images"
                 ) from e
             with self.bad_count.get_lock():  # (the lock also makes the warned flag's test-and-set atomic)
