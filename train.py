@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -363,9 +364,10 @@ def start_run(cfg: DictConfig, own_dir: Path) -> tuple[distributed.DistInfo, Pat
 def make_data_root_absolute(cfg: DictConfig) -> None:
     """data.root as an absolute path (relative ones from the directory train.py was started in, as Hydra's
     to_absolute_path reads them): config.yaml and the checkpoints record it, and eval.py or a resume started from
-    another directory must find the same folder."""
+    another directory must find the same folder. `~` is expanded first (the shell leaves data.root=~/x alone)."""
     if not OmegaConf.is_missing(cfg.data, "root") and cfg.data.root:
-        cfg.data.root = str(Path(hydra.utils.to_absolute_path(str(cfg.data.root))).resolve())
+        root = Path(str(cfg.data.root)).expanduser()
+        cfg.data.root = str(Path(hydra.utils.to_absolute_path(str(root))).resolve())
 
 
 def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -554,4 +556,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = data.expand_home_in_overrides(sys.argv[1:])  # data.root=~/images: Hydra's grammar refuses a ~
     main()

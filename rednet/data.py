@@ -6,6 +6,7 @@ Layout (ImageNet's): `<root>/train/<class>/<image>` and `<root>/val/<class>/<ima
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import random
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import EpsImagePlugin, Image, ImageOps, features
-from timm.data import Mixup, create_dataset, create_transform
+from timm.data import ImageDataset, Mixup, create_transform
+from timm.data.readers.reader import Reader
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 
 from rednet.checkpoint import PREPROCESSING_KEYS
@@ -96,111 +101,318 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in image_extensions()
 
 
-def _left_out_kind(relative: str) -> str:
-    """How a file left out of a class folder is counted in the log: its extension, 'hidden' or 'in subfolders'."""
-    if "/" in relative:
-        return "in subfolders"
-    if relative.startswith("."):
+# Folders and files operating systems write beside images, never images themselves: left out and counted under
+# these kinds (a zip made on macOS holds __MACOSX/ with a ._<name> AppleDouble file for every file, and .DS_Store).
+MACOS_FOLDER = "__MACOSX"
+_SYSTEM_FILES = {".ds_store": "macOS metadata", "thumbs.db": "Windows metadata", "desktop.ini": "Windows metadata"}
+
+
+def _left_out_kind(name: str) -> str:
+    """How a file left out of a split is counted in the log, from its name: 'macOS metadata' (._*, .DS_Store),
+    'Windows metadata' (Thumbs.db, desktop.ini), 'hidden', its extension, or 'no extension'."""
+    if name.lower() in _SYSTEM_FILES:
+        return _SYSTEM_FILES[name.lower()]
+    if name.startswith("._"):
+        return "macOS metadata"
+    if name.startswith("."):
         return "hidden"
-    return os.path.splitext(relative)[1].lower() or "no extension"
+    return os.path.splitext(name)[1].lower() or "no extension"
 
 
-def _scan_class_folder(class_dir: Path) -> tuple[int, list[str]]:
-    """(images found, sorted files left out as paths relative to `class_dir`).
+def _skipped_folder_kind(name: str) -> str | None:
+    """The kind every file in a folder named `name` is counted under (the folder is not read), or None: read it."""
+    if name == MACOS_FOLDER:
+        return "macOS metadata"
+    if name.startswith("."):  # .ipynb_checkpoints/, .cache/, .git/
+        return "in hidden folders"
+    return None
 
-    Images in a class's subfolder would be lost without a word (timm labels an image by the folder it is in, which
-    is no class), so a subfolder holding images is an error, with the fix.
+
+def _files_under(folder: str) -> list[str]:
+    """Every file below `folder` (symlinks followed, each directory once), as paths relative to it."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a symlink loop, or a second link to the same folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [os.path.relpath(os.path.join(top, n), folder) for n in names]
+    return files
+
+
+@dataclasses.dataclass
+class SplitListing:
+    """What one split folder holds: its classes, the images of each, and every file that is not used.
+
+    Attributes:
+        folder: the split folder.
+        classes: the class folder names, sorted as strings (Python's sorted(): '10' before '2', 'B' before 'a').
+        samples: (image path, class name), sorted as timm sorts them (natural order of the path).
+        left_out: (path relative to `folder`, kind) for every other file (see `_left_out_kind`).
+        nested: images found in subfolders of a class folder (relative paths), used with their class folder's label.
+        empty: class folders without any image: {class name: files they hold (relative to the class folder)}.
     """
-    with os.scandir(class_dir) as scan:  # scandir: file types without a stat per image (1.28M in ImageNet)
-        entries = list(scan)
-    images, left_out = 0, []
-    for entry in entries:
-        if entry.is_dir():
-            nested = [p.relative_to(class_dir).as_posix() for p in Path(entry.path).rglob("*") if p.is_file()]
-            if not entry.name.startswith(".") and any(_is_image(Path(f).name) for f in nested):
-                raise ValueError(
-                    f"'{entry.path}' holds images, but only images directly inside a class folder are read (timm "
-                    f"labels an image by its own folder): move them into '{class_dir}' (e.g. Tiny-ImageNet's "
-                    "train/<class>/images/ layout)"
-                )
-            left_out += nested
-        elif _is_image(entry.name):
-            images += 1
-        else:
-            left_out.append(entry.name)
-    return images, sorted(left_out)
+
+    folder: Path
+    classes: list[str]
+    samples: list[tuple[str, str]]
+    left_out: list[tuple[str, str]]
+    nested: list[str]
+    empty: dict[str, list[str]]
 
 
-def _check_split(split_dir: Path, layout: str) -> list[str]:
-    """The class names of one split; logs the files left out, by kind; a class without images is an error."""
-    entries = sorted(split_dir.iterdir())
-    class_dirs = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
-    if not class_dirs:
-        raise ValueError(f"data.root '{split_dir.parent}' has no class folders under {split_dir.name}/: {layout}")
-    # (path relative to the split, kind): files outside class folders are no class's either
-    left_out = [(e.name, "outside class folders") for e in entries if not e.is_dir()]
-    left_out += [(f"{e.name}/", "hidden folders") for e in entries if e.is_dir() and e.name.startswith(".")]
-    used = 0
-    for class_dir in class_dirs:
-        images, skipped = _scan_class_folder(class_dir)
-        if images == 0:
-            held = ", ".join(skipped[:10]) + (f", ... ({plural(len(skipped), 'file')})" if len(skipped) > 10 else "")
-            raise ValueError(
-                f"class folder '{class_dir}' holds no image this Pillow can read ({held or 'it is empty'}); add "
-                "images (.png, .jpg, .webp, .bmp, .tif, ...: rednet.data.image_extensions() lists them), convert "
-                "the files, or remove the folder"
-            )
-        used += images
-        left_out += [(f"{class_dir.name}/{f}", _left_out_kind(f)) for f in skipped]
-    if left_out:
-        counts = Counter(kind for _, kind in left_out)
-        _logger.info(
-            "%s/: %s used, %s left out (not an image format this Pillow decodes, hidden, or not "
-            "directly in a class folder): %s; e.g. %s",
-            split_dir.name, plural(used, "image"), plural(len(left_out), "file"),
-            ", ".join(f"{kind} {n}" for kind, n in counts.most_common()),
-            ", ".join(path for path, _ in left_out[:3]),
+def _walk_class_folder(class_dir: Path, listing: SplitListing) -> None:
+    """Add one class folder's images, at any depth, and its other files to `listing`.
+
+    Images in subfolders belong to the class folder, as in torchvision's ImageFolder (Tiny-ImageNet's
+    train/<class>/images/): timm's reader would label them by the subfolder's name instead, which is no class.
+    """
+    name, direct, left_out, holders = class_dir.name, 0, [], set()
+    seen = {os.path.realpath(class_dir)}
+    for top, dirs, files in os.walk(class_dir, followlinks=True):
+        relative_top = os.path.relpath(top, class_dir)
+        kept = []
+        for d in sorted(dirs):
+            path, sub = os.path.join(top, d), os.path.normpath(os.path.join(relative_top, d))
+            kind = _skipped_folder_kind(d)
+            if kind is None and os.path.realpath(path) in seen:  # a link back to a folder already read
+                left_out.append((f"{sub}/", "symlink loops"))
+                continue
+            if kind is not None:
+                left_out += [(f"{sub}/{f}", kind) for f in _files_under(path)]
+                continue
+            seen.add(os.path.realpath(path))
+            kept.append(d)
+        dirs[:] = kept
+        for f in sorted(files):
+            relative = os.path.normpath(os.path.join(relative_top, f))
+            if not _is_image(f):
+                left_out.append((relative, _left_out_kind(f)))
+                continue
+            listing.samples.append((os.path.join(top, f), name))
+            if relative_top == ".":
+                direct += 1
+            else:
+                listing.nested.append(f"{name}/{relative}")
+                holders.add(relative.split(os.sep)[0])
+    if direct == 0 and not holders:
+        listing.empty[name] = sorted(path for path, _ in left_out)
+    elif direct == 0 and len(holders) > 1:
+        _logger.warning(
+            "'%s' holds images only in its subfolders %s: all are class '%s'; if those subfolders are the classes, "
+            "set data.root one level deeper", class_dir, ", ".join(f"{h}/" for h in sorted(holders)[:5]), name,
         )  # fmt: skip
-    return [d.name for d in class_dirs]
+    listing.left_out += [(f"{name}/{path}", kind) for path, kind in left_out]
+
+
+def list_split(split_dir: str | Path) -> SplitListing:
+    """The classes, images and left-out files of one split folder (`<root>/<split>`).
+
+    A class is each folder directly in `split_dir` (symlinks followed), except hidden ones and macOS's __MACOSX/;
+    its images are the files with an `image_extensions()` extension (any case, not hidden) at any depth in it.
+    Every other file is in `left_out`, with its kind.
+    """
+    split_dir = Path(split_dir)
+    listing = SplitListing(split_dir, [], [], [], [], {})
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if not entry.is_dir():  # files outside class folders are no class's either
+            kind = _left_out_kind(entry.name)
+            listing.left_out.append((entry.name, kind if "metadata" in kind else "outside class folders"))
+        elif (kind := _skipped_folder_kind(entry.name)) is not None:
+            listing.left_out += [(f"{entry.name}/{f}", kind) for f in _files_under(entry.path)]
+        else:
+            listing.classes.append(entry.name)
+            _walk_class_folder(Path(entry.path), listing)
+    listing.samples.sort(key=lambda sample: natural_key(sample[0]))  # timm's order: runs keep their data order
+    return listing
+
+
+def expand_home_in_overrides(overrides: Sequence[str]) -> list[str]:
+    """Hydra command-line overrides with a value starting with `~` ("data.root=~/images") given the home folder.
+
+    The shell expands no `~` after `data.root=` (it is no variable assignment), and Hydra's override grammar refuses
+    one unquoted ("LexerNoViableAltException: data.root=~/images"), so such an override could never be meant
+    otherwise; `~user/x` is expanded too. Deletions (`~key`) and quoted values are left as they are.
+    """
+    expanded = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and value.startswith("~") and not key.startswith("~"):
+            override = f"{key}={os.path.expanduser(value)}"
+        expanded.append(override)
+    return expanded
+
+
+# timm's create_dataset(search_split=True) reads these folders when the split's own is missing: data.train_split=train
+# also finds training/, data.val_split=val finds valid/, validation/, eval/ or evaluation/.
+SPLIT_SYNONYMS = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"))
+
+
+def split_folder(root: str | Path, split: str) -> Path:
+    """The folder of `split` under data.root `root` (`~` expanded): `<root>/<split>`, else timm's synonym (logged).
+
+    Raises:
+        FileNotFoundError: `root` is missing, or holds neither; the message lists the folders it holds and the
+            likely fix (data.root one level up or down, or data.train_split/data.val_split set to a folder there).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root '{root}' does not exist; {LAYOUT}")
+    if (root / split).is_dir():
+        return root / split
+    for names in SPLIT_SYNONYMS:
+        found = next((root / n for n in names if split in names and (root / n).is_dir()), None)
+        if found is not None:
+            _log_once(f"data.root '{root}' has no {split}/ folder: reading {found.name}/ (as timm does; set "
+                      f"data.{'train' if names[0] == 'train' else 'val'}_split={found.name} to name it)")  # fmt: skip
+            return found
+    raise FileNotFoundError(f"data.root '{root}' has no '{split}' folder: {_where_the_split_is(root, split)}; {LAYOUT}")
+
+
+LAYOUT = "expected <data.root>/train/<class>/<image> and <data.root>/val/<class>/<image> (ImageNet's layout)"
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return sorted(p for p in folder.iterdir() if p.is_dir() and _skipped_folder_kind(p.name) is None)
+    return []
+
+
+def _holds_images(folder: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return any(_is_image(p.name) for p in folder.iterdir())
+    return False
+
+
+def _where_the_split_is(root: Path, split: str) -> str:
+    """What `root` holds instead of `split`, and the likely fix: a data.root one level too deep or too high, or
+    the split under another name."""
+    names = [split, *next((n for n in SPLIT_SYNONYMS if split in n), ())]
+    folders = _subfolders(root)
+    listed = ", ".join(f"{p.name}/" for p in folders[:10]) + (" ..." if len(folders) > 10 else "") or "no folders"
+    if root.name in names or (folders and any(_holds_images(p) for p in folders[:20])):
+        return (f"it holds {listed}, folders of images: data.root seems to be a split folder itself; set "
+                f"data.root='{root.parent}' (the folder holding train/ and val/), or make train/ and val/ folders "
+                "of these class folders")  # fmt: skip
+    deeper = [p for p in folders if any((p / n).is_dir() for n in names)]
+    if deeper:
+        return f"it holds {listed}; {deeper[0].name}/ holds {split}/: set data.root='{deeper[0]}'"
+    others = [p.name for p in folders if p.name not in {n for group in SPLIT_SYNONYMS for n in group}]
+    key = "data.train_split" if split in SPLIT_SYNONYMS[0] else "data.val_split"
+    return f"it holds {listed}" + (f"; if {others[0]}/ is the split, set {key}={others[0]}" if others else "")
+
+
+def _log_listing(split: str, listing: SplitListing) -> None:
+    """One INFO line of the files left out by kind, one of images in class subfolders, one of images per class."""
+    used = len(listing.samples)
+    if listing.left_out:
+        counts = Counter(kind for _, kind in listing.left_out)
+        _logger.info(
+            "%s/: %s used, %s left out (not an image format this Pillow decodes, hidden, system metadata, or not "
+            "in a class folder): %s; e.g. %s",
+            split, plural(used, "image"), plural(len(listing.left_out), "file"),
+            ", ".join(f"{kind} {n}" for kind, n in counts.most_common()),
+            ", ".join(path for path, _ in listing.left_out[:3]),
+        )  # fmt: skip
+    if listing.nested:
+        _logger.info(
+            "%s/: %s of %d are in subfolders of their class folder (e.g. %s), labelled by the class folder (as "
+            "torchvision's ImageFolder does)", split, plural(len(listing.nested), "image"), used, listing.nested[0],
+        )  # fmt: skip
+    per_class = Counter(name for _, name in listing.samples)
+    fewest = min(listing.classes, key=lambda c: per_class[c])
+    _logger.info(
+        "%s/: %s in %s, %d to %d per class (fewest: '%s')", split, plural(used, "image"),
+        plural(len(listing.classes), "class", "classes"), per_class[fewest], max(per_class.values()), fewest,
+    )  # fmt: skip
+
+
+def _differences(a: list[str], b: list[str]) -> str:
+    """Pairs of class names in `a` and `b` that differ only in letter case or Unicode normalization, said."""
+    pairs = []
+    for x in a:
+        for y in b:
+            if unicodedata.normalize("NFC", x) == unicodedata.normalize("NFC", y):
+                pairs.append(f"'{x}' and '{y}' differ only in Unicode normalization (macOS writes decomposed accents)")
+            elif unicodedata.normalize("NFC", x).casefold() == unicodedata.normalize("NFC", y).casefold():
+                pairs.append(f"'{x}' and '{y}' differ only in letter case")
+    return "; ".join(pairs[:5])
 
 
 def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
     """Check `root` holds the same class folders in each split, each with images; return the sorted class names.
 
-    Images are the files directly in a class folder whose extension is one of `image_extensions()` (any case);
-    the other files are counted by kind in an INFO log line per split.
+    Each split's folder is `split_folder`'s; its classes, images and left-out files are `list_split`'s. Logged
+    (INFO, per split): the files left out by kind, images in class subfolders, images per class. Class names
+    are sorted as strings, as torchvision does: class index 1 of folders 1, 2, 10 is '10' (logged when so).
 
     Raises:
-        FileNotFoundError / ValueError: naming the bad path and the expected layout, before any work starts; a
-            class folder without images lists the files it holds.
+        FileNotFoundError / ValueError: naming the bad path, what it holds and the fix, before any work starts: a
+            missing root or split, a split without class folders, a class folder without images (listing its
+            files), splits with other class folders (naming those that differ only in case or normalization).
     """
-    root = Path(root).expanduser()
-    layout = "expected <root>/" + "|".join(splits) + "/<class>/<image> (ImageNet layout)"
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root '{root}' does not exist; {layout}")
+    classes = {}
+    folders = {split: split_folder(root, split) for split in splits}  # every split is there before any is listed
     for split in splits:
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"data.root '{root}' has no '{split}' folder; {layout}")
-    classes = {split: _check_split(root / split, layout) for split in splits}
+        listing = list_split(folders[split])
+        if not listing.classes:
+            raise ValueError(
+                f"data.root '{Path(root).expanduser()}' has no class folders under {listing.folder.name}/: put its "
+                f"images into {listing.folder.name}/<class>/ folders, the same class names in every split; {LAYOUT}"
+            )
+        for name, held in listing.empty.items():
+            held_text = ", ".join(held[:10]) + (f", ... ({plural(len(held), 'file')})" if len(held) > 10 else "")
+            raise ValueError(
+                f"class folder '{listing.folder / name}' holds no image this Pillow can read "
+                f"({held_text or 'it is empty'}); add images (.png, .jpg, .webp, .bmp, .tif, ...: "
+                "rednet.data.image_extensions() lists them), convert the files, or remove the folder"
+            )
+        _log_listing(listing.folder.name, listing)
+        classes[split] = listing.classes
     first = splits[0]
     for split in splits[1:]:
         if classes[split] != classes[first]:
-            only_a = sorted(set(classes[first]) - set(classes[split]))[:10]
-            only_b = sorted(set(classes[split]) - set(classes[first]))[:10]
+            only_a = sorted(set(classes[first]) - set(classes[split]))
+            only_b = sorted(set(classes[split]) - set(classes[first]))
+            hint = _differences(only_a, only_b)
             raise ValueError(
-                f"classes of {split}/ differ from {first}/ under data.root '{root}': only in {first}/: {only_a}, "
-                f"only in {split}/: {only_b}; both splits need the same class folders"
+                f"classes of {split}/ differ from {first}/ under data.root '{Path(root).expanduser()}': only in "
+                f"{first}/: {only_a[:10]}, only in {split}/: {only_b[:10]}"
+                + (f" ({hint})" if hint else "")
+                + f"; both splits need the same class folders (the model's outputs are {first}/'s classes): rename "
+                f"or add folders"
             )
-    return classes[first]
+    names = classes[first]
+    numeric = sorted(names, key=int) if all(n.isdigit() for n in names) else names
+    if numeric != names:
+        index = next(i for i, (a, b) in enumerate(zip(names, numeric)) if a != b)
+        _logger.info(
+            "class folders are numbers, indexed in string order as torchvision's ImageFolder does: class %d is "
+            "'%s' (checkpoints keep the names, in 'classes')", index, names[index],
+        )  # fmt: skip
+    return names
+
+
+def explain_error(error: BaseException) -> str:
+    """'Type: message' of an error opening an image, with the fix for one too large for Pillow's bomb guard."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, Image.DecompressionBombError):
+        # Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS (179 Mpx): a 20000 x 20000 scan or satellite tile
+        text += (
+            " Pillow refuses images this large; downscale the file (it is resized to data.img_size anyway), or tile "
+            "it into several images"
+        )
+    return text
 
 
 def _header_error(path: str) -> str | None:
-    """Why Pillow cannot open `path` as an image ('Type: message'), or None when its header reads."""
+    """Why Pillow cannot open `path` as an image (`explain_error`), or None when its header reads."""
     try:
         with Image.open(path):  # reads the header only: format, mode and size, no pixels
             return None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+        return explain_error(e)
 
 
 def unreadable_files(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -465,7 +677,7 @@ class CheckedImageFolder(Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if not self.skip_bad_images:
                 raise BadImageError(
-                    f"cannot read image '{path}' ({type(e).__name__}: {e}); replace or delete the file, "
+                    f"cannot read image '{path}' ({explain_error(e)}); replace or delete the file, "
                     "or set data.skip_bad_images=true to skip unreadable images"
                 ) from e
             with self.bad_count.get_lock():  # (the lock also makes the warned flag's test-and-set atomic)
@@ -598,6 +810,14 @@ def _timm_transform(data_cfg: Any, is_training: bool, common: dict[str, Any]) ->
     )
 
 
+class _ListedReader(ReaderImageFolder):
+    """timm's folder reader over a given sample list [(path, class index)], without a walk of its own."""
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], class_to_idx: dict[str, int]) -> None:
+        Reader.__init__(self)
+        self.root, self.samples, self.class_to_idx = root, samples, class_to_idx
+
+
 def create_image_dataset(
     data_cfg: Any,
     split: str,
@@ -607,7 +827,8 @@ def create_image_dataset(
     seed: int | None = None,
     in_chans: int = 3,
 ) -> CheckedImageFolder:
-    """timm folder dataset of `<root>/<split>` with the class order fixed by `classes` (same indices every split).
+    """timm dataset of the images `list_split` finds in `split_folder(data.root, split)`, each labelled by the index
+    of its class folder in `classes` (same indices every split).
 
     Its samples are (float32 tensor (in_chans, H, W), class index): `in_chans` is the model's input channels, 1
     (files decoded to 8-bit grayscale, `to_gray`) or 3 (8-bit RGB, `to_rgb`).
@@ -619,21 +840,23 @@ def create_image_dataset(
     Raises:
         UnreadableImagesError: files Pillow cannot open, listed (with data.skip_bad_images=true: left out, with a
             warning).
-        ValueError: an `in_chans` other than 1 or 3 (`image_mode`), or a transform setting timm refuses, or
-            data.mean/std of another length (see `create_transforms`).
+        ValueError: an `in_chans` other than 1 or 3 (`image_mode`), a class folder not in `classes`, a transform
+            setting timm refuses, or data.mean/std of another length (see `create_transforms`).
+        FileNotFoundError: no such split folder (see `split_folder`).
     """
     mode = image_mode(in_chans)  # before the headers are read: a bad in_chans fails at once
-    dataset = create_dataset(
-        "",
-        root=str(Path(data_cfg.root).expanduser()),
-        split=split,
-        search_split=True,
-        class_map={c: i for i, c in enumerate(classes)},
-        is_training=is_training,
-        input_key=";".join(sorted(image_extensions())),  # timm's folder reader: the extensions to take
-    )
-    # The files `check_image_folder` counted as images: timm's reader would also take hidden ._x.jpg files.
-    samples = [s for s in dataset.reader.samples if _is_image(os.path.basename(s[0]))]
+    # The split's listing, not timm's walk: timm's reader labels an image by its own folder (a class's images/
+    # subfolder would be a class of its own) and takes hidden ._x.jpg files; these are the images check_image_folder
+    # counted, labelled by their class folder.
+    listing = list_split(split_folder(data_cfg.root, split))
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(listing.classes) - set(class_to_idx))
+    if unknown:  # check_image_folder refuses these first; a caller passing other classes must not lose images
+        raise ValueError(
+            f"{listing.folder} has class folders {unknown[:10]} that are not among the classes {classes[:10]}"
+        )
+    samples = [(path, class_to_idx[name]) for path, name in listing.samples]
+    dataset = ImageDataset(str(listing.folder), reader=_ListedReader(str(listing.folder), samples, class_to_idx))
     verify = data_cfg.get("verify_images", "auto")
     dataset.reader.samples = _drop_unreadable(samples, split, data_cfg.skip_bad_images, verify)
     dataset.transform = create_transforms(data_cfg, is_training, in_chans)
