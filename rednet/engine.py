@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from rednet import distributed, monitor
 from rednet.data import BadImageError
-from rednet.run_state import TrainProgress, schedule_position
+from rednet.run_state import TrainProgress, place_schedule
 
 _logger = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ def train_one_epoch(
         progress.epoch_batches += group_size
         if model_ema is not None:
             model_ema.update(unwrap_model(model), step=progress.step)
-        if scheduler is not None:
-            scheduler.step_update(num_updates=schedule_position(progress, settings.epoch_updates, accum))
+        place_schedule(scheduler, progress, settings.epoch_updates, accum)
         losses.pending.append(accum_loss)
         accum_loss = torch.zeros((), device=settings.device)
 

@@ -252,6 +252,32 @@ def test_resume_with_a_new_batch_size_and_epochs_follows_the_new_schedule(image_
     assert 0.07 in {group["weight_decay"] for group in groups}  # the new setting, not the checkpoint's 0.05
 
 
+def test_a_schedule_stepped_per_epoch_is_followed(image_root, tmp_path):
+    """sched.step_on_epochs=true (timm's default, and the schema's for a new sched/*.yaml): timm's scheduler then
+    ignores step_update, and the run trained its 3 epochs at the warmup's first LR (warmup_ratio x optim.lr). Each epoch
+    now trains at timm's value for that epoch, also after a resume in the middle of one."""
+    used_lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: used_lrs.append(optimizer.param_groups[0]["lr"])
+    )
+    overrides = ("trainer.epochs=3", "sched.step_on_epochs=true", "sched.warmup_epochs=1", "sched.warmup_ratio=0.1")
+    cfg = _train_cfg(image_root, *overrides)
+    try:
+        stopped = train.train(cfg.copy(), tmp_path, should_stop=lambda: len(used_lrs) == 9)  # in epoch 2
+        assert stopped["stopped"] and stopped["step"] == 9
+        train.train(OmegaConf.merge(cfg, {"resume": "auto"}), tmp_path)
+    finally:
+        hook.remove()
+    reference = train.create_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), cfg.sched,
+                                       1e-3, 3, UPDATES_PER_EPOCH)  # fmt: skip
+    expected = []
+    for epoch in range(3):
+        reference.step(epoch)
+        expected += [reference.optimizer.param_groups[0]["lr"]] * UPDATES_PER_EPOCH
+    assert expected[::6] == pytest.approx([1e-4, 0.75e-3, 0.25e-3])  # the warmup's start, then the cosine
+    assert used_lrs == pytest.approx(expected, rel=1e-12)
+
+
 def test_resume_that_turns_on_ema_starts_it_from_the_model(trained, image_root, tmp_path):
     path = _edited_checkpoint(trained, tmp_path, state_dict_ema=None)
     results = train.train(
@@ -623,6 +649,7 @@ def test_grad_accum_that_does_not_divide_the_epoch_uses_every_batch():
         (["data.batch_size=3", "data.cutmix=1.0"], r"data.batch_size=3 must be even .*set data.batch_size=4 or 2"),
         (["sched.cooldown_epochs=2"], r"lasts 3 epochs, but trainer.epochs=1: .*Set trainer.epochs=3"),
         (["sched.warmup_prefix=true"], r"warmup_prefix=true \(warmup_epochs=1\) lasts 2 epochs"),
+        (["sched.sched=plateau"], r"sched.sched=plateau is not supported: .*use sched=cosine"),  # bare AssertionError
     ],
 )
 def test_values_that_cannot_train_fail_before_data_is_read(image_root, tmp_path, monkeypatch, overrides, match):
