@@ -106,6 +106,12 @@ def check_schedule(cfg: DictConfig) -> None:
             "checkpoint holds (timm deprecates it for that reason), so a resumed run would restart it; use "
             "sched=cosine or sched=step (sched.sched=multistep with sched.decay_milestones=[...] for fixed drops)"
         )
+    if sched.sched == "none" and sched.warmup_epochs > 0:  # timm builds no scheduler at all: no warmup either
+        raise ValueError(
+            f"sched.sched=none keeps optim.lr constant from the first step, without the sched.warmup_epochs="
+            f"{sched.warmup_epochs} warmup: set sched.sched=constant (a warmup, then a constant lr) or "
+            "sched.warmup_epochs=0"
+        )
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # stands in: only the length counts
     kwargs = {k: v for k, v in OmegaConf.to_container(sched).items() if k != "warmup_ratio"}
     _, total = create_scheduler_v2(optimizer, **kwargs, num_epochs=epochs, updates_per_epoch=1)

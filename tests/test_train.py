@@ -661,6 +661,7 @@ def test_top5_only_with_more_than_five_classes(classes):
         (["sched.cooldown_epochs=2"], r"lasts 3 epochs, but trainer.epochs=1: .*Set trainer.epochs=3"),
         (["sched.warmup_prefix=true"], r"warmup_prefix=true \(warmup_epochs=1\) lasts 2 epochs"),
         (["sched.sched=plateau"], r"sched.sched=plateau is not supported: .*use sched=cosine"),  # bare AssertionError
+        (["sched.sched=none"], r"sched.sched=none keeps optim.lr constant .*warmup_epochs=1 warmup"),  # ignored it
     ],
 )
 def test_values_that_cannot_train_fail_before_data_is_read(image_root, tmp_path, monkeypatch, overrides, match):
