@@ -101,6 +101,18 @@ def check_schedule(cfg: DictConfig) -> None:
         ValueError: naming the settings and the fix.
     """
     epochs, sched = cfg.trainer.epochs, cfg.sched
+    if sched.sched == "plateau":  # (timm asserts step_on_epochs for it; its own message would not say why)
+        raise ValueError(
+            "sched.sched=plateau is not supported: it lowers the learning rate from validation metrics, a state no "
+            "checkpoint holds (timm deprecates it for that reason), so a resumed run would restart it; use "
+            "sched=cosine or sched=step (sched.sched=multistep with sched.decay_milestones=[...] for fixed drops)"
+        )
+    if sched.sched == "none" and sched.warmup_epochs > 0:  # timm builds no scheduler at all: no warmup either
+        raise ValueError(
+            f"sched.sched=none keeps optim.lr constant from the first step, without the sched.warmup_epochs="
+            f"{sched.warmup_epochs} warmup: set sched.sched=constant (a warmup, then a constant lr) or "
+            "sched.warmup_epochs=0"
+        )
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # stands in: only the length counts
     kwargs = {k: v for k, v in OmegaConf.to_container(sched).items() if k != "warmup_ratio"}
     _, total = create_scheduler_v2(optimizer, **kwargs, num_epochs=epochs, updates_per_epoch=1)
@@ -432,7 +444,6 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     if resume is not None:
         progress = run_state.restore(resume, model=model, model_ema=model_ema, optimizer=optimizer, scaler=scaler,
                                      config=config, rank=dist.rank, world_size=dist.world_size)  # fmt: skip
-        scheduler.step_update(num_updates=run_state.schedule_position(progress, epoch_updates, tcfg.grad_accum))
     saver = run_state.CheckpointSaver(ckpt_dir, model, model_ema, optimizer, scaler, progress, config, classes,
                                       tcfg.keep_last, dist.is_main)  # fmt: skip
     if resume is not None and resume.path.resolve().parent == ckpt_dir.resolve():
@@ -462,6 +473,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     metrics = primary = None
     for epoch in range(progress.epoch, tcfg.epochs):
         progress.epoch = epoch
+        run_state.place_schedule(scheduler, progress, epoch_updates, tcfg.grad_accum)  # per-epoch schedules step here
         train_loader.sampler.set_epoch(epoch, start_index=progress.epoch_batches * cfg.data.batch_size)
         done_before = math.ceil(progress.epoch_batches / tcfg.grad_accum)  # > 0 only after a mid-epoch resume
         train_set.set_epoch(epoch)

@@ -90,6 +90,21 @@ def schedule_position(progress: TrainProgress, epoch_updates: int, grad_accum: i
     return progress.epoch * epoch_updates + math.ceil(progress.epoch_batches / grad_accum)
 
 
+def place_schedule(scheduler: Any, progress: TrainProgress, epoch_updates: int, grad_accum: int) -> None:
+    """Set the optimizer's learning rate to the schedule's value where `progress` stands.
+
+    timm's schedulers come in two kinds (sched.step_on_epochs): per update (false: `step_update` sets the LR, `step`
+    is a no-op) and per epoch (true, timm's default: `step` sets it, `step_update` is a no-op). Calling both serves
+    either kind, so a schedule set to step per epoch is followed instead of holding the warmup's first LR for the
+    whole run. Call it after every update and at the start of every epoch (also the first one after a resume).
+    `scheduler` None (sched.sched=none: the LR stays optim.lr) does nothing.
+    """
+    if scheduler is None:
+        return
+    scheduler.step(progress.epoch)
+    scheduler.step_update(num_updates=schedule_position(progress, epoch_updates, grad_accum))
+
+
 # --- files: atomic writes, rotation, finding the newest loadable one
 
 

@@ -56,7 +56,8 @@ def test_run_directory_holds_everything(trained, image_root):
     assert f"root: {image_root}" in (run_dir / "config.yaml").read_text()  # resolved, not ${...}
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == pytest.approx(results)
-    assert 0 <= on_disk["top1"] <= on_disk["top5"] <= 100 and on_disk["loss"] > 0
+    assert 0 <= on_disk["top1"] <= 100 and on_disk["loss"] > 0
+    assert "top5" not in on_disk  # 3 classes: every image's class is in its top 5
     assert on_disk["count"] == 12 and on_disk["step"] == 2 * UPDATES_PER_EPOCH
 
 
@@ -123,8 +124,8 @@ def test_tensorboard_holds_the_scalars(trained):
     run_dir, results = trained
     scalars = _scalars(run_dir)
     expected = {"train/loss", "train/lr", "train/throughput", "train/epoch_time", "train/peak_memory_mb"}
-    expected |= {f"{p}/{m}" for p in ("val", "ema") for m in ("top1", "top5", "loss")}
-    assert expected <= scalars.keys()
+    expected |= {f"{p}/{m}" for p in ("val", "ema") for m in ("top1", "loss")}
+    assert expected <= scalars.keys() and "val/top5" not in scalars  # (3 classes)
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, 13))  # log_interval=1: every step
     lrs = [v for _, v in scalars["train/lr"]]
     assert lrs[1] > lrs[0]  # per-step warmup
@@ -250,6 +251,32 @@ def test_resume_with_a_new_batch_size_and_epochs_follows_the_new_schedule(image_
     assert used_lrs == pytest.approx(reference[12:18], rel=1e-12) and min(used_lrs) > 0
     groups = run_state.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
     assert 0.07 in {group["weight_decay"] for group in groups}  # the new setting, not the checkpoint's 0.05
+
+
+def test_a_schedule_stepped_per_epoch_is_followed(image_root, tmp_path):
+    """sched.step_on_epochs=true (timm's default, and the schema's for a new sched/*.yaml): timm's scheduler then
+    ignores step_update, and the run trained its 3 epochs at the warmup's first LR (warmup_ratio x optim.lr). Each epoch
+    now trains at timm's value for that epoch, also after a resume in the middle of one."""
+    used_lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: used_lrs.append(optimizer.param_groups[0]["lr"])
+    )
+    overrides = ("trainer.epochs=3", "sched.step_on_epochs=true", "sched.warmup_epochs=1", "sched.warmup_ratio=0.1")
+    cfg = _train_cfg(image_root, *overrides)
+    try:
+        stopped = train.train(cfg.copy(), tmp_path, should_stop=lambda: len(used_lrs) == 9)  # in epoch 2
+        assert stopped["stopped"] and stopped["step"] == 9
+        train.train(OmegaConf.merge(cfg, {"resume": "auto"}), tmp_path)
+    finally:
+        hook.remove()
+    reference = train.create_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), cfg.sched,
+                                       1e-3, 3, UPDATES_PER_EPOCH)  # fmt: skip
+    expected = []
+    for epoch in range(3):
+        reference.step(epoch)
+        expected += [reference.optimizer.param_groups[0]["lr"]] * UPDATES_PER_EPOCH
+    assert expected[::6] == pytest.approx([1e-4, 0.75e-3, 0.25e-3])  # the warmup's start, then the cosine
+    assert used_lrs == pytest.approx(expected, rel=1e-12)
 
 
 def test_resume_that_turns_on_ema_starts_it_from_the_model(trained, image_root, tmp_path):
@@ -602,6 +629,16 @@ def test_grad_accum_that_does_not_divide_the_epoch_uses_every_batch():
     assert run_state.schedule_position(run_state.TrainProgress(epoch=1, epoch_batches=4), 3, 2) == 5
 
 
+@pytest.mark.parametrize("classes", [3, 5, 6])
+def test_top5_only_with_more_than_five_classes(classes):
+    """With 5 classes or fewer every image's class is among the top 5: a 3-class folder logged "top5 100.00"."""
+    logits = torch.arange(classes, dtype=torch.float32).repeat(4, 1)  # class c scores c: class 0 ranks last
+    targets = torch.tensor([0, 1, classes - 1, classes - 1])
+    metrics = engine.evaluate(torch.nn.Identity(), [(logits, targets)], torch.device("cpu"), show_progress=False)
+    assert metrics["top1"] == 50.0
+    assert metrics.get("top5") == (75.0 if classes == 6 else None)  # 6 classes: class 0 is 6th, class 1 5th
+
+
 # --- more settings that cannot train (or train wrong without a word): refused before any data is read
 
 
@@ -623,6 +660,8 @@ def test_grad_accum_that_does_not_divide_the_epoch_uses_every_batch():
         (["data.batch_size=3", "data.cutmix=1.0"], r"data.batch_size=3 must be even .*set data.batch_size=4 or 2"),
         (["sched.cooldown_epochs=2"], r"lasts 3 epochs, but trainer.epochs=1: .*Set trainer.epochs=3"),
         (["sched.warmup_prefix=true"], r"warmup_prefix=true \(warmup_epochs=1\) lasts 2 epochs"),
+        (["sched.sched=plateau"], r"sched.sched=plateau is not supported: .*use sched=cosine"),  # bare AssertionError
+        (["sched.sched=none"], r"sched.sched=none keeps optim.lr constant .*warmup_epochs=1 warmup"),  # ignored it
     ],
 )
 def test_values_that_cannot_train_fail_before_data_is_read(image_root, tmp_path, monkeypatch, overrides, match):
