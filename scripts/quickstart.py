@@ -57,9 +57,8 @@ def main() -> None:
     results = json.loads((eval_dir / "results.json").read_text())
 
     print()
-    top5 = f"top-5 {results['top5']:.2f}%, " if "top5" in results else ""  # (none with 5 classes or fewer)
-    print(f"{results['model']} on {data_root}: val top-1 {results['top1']:.2f}% ({top5}{results['count']} images), "
-          f"trained in {train_seconds / 60:.1f} min")  # fmt: skip
+    print(f"{results['model']} on {data_root}: val top-1 {results['top1']:.2f}% (top-5 {results['top5']:.2f}%, "
+          f"{results['count']} images), trained in {train_seconds / 60:.1f} min")  # fmt: skip
     print(f"run directory: {run_dir}")
     print(f"TensorBoard:   tensorboard --logdir {out}")
 
