@@ -357,12 +357,19 @@ def start_run(cfg: DictConfig, own_dir: Path) -> tuple[distributed.DistInfo, Pat
     """Join the processes, claim the run directory, open train.log, and check the config before any data is read.
 
     Returns the process info and the directory rank 0 claimed, for all ranks: Hydra's, or <it>_1 when a run started
-    in the same second has it.
+    in the same second has it; after a torchrun restart (--max-restarts), the first attempt's, whose run it
+    continues from the last checkpoint (cfg.resume set to auto).
     """
     dist = distributed.init_distributed(cfg.trainer.device)
     run_dir = distributed.shared_run_dir(own_dir, continue_run=cfg.resume is not None)
+    restarted = distributed.restart_count() and distributed.broadcast_object(distributed.has_checkpoints(run_dir))
+    if restarted:  # torchrun restarted the workers after a failure (--max-restarts): continue from this run's last
+        cfg.resume = "auto"  # checkpoint, not from scratch (resume=null) nor from resume=PATH's checkpoint again
     check_new_run_dir(cfg, run_dir / "checkpoints")  # before train.log opens: not a line into another run's log
     monitor.setup_logging(run_dir / "train.log", dist.is_main)
+    if restarted:
+        log.warning("torchrun restart %d: continuing the run in %s from its last checkpoint (resume=auto)",
+                    distributed.restart_count(), run_dir)  # fmt: skip
     if dist.is_main:
         if run_dir != own_dir:
             log.warning("run directory %s belongs to another run (%s): this run writes to %s",

@@ -166,7 +166,40 @@ def job_id() -> str:
             return str(submitit.JobEnvironment().job_id)
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    return os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_JOB_ID"):
+        return os.environ["SLURM_JOB_ID"]
+    # torchrun's rendezvous id, which its restarts keep (--standalone: a fresh uuid per torchrun; "none" is the
+    # default of a multi-node torchrun without --rdzv-id, which unrelated runs share: no id then)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"torchrun-{run_id}" if run_id and run_id != "none" else ""
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group (--max-restarts) after a failure; 0 outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def earlier_attempt_dir(own_dir: Path) -> Path | None:
+    """The directory the first attempt of this torchrun job claimed, when torchrun restarted the workers; else None.
+
+    A restarted worker group is composed by Hydra again, so the default hydra.run.dir (named by the second) is a new
+    one: the earlier attempt's directory is a sibling of it (or of its date folder, past midnight) whose claim
+    names this job (`job_id`).
+    """
+    job = job_id()
+    if restart_count() == 0 or not job:
+        return None
+    parent = own_dir.parent
+    near = [own_dir, *_subdirs(parent)]
+    near += [d for sibling in _subdirs(parent.parent) if sibling != parent for d in _subdirs(sibling)]
+    found = [d for d in near if read_claim(d).job == job]
+    return max(found, key=lambda d: (d / CLAIM_FILE).stat().st_mtime) if found else None
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [p for p in folder.iterdir() if p.is_dir()]
+    return []
 
 
 @dataclass(frozen=True)
@@ -341,14 +374,18 @@ def claim_holder(run_dir: Path) -> str:
 
 
 def shared_run_dir(own_dir: str | Path, continue_run: bool = False) -> Path:
-    """The directory rank 0 claimed (see `claim_run_dir`), for every rank.
+    """The directory rank 0 claimed (see `claim_run_dir`), for every rank; after a torchrun restart, the directory
+    of the job's first attempt (`earlier_attempt_dir`).
 
     Hydra names the directory from each process's own clock, so ranks started in different seconds get different
     ones: rank 0 decides, and a rank whose Hydra made another directory removes it if it holds only Hydra's files
     (none for train.py, whose hydra.output_subdir is null: it writes .hydra/ into the claimed directory itself).
     """
     own_dir = Path(own_dir)
-    claimed = claim_run_dir(own_dir, continue_run) if int(os.environ.get("RANK", 0)) == 0 else own_dir
+    claimed = own_dir
+    if int(os.environ.get("RANK", 0)) == 0:
+        earlier = earlier_attempt_dir(own_dir)  # (a torchrun restart continues its first attempt's directory)
+        claimed = claim_run_dir(earlier or own_dir, continue_run or earlier is not None)
     run_dir = Path(broadcast_object(str(claimed)))
     if run_dir != own_dir and own_dir.is_dir() and {p.name for p in own_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(own_dir, ignore_errors=True)  # (another run's directory of that name holds its claim)

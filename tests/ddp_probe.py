@@ -64,7 +64,8 @@ def recording_init(self, module, *args, **kwargs):
 
 
 fail_kind, fail_rank, fail_at = (os.environ.get("PROBE_FAIL") or "none:-1:0").split(":")
-fail_here = fail_rank == os.environ.get("RANK", "0")
+# (only in torchrun's first attempt: a restarted worker group, --max-restarts, runs without the failure)
+fail_here = fail_rank == os.environ.get("RANK", "0") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 calls: dict[str, int] = {}
 
 

@@ -401,3 +401,37 @@ def test_ctrl_c_ends_the_job_and_keeps_the_checkpoints(image_root, tmp_path):
     assert returncode != 0 and elapsed < FAIL_LIMIT_S, output[-3000:]
     assert "KeyboardInterrupt" in output and "got signal: 2" in output
     assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 1
+
+
+def test_torchrun_restart_continues_the_first_attempts_run(image_root, tmp_path):
+    """torchrun --max-restarts=1 after rank 1 is killed at step 4 (step 3's checkpoint written): Hydra composes the
+    restarted workers again, under a new name for the default timestamped directory, and they started the run again
+    from scratch there (resume=null), or from the original checkpoint with resume=PATH. Now they continue the first
+    attempt's run, in its directory, from its last checkpoint."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
+    cmd += ["tests/ddp_probe.py", str(tmp_path), *RUN, f"data.root={image_root}", f"hydra.run.dir={runs}/${{now:%f}}"]
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**ENV, "PROBE_FAIL": "kill:1:4"}, capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "PROBE injected kill" in output, output[-4000:]
+    [run_dir] = runs.iterdir()  # the restart's own directory was not kept
+    log = (run_dir / "train.log").read_text()
+    assert f"torchrun restart 1: continuing the run in {run_dir} from its last checkpoint" in log
+    assert "resumed from" in log.lower() or "resuming" in log.lower(), log[-3000:]
+    assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
+    assert json.loads((run_dir / "results.json").read_text())["epoch"] == 2
+
+
+def test_job_id_is_torchruns_rendezvous_id_unless_the_shared_default(monkeypatch):
+    """Restarts keep torchrun's rendezvous id; "none" (a multi-node torchrun without --rdzv-id) is every such run's."""
+    for name in ("SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "6f1c")
+    assert distributed.job_id() == "torchrun-6f1c"
+    monkeypatch.setenv("SLURM_JOB_ID", "812")  # a batch job's id wins: a requeue keeps it, not torchrun's
+    assert distributed.job_id() == "812"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert distributed.job_id() == ""
