@@ -380,13 +380,8 @@ def start_run(cfg: DictConfig, own_dir: Path) -> tuple[distributed.DistInfo, Pat
     return dist, run_dir
 
 
-def make_data_root_absolute(cfg: DictConfig) -> None:
-    """data.root as an absolute path (relative ones from the directory train.py was started in, as Hydra's
-    to_absolute_path reads them): config.yaml and the checkpoints record it, and eval.py or a resume started from
-    another directory must find the same folder. `~` is expanded first (the shell leaves data.root=~/x alone)."""
-    if not OmegaConf.is_missing(cfg.data, "root") and cfg.data.root:
-        root = Path(str(cfg.data.root)).expanduser()
-        cfg.data.root = str(Path(hydra.utils.to_absolute_path(str(root))).resolve())
+# Paths of the config read relative to the directory train.py was started in (config_schema.make_paths_absolute).
+PATH_KEYS = ("data.root", "resume", "pretrained")
 
 
 def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -396,7 +391,7 @@ def train(cfg: DictConfig, run_dir: str | Path, should_stop: Callable[[], bool] 
     the ranks agree): when it returns True, last.pt is written at that step and the run returns `stopped: True`.
     """
     # --- set-up: processes, run directory, logging, early checks
-    make_data_root_absolute(cfg)
+    config_schema.make_paths_absolute(cfg, PATH_KEYS)
     dist, run_dir = start_run(cfg, Path(run_dir))
     log.info("data.root=%s", cfg.data.root)
     device, tcfg, ckpt_dir = dist.device, cfg.trainer, run_dir / "checkpoints"

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict  # noqa: UP035
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.utils import to_absolute_path
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
     "DataConfig",
@@ -306,3 +309,19 @@ def register() -> None:
     store.store(name="eval_schema", node=EvalConfig)
     store.store(group="optim", name="sgd_schema", node=SGDConfig)
     store.store(group="sched", name="step_schema", node=StepSchedConfig)
+
+
+def make_paths_absolute(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """Make the relative file paths among the dotted `keys` of `cfg` absolute, from the directory the command was
+    started in (`~` expanded first).
+
+    Hydra's `to_absolute_path` gives that directory even with hydra.job.chdir=true, where the process runs in the
+    run directory and a relative path would name another file. config.yaml and the checkpoints then record paths
+    that eval.py or a resume started from another directory still finds. Values that are no local path are kept:
+    null, booleans (pretrained=true), "auto" (resume=auto) and URLs.
+    """
+    for key in keys:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if isinstance(value, str) and value and value != "auto" and "://" not in value:
+            path = Path(to_absolute_path(os.path.expanduser(value))).resolve()
+            OmegaConf.update(cfg, key, str(path))

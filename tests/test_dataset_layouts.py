@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from train_utils import compose_config, make_image_folder, resolved_config
 
-from rednet import data
+from rednet import config_schema, data
 
 
 def _data_cfg(root: Path, *overrides: str):
@@ -173,7 +173,7 @@ def test_a_data_root_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "my data", n_train=1, n_val=1, size=8)
     assert data.check_image_folder("~/my data") == ["cat", "dog", "fox"]
     cfg = compose_config("train", ["data.root='~/my data'"])  # quoted, or from a YAML file: the ~ reaches train.py
-    train.make_data_root_absolute(cfg)
+    config_schema.make_paths_absolute(cfg, train.PATH_KEYS)
     assert cfg.data.root == str((tmp_path / "my data").resolve())
 
 

@@ -452,14 +452,17 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(image_root, tmp_pat
 
 
 def test_command_line_train_then_eval(image_root, tmp_path):
-    """The real entry points: Hydra parses the overrides, picks the run directory, eval.py reads best.pt."""
+    """The real entry points: Hydra parses the overrides, picks the run directory, eval.py reads best.pt. Paths are
+    relative to the starting directory, with hydra.job.chdir=true (the process then runs in the run directory):
+    eval.py looked for checkpoint= and data.root there."""
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
-    cmd = [sys.executable, "train.py", *TINY, f"data.root={image_root}", "trainer.epochs=1", f"hydra.run.dir={run_dir}"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    root = os.path.relpath(image_root, tmp_path)
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"data.root={root}", "trainer.epochs=1", "hydra.run.dir=run"]
+    subprocess.run([*cmd, "hydra.job.chdir=true"], cwd=tmp_path, check=True, capture_output=True)
     trained_top1 = json.loads((run_dir / "results.json").read_text())["top1"]
-    cmd = [sys.executable, "eval.py", "data=small", f"data.root={image_root}", "data.num_workers=0"]
-    cmd += [f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={eval_dir}", "trainer.device=cpu"]
-    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    cmd = [sys.executable, str(REPO / "eval.py"), "data=small", f"data.root={root}", "data.num_workers=0"]
+    cmd += ["checkpoint=run/checkpoints/best.pt", "hydra.run.dir=eval", "trainer.device=cpu", "hydra.job.chdir=true"]
+    out = subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     assert json.loads((eval_dir / "results.json").read_text())["top1"] == pytest.approx(trained_top1, abs=1e-4)
     assert f"top1 {trained_top1:.2f}" in out
 
