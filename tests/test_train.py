@@ -451,16 +451,41 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(image_root, tmp_pat
     assert "epoch 1/1 | trained before the resume | val top1" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_command_line_train_then_eval(image_root, tmp_path):
-    """The real entry points: Hydra parses the overrides, picks the run directory, eval.py reads best.pt. Paths are
-    relative to the starting directory, with hydra.job.chdir=true (the process then runs in the run directory):
-    eval.py looked for checkpoint= and data.root there."""
+def test_command_line_train_then_eval(tmp_path):
+    """The real entry points: Hydra parses the overrides, picks the run directory, eval.py reads best.pt. What a new
+    user types: `python train.py data.root=~/flowers` (the shell leaves that ~ alone) on a folder unzipped from macOS
+    (AppleDouble ._ files, __MACOSX/), its splits named training/ and validation/, its images in <class>/images/
+    (Tiny-ImageNet); then eval.py with paths relative to the starting directory and hydra.job.chdir=true (the
+    process then runs in the run directory: eval.py looked for checkpoint= and data.root there)."""
+    home = tmp_path / "home"
+    root = make_image_folder(home / "flowers", n_train=4, n_val=2, size=16)
+    for image in list(root.rglob("*.png")):
+        (image.parent / "images").mkdir(exist_ok=True)
+        image.rename(image.parent / "images" / image.name)
+        (image.parent / "images" / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # AppleDouble
+    (root / "train" / "__MACOSX").mkdir()
+    (root / "train" / "__MACOSX" / "._cat").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    (root / "train").rename(root / "training")
+    (root / "val").rename(root / "validation")
+    env = {**os.environ, "HOME": str(home)}
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
-    root = os.path.relpath(image_root, tmp_path)
-    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"data.root={root}", "trainer.epochs=1", "hydra.run.dir=run"]
-    subprocess.run([*cmd, "hydra.job.chdir=true"], cwd=tmp_path, check=True, capture_output=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *TINY,
+        "data.root=~/flowers",
+        "trainer.epochs=1",
+        "hydra.run.dir=run",
+    ]
+    done = subprocess.run([*cmd, "hydra.job.chdir=true"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert OmegaConf.load(run_dir / "config.yaml").data.root == str(root.resolve())
+    log = (run_dir / "train.log").read_text()
+    assert "training/: 12 images of 12 are in subfolders of their class folder" in log
+    assert "training/: 12 images used, 13 files left out" in log and "macOS metadata 13" in log
+    assert "validation/: 6 images in 3 classes" in log
     trained_top1 = json.loads((run_dir / "results.json").read_text())["top1"]
-    cmd = [sys.executable, str(REPO / "eval.py"), "data=small", f"data.root={root}", "data.num_workers=0"]
+    cmd = [sys.executable, str(REPO / "eval.py"), "data=small", "data.root=home/flowers", "data.num_workers=0"]
     cmd += ["checkpoint=run/checkpoints/best.pt", "hydra.run.dir=eval", "trainer.device=cpu", "hydra.job.chdir=true"]
     out = subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     assert json.loads((eval_dir / "results.json").read_text())["top1"] == pytest.approx(trained_top1, abs=1e-4)
