@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -190,10 +191,14 @@ def earlier_attempt_dir(own_dir: Path) -> Path | None:
     if restart_count() == 0 or not job:
         return None
     parent = own_dir.parent
-    near = [own_dir, *_subdirs(parent)]
-    near += [d for sibling in _subdirs(parent.parent) if sibling != parent for d in _subdirs(sibling)]
-    found = [d for d in near if read_claim(d).job == job]
-    return max(found, key=lambda d: (d / CLAIM_FILE).stat().st_mtime) if found else None
+    places = [lambda: [own_dir], lambda: _subdirs(parent)]  # nearest first: a fixed hydra.run.dir is its own
+    if re.fullmatch(r"[\d_-]+", parent.name):  # a date folder (Hydra's default <date>/<time>): the other dates too
+        places.append(lambda: [d for date in _subdirs(parent.parent) if date != parent for d in _subdirs(date)])
+    for listed in places:
+        found = [d for d in listed() if read_claim(d).job == job]
+        if found:
+            return max(found, key=lambda d: (d / CLAIM_FILE).stat().st_mtime)
+    return None
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -403,27 +403,6 @@ def test_ctrl_c_ends_the_job_and_keeps_the_checkpoints(image_root, tmp_path):
     assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 1
 
 
-def test_torchrun_restart_continues_the_first_attempts_run(image_root, tmp_path):
-    """torchrun --max-restarts=1 after rank 1 is killed at step 4 (step 3's checkpoint written): Hydra composes the
-    restarted workers again, under a new name for the default timestamped directory, and they started the run again
-    from scratch there (resume=null), or from the original checkpoint with resume=PATH. Now they continue the first
-    attempt's run, in its directory, from its last checkpoint."""
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1"]
-    cmd += ["tests/ddp_probe.py", str(tmp_path), *RUN, f"data.root={image_root}", f"hydra.run.dir={runs}/${{now:%f}}"]
-    done = subprocess.run(
-        cmd, cwd=REPO, env={**ENV, "PROBE_FAIL": "kill:1:4"}, capture_output=True, text=True, timeout=300
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0 and "PROBE injected kill" in output, output[-4000:]
-    [run_dir] = runs.iterdir()  # the restart's own directory was not kept
-    log = (run_dir / "train.log").read_text()
-    assert f"torchrun restart 1: continuing the run in {run_dir} from its last checkpoint" in log
-    assert "resumed from" in log.lower() or "resuming" in log.lower(), log[-3000:]
-    assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
-    assert json.loads((run_dir / "results.json").read_text())["epoch"] == 2
-
-
 def test_job_id_is_torchruns_rendezvous_id_unless_the_shared_default(monkeypatch):
     """Restarts keep torchrun's rendezvous id; "none" (a multi-node torchrun without --rdzv-id) is every such run's."""
     for name in ("SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
@@ -435,3 +414,20 @@ def test_job_id_is_torchruns_rendezvous_id_unless_the_shared_default(monkeypatch
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert distributed.job_id() == ""
+
+
+def test_a_restart_past_midnight_finds_the_first_attempts_directory(tmp_path, monkeypatch):
+    """Hydra's default <date>/<time> directory: a restart after midnight looks in the other date folders too; a
+    claim of another job is not this run's; outside a restart there is no earlier attempt."""
+    for name in ("SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    first, other, own = (tmp_path / p for p in ("2026-11-29/23-59-59", "2026-11-29/23-59-58", "2026-11-30/00-00-03"))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "other-job")
+    distributed.claim_run_dir(other)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "6f1c")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    distributed.claim_run_dir(first)
+    assert distributed.earlier_attempt_dir(own) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed.earlier_attempt_dir(own) == first
+    assert distributed.earlier_attempt_dir(tmp_path / "runs" / "fixed") is None  # not a date folder: not looked for

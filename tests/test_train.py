@@ -947,3 +947,27 @@ def test_unreadable_files_of_both_splits_are_listed_in_one_error(image_root, tmp
     message = str(error.value)
     assert re.search(r"train/: 1 of 25 files named as images is not an image .*download\.png' \(", message)
     assert re.search(r"val/: 1 of 13 files named as images is not an image .*page\.png' \(", message)
+
+
+def test_a_torchrun_restart_continues_the_first_attempts_run(image_root, tmp_path, monkeypatch):
+    """torchrun --max-restarts: the restarted workers are composed by Hydra again, under a new name for the default
+    timestamped directory, and started the run again from scratch there (resume=null; with resume=PATH from that
+    checkpoint again). Now they continue the first attempt's run in its directory from its last checkpoint.
+    (In-process, with torchrun's variables: a real restart under gloo fails now and then in torch's own rendezvous,
+    pytorch/pytorch#167288.)"""
+    for name in ("SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "6f1c")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first, restarted = tmp_path / "runs" / "23-59-58", tmp_path / "runs" / "00-00-03"
+    cfg = _train_cfg(image_root, "trainer.epochs=2", "trainer.ckpt_every_steps=1")
+    steps = []
+    train.train(cfg.copy(), first, should_stop=lambda: steps.append(1) or len(steps) == 4)  # (then "killed")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    results = train.train(cfg.copy(), restarted)
+    assert not restarted.exists()
+    assert (results["step"], results["epoch"]) == (2 * UPDATES_PER_EPOCH, 2)
+    assert json.loads((first / "results.json").read_text())["step"] == 2 * UPDATES_PER_EPOCH
+    log = (first / "train.log").read_text()
+    assert f"torchrun restart 1: continuing the run in {first} from its last checkpoint (resume=auto)" in log
+    assert re.search(r"resum\w+ .*last\.pt", log), log[-2000:]
