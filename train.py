@@ -77,6 +77,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.amp not in engine.AMP_DTYPES:
         raise ValueError(f"trainer.amp={cfg.trainer.amp!r} is not one of {', '.join(engine.AMP_DTYPES)}")
     config_schema.check_values(cfg)
+    config_schema.check_checkpoint_paths(cfg)  # resume=, pretrained= (made absolute by train())
+    for warning in config_schema.unusual_values(cfg):
+        log.warning("%s", warning)
     batch = cfg.data.batch_size
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and batch % 2:
         raise ValueError(
