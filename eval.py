@@ -180,6 +180,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path, overrides: Sequenc
     config_schema.check_known_keys(cfg, config_schema.EvalConfig)
     config_schema.check_values(cfg)  # e.g. data.std=[0, 1, 1], data.crop_pct=0: named before any data is read
     config_schema.make_paths_absolute(cfg, ("data.root", "checkpoint", "pretrained"))  # (from the starting dir)
+    config_schema.check_checkpoint_paths(cfg)  # a missing file or a run directory: named before data is read
     dist = distributed.init_distributed(cfg.trainer.device)
     run_dir = distributed.shared_run_dir(run_dir)  # rank 0's directory for all ranks
     monitor.setup_logging(run_dir / "eval.log", dist.is_main)

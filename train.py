@@ -77,6 +77,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.trainer.amp not in engine.AMP_DTYPES:
         raise ValueError(f"trainer.amp={cfg.trainer.amp!r} is not one of {', '.join(engine.AMP_DTYPES)}")
     config_schema.check_values(cfg)
+    factory.check_model_name(cfg.model.name)  # (a suggestion for RedNet50, rednet_50)
+    config_schema.check_checkpoint_paths(cfg)  # resume=, pretrained= (made absolute by train())
+    for warning in config_schema.unusual_values(cfg):
+        log.warning("%s", warning)
     batch = cfg.data.batch_size
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and batch % 2:
         raise ValueError(
@@ -376,7 +380,6 @@ def start_run(cfg: DictConfig, own_dir: Path) -> tuple[distributed.DistInfo, Pat
                         own_dir, distributed.claim_holder(own_dir), run_dir)  # fmt: skip
         save_hydra_files(run_dir, cfg)
     check_config(cfg)
-    factory.check_model_name(cfg.model.name)
     return dist, run_dir
 
 

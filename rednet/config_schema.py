@@ -33,10 +33,12 @@ __all__ = [
     "OptimConfig",
     "SchedConfig",
     "TrainConfig",
+    "check_checkpoint_paths",
     "check_known_keys",
     "check_values",
     "register",
     "unknown_keys",
+    "unusual_values",
 ]
 
 # A Dict[str, Any] base is OmegaConf 2.x's way to let a structured config take extra keys (dict[str, Any] does not
@@ -228,6 +230,11 @@ def _probability(v: float) -> bool:
     return 0 <= v <= 1
 
 
+def _below_one(v: float) -> bool:
+    """A fraction that must leave something: a drop rate, a momentum, a decay."""
+    return 0 <= v < 1
+
+
 def _interpolations() -> tuple[str, ...]:
     from timm.data.transforms import _str_to_torch_interpolation  # the names timm's resize transforms take
 
@@ -237,7 +244,13 @@ def _interpolations() -> tuple[str, ...]:
 # (key, is the value usable, what it must be): values the types allow but that cannot train, or train wrong without
 # a word (a negative clip_grad reverses the gradients, label_smoothing 1.5 with mixup gives negative targets,
 # timm reads crop_pct 0 as 0.875), or that would fail only at the first step (std 0, an unknown clip_mode).
+# A rule names a key; other keys of its kind (a probability, a count) take the same test. Keys a config lacks are
+# skipped: SGD's momentum, AdamW's betas, timm keyword arguments added with `+`.
 VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", lambda v: 0 <= v < 2**31, "in [0, 2**31) (numpy takes 32-bit seeds, and each process adds its rank)"),
+    ("data.root", lambda v: v.strip() != "", "an image folder (an empty one would read the current directory)"),
+    ("model.drop_rate", _below_one, "in [0, 1) (the classifier's dropout probability: 1 zeroes every feature)"),
+    ("model.drop_path_rate", _below_one, "in [0, 1) (stochastic depth's drop probability: 1 drops every block)"),
     ("trainer.epochs", lambda v: v >= 1, ">= 1 (0 would only evaluate the initial weights)"),
     ("data.verify_images", lambda v: v in ("auto", True, False), "auto, true or false"),
     ("trainer.grad_accum", lambda v: v >= 1, ">= 1 (micro-batches per optimizer step)"),
@@ -245,7 +258,7 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1) (1 makes every target uniform: nothing to learn)"),
     ("trainer.clip_grad", lambda v: v is None or v > 0, "null (off) or > 0"),
     ("trainer.clip_mode", lambda v: v in ("norm", "value", "agc"), "one of norm, value, agc"),
-    ("trainer.model_ema_decay", _probability, "in [0, 1] (0.9998: the EMA moves 0.02% a step)"),
+    ("trainer.model_ema_decay", _below_one, "in [0, 1) (0.9998: the EMA moves 0.02% a step; 1 freezes it)"),
     ("trainer.precise_bn_batches", lambda v: v >= 0, ">= 0 (0: off)"),
     ("trainer.ckpt_every_steps", lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
     ("trainer.keep_last", lambda v: v >= 0, ">= 0 (0: keep no epoch_NNNN.pt)"),
@@ -270,6 +283,9 @@ VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.mixup_switch_prob", _probability, "a probability in [0, 1]"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    # 1 or more keeps every past gradient in the step at full weight: the steps grow until the loss is NaN.
+    ("optim.momentum", _below_one, "in [0, 1) (0.9 usual; 1 or more never forgets a gradient)"),
+    ("optim.betas", lambda v: len(v) >= 2 and all(map(_below_one, v)), "a list of values in [0, 1) ([0.9, 0.999])"),
     ("sched.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("sched.warmup_ratio", _probability, "in [0, 1] (the first lr as a fraction of optim.lr)"),
     ("sched.min_lr", lambda v: v >= 0, ">= 0"),
@@ -285,8 +301,23 @@ def check_values(cfg: Any) -> None:
     Raises:
         ValueError: naming every bad key, its value and the values it takes.
     """
-    problems = []
-    for key, usable, requirement in VALUE_RULES:
+    problems = [f"{key}={value!r} must be {requirement}" for key, value, requirement in _failing(cfg, VALUE_RULES)]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# (key, is the value usual, why it is not): values that train, but far outside any recipe, as a mistyped exponent
+# gives them (optim.lr=1e5 for 1e-5); train.py logs a warning. The lr is the one at lr_base_size (SGD 0.1 at 256).
+WARNING_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("optim.lr", lambda v: v <= 10, "is far above any recipe's (SGD 0.1, AdamW 1e-3): the loss will likely diverge "
+     "to NaN; a mistyped exponent (1e5 for 1e-5)?"),
+)  # fmt: skip
+
+
+def _failing(cfg: Any, rules: Sequence[tuple[str, Callable[[Any], bool], str]]) -> list[tuple[str, Any, str]]:
+    """(key, value, text) of each rule whose key `cfg` has and whose test the value fails (or cannot take)."""
+    failing = []
+    for key, usable, text in rules:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:
             continue
@@ -297,9 +328,54 @@ def check_values(cfg: Any) -> None:
         except TypeError:  # e.g. a list where a number was meant (the open groups take any type)
             ok = False
         if not ok:
-            problems.append(f"{key}={value!r} must be {requirement}")
+            failing.append((key, value, text))
+    return failing
+
+
+def unusual_values(cfg: Any) -> list[str]:
+    """Warnings for values that train but are unlikely to be meant (WARNING_RULES): "key=value is ...", one each."""
+    return [f"{key}={value!r} {why}" for key, value, why in _failing(cfg, WARNING_RULES)]
+
+
+# Keys that name a checkpoint file: what each takes, and the file of a run directory it most likely means.
+CHECKPOINT_KEYS = {
+    "resume": ("null (a new run), auto (this run directory's last checkpoint) or a checkpoint file", "last.pt"),
+    "pretrained": ("true (the model's published weights), false, or a checkpoint file or http(s) URL", "best.pt"),
+    "checkpoint": ("a checkpoint file, e.g. a run's checkpoints/best.pt", "best.pt"),
+}
+
+
+def check_checkpoint_paths(cfg: Any) -> None:
+    """Refuse a checkpoint key (CHECKPOINT_KEYS) naming no file before any data is read: an empty value, a path that
+    does not exist (resume=true or pretrained=yes are read as file names), or a directory (a run directory instead
+    of its checkpoints/best.pt: its .pt files are listed). Call it after `make_paths_absolute`; URLs, booleans,
+    null and resume=auto are left to the loaders.
+
+    Raises:
+        rednet.checkpoint.CheckpointError: naming each key, its value, the file it likely meant and what it takes.
+    """
+    from rednet.checkpoint import CheckpointError  # (torch: not needed to compose a config)
+
+    problems = []
+    for key, (takes, usual) in CHECKPOINT_KEYS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str) or (key == "resume" and value == "auto") or "://" in value:
+            continue
+        path = Path(value).expanduser()
+        if not value.strip():
+            problems.append(f"{key}={value!r} is empty: {key} takes {takes}")
+        elif path.is_dir():
+            found = sorted(path.glob("*.pt")) + sorted(path.glob("checkpoints/*.pt"))
+            likely = [p for p in found if p.name == usual] or found
+            problems.append(
+                f"{key}='{value}' is a directory: give a checkpoint file in it, "
+                + (f"e.g. {key}={likely[0]} (it holds {', '.join(str(p.relative_to(path)) for p in found)})"
+                   if found else "it holds no .pt file")
+            )  # fmt: skip
+        elif not path.is_file():
+            problems.append(f"{key}='{value}' does not exist: {key} takes {takes}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise CheckpointError("; ".join(problems))
 
 
 def register() -> None:

@@ -3,6 +3,7 @@ rednet.weights reads; and the checks that a checkpoint fits a model and a class 
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,24 @@ _logger = logging.getLogger(__name__)
 def check_model_name(name: str) -> None:
     """Fail early on a model name that is neither a RedNet nor a timm model, listing the RedNets."""
     if name not in rednet.list_models() and not timm.is_model(name):
+        close = similar_model_names(name)
         raise ValueError(
-            f"unknown model {name!r}: set model=<one of {', '.join(rednet.list_models())}> "
+            f"unknown model {name!r}"
+            + (f" (did you mean {' or '.join(f'model.name={c}' for c in close)}?)" if close else "")
+            + f": set model=<one of {', '.join(rednet.list_models())}> "
             "(any timm model name, e.g. model.name=resnet50, works too)"
         )
+
+
+def similar_model_names(name: str, n: int = 3) -> list[str]:
+    """RedNet and timm names close to `name`: the same but for case, '_' and '-' (RedNet50, rednet_50), else
+    difflib's closest (rednet5)."""
+    known = [*rednet.list_models(), *timm.list_models()]
+    plain = {k.lower().replace("_", "").replace("-", ""): k for k in reversed(known)}  # (first name wins)
+    typed = name.lower().replace("_", "").replace("-", "")
+    if typed in plain:
+        return [plain[typed]]
+    return [plain[k] for k in difflib.get_close_matches(typed, list(plain), n=n)]
 
 
 def build_model(name: str, num_classes: int, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
