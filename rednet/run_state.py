@@ -131,6 +131,16 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
+def _interrupt(error: BaseException | None) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit behind `error`: Ctrl-C inside torch.save surfaces as the zip writer's
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", the interrupt left as its __context__."""
+    while error is not None:
+        if not isinstance(error, Exception):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
 
@@ -139,6 +149,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     Raises:
         CheckpointError: the write failed; names the path and the cause (disk full, size limit, permission). The
             temp file is removed.
+        KeyboardInterrupt: Ctrl-C during the write (also when torch.save turned it into a RuntimeError); the old
+            file stays, the temp file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -153,6 +165,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
+        interrupt = _interrupt(e)
+        if interrupt is not None:  # Ctrl-C mid-write: the run was stopped, no write failed
+            raise interrupt from None
         cause = _os_error(e)
         if cause is None:
             raise CheckpointError(f"could not write checkpoint '{path}': {type(e).__name__}: {e}") from e
