@@ -21,6 +21,7 @@ damaged, resume falls back to last_prev.pt, then to the newest epoch_NNNN.pt.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -421,6 +422,19 @@ class Resume:
     ckpt: dict[str, Any]
 
 
+def _other_runs(ckpt_dir: Path) -> str:
+    """A hint for resume=auto in a new directory: the default hydra.run.dir is a new one per start
+    (outputs/train/<date>/<time>), so resume=auto without hydra.run.dir never finds the run it was meant to continue.
+    Names the newest last.pt of the runs beside this one (same date folder or the dates beside it), if any."""
+    runs = ckpt_dir.parent.parent.parent  # outputs/train, for outputs/train/<date>/<time>/checkpoints
+    with contextlib.suppress(OSError):
+        found = [p for p in runs.glob("*/*/checkpoints/last.pt") if p.parent != ckpt_dir]
+        if found:
+            newest = max(found, key=lambda p: p.stat().st_mtime).parent.parent
+            return f"; to continue an earlier run, start in its directory: hydra.run.dir={newest} (newest one here)"
+    return ""
+
+
 def find_resume(resume: str | None, ckpt_dir: Path, arch: str) -> Resume | None:
     """The checkpoint to continue from: resume=null (none), auto (this run's newest, chosen by rank 0), or a path.
 
@@ -433,7 +447,8 @@ def find_resume(resume: str | None, ckpt_dir: Path, arch: str) -> Resume | None:
         found = find_resume_checkpoint(ckpt_dir)  # on every rank: an error stops them all
         chosen = distributed.broadcast_object(found[0] if found else None)  # and every rank loads rank 0's choice
         if chosen is None:
-            _logger.warning("resume=auto: no checkpoint in %s yet, starting a new run", ckpt_dir)
+            hint = _other_runs(ckpt_dir)
+            _logger.warning("resume=auto: no checkpoint in %s yet, starting a new run%s", ckpt_dir, hint)
             return None
         found = Resume(*found) if found and found[0] == chosen else Resume(chosen, load_checkpoint(chosen))
     else:

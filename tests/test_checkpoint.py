@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -469,3 +470,20 @@ def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch):
         run_state.save_checkpoint(_state(epoch=2), path)
     assert run_state.load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_resume_auto_in_a_new_run_directory_names_the_earlier_run(tmp_path, caplog):
+    """resume=auto without hydra.run.dir lands in a new timestamped directory and starts over: the warning names the
+    run it was probably meant to continue (it only said "no checkpoint in <new dir> yet")."""
+    earlier = tmp_path / "train" / "2026-01-01" / "10-00-00"
+    run_state.write_checkpoints(_state(), earlier / "checkpoints", epoch_end=True, is_best=True, keep_last=1)
+    new = tmp_path / "train" / "2026-01-02" / "09-00-00" / "checkpoints"
+    new.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        assert run_state.find_resume("auto", new, "rednet26") is None
+    assert f"no checkpoint in {new} yet, starting a new run; to continue an earlier run" in caplog.text
+    assert f"hydra.run.dir={earlier} (newest one here)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_state.find_resume("auto", tmp_path / "elsewhere" / "a" / "b" / "checkpoints", "rednet26") is None
+    assert "starting a new run" in caplog.text and "earlier run" not in caplog.text
