@@ -300,7 +300,14 @@ def _where_the_split_is(root: Path, split: str) -> str:
         return f"it holds {listed}; {deeper[0].name}/ holds {split}/: set data.root='{deeper[0]}'"
     others = [p.name for p in folders if p.name not in {n for group in SPLIT_SYNONYMS for n in group}]
     key = "data.train_split" if split in SPLIT_SYNONYMS[0] else "data.val_split"
-    return f"it holds {listed}" + (f"; if {others[0]}/ is the split, set {key}={others[0]}" if others else "")
+    if others:
+        return f"it holds {listed}; if {others[0]}/ is the split, set {key}={others[0]}"
+    train = next((p.name for p in folders if p.name in SPLIT_SYNONYMS[0]), None)
+    if key == "data.val_split" and train is not None:  # a folder of training images only: say how to get a val set
+        return (f"it holds {listed}, no validation images: move some of each class's images (e.g. a fifth) from "
+                f"{train}/<class>/ to {split}/<class>/, or set data.val_split={train} to evaluate on the training "
+                "images (which measures no generalization)")  # fmt: skip
+    return f"it holds {listed}"
 
 
 def _log_listing(split: str, listing: SplitListing) -> None:

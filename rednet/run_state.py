@@ -21,6 +21,7 @@ damaged, resume falls back to last_prev.pt, then to the newest epoch_NNNN.pt.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -131,6 +132,16 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
+def _interrupt(error: BaseException | None) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit behind `error`: Ctrl-C inside torch.save surfaces as the zip writer's
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", the interrupt left as its __context__."""
+    while error is not None:
+        if not isinstance(error, Exception):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
 
@@ -139,6 +150,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     Raises:
         CheckpointError: the write failed; names the path and the cause (disk full, size limit, permission). The
             temp file is removed.
+        KeyboardInterrupt: Ctrl-C during the write (also when torch.save turned it into a RuntimeError); the old
+            file stays, the temp file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -153,6 +166,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
+        interrupt = _interrupt(e)
+        if interrupt is not None:  # Ctrl-C mid-write: the run was stopped, no write failed
+            raise interrupt from None
         cause = _os_error(e)
         if cause is None:
             raise CheckpointError(f"could not write checkpoint '{path}': {type(e).__name__}: {e}") from e
@@ -406,6 +422,19 @@ class Resume:
     ckpt: dict[str, Any]
 
 
+def _other_runs(ckpt_dir: Path) -> str:
+    """A hint for resume=auto in a new directory: the default hydra.run.dir is a new one per start
+    (outputs/train/<date>/<time>), so resume=auto without hydra.run.dir never finds the run it was meant to continue.
+    Names the newest last.pt of the runs beside this one (same date folder or the dates beside it), if any."""
+    runs = ckpt_dir.parent.parent.parent  # outputs/train, for outputs/train/<date>/<time>/checkpoints
+    with contextlib.suppress(OSError):
+        found = [p for p in runs.glob("*/*/checkpoints/last.pt") if p.parent != ckpt_dir]
+        if found:
+            newest = max(found, key=lambda p: p.stat().st_mtime).parent.parent
+            return f"; to continue an earlier run, start in its directory: hydra.run.dir={newest} (newest one here)"
+    return ""
+
+
 def find_resume(resume: str | None, ckpt_dir: Path, arch: str) -> Resume | None:
     """The checkpoint to continue from: resume=null (none), auto (this run's newest, chosen by rank 0), or a path.
 
@@ -418,7 +447,8 @@ def find_resume(resume: str | None, ckpt_dir: Path, arch: str) -> Resume | None:
         found = find_resume_checkpoint(ckpt_dir)  # on every rank: an error stops them all
         chosen = distributed.broadcast_object(found[0] if found else None)  # and every rank loads rank 0's choice
         if chosen is None:
-            _logger.warning("resume=auto: no checkpoint in %s yet, starting a new run", ckpt_dir)
+            hint = _other_runs(ckpt_dir)
+            _logger.warning("resume=auto: no checkpoint in %s yet, starting a new run%s", ckpt_dir, hint)
             return None
         found = Resume(*found) if found and found[0] == chosen else Resume(chosen, load_checkpoint(chosen))
     else:

@@ -27,6 +27,9 @@ _COLORMAP = torch.tensor(
      [252, 255, 164]], dtype=torch.float32,
 )  # fmt: skip
 _LABEL_HEIGHT = 16
+# Panels are drawn at least this many pixels on their short side (whole-number upscaling, each input pixel a block):
+# a model trained at 32 px would otherwise give 32 px panels under labels cut off at the sheet's edge.
+_MIN_PANEL = 128
 
 
 def colorize(values: torch.Tensor) -> torch.Tensor:
@@ -68,15 +71,25 @@ def overlay(picture: Image.Image, values: torch.Tensor, alpha: float = 0.55) -> 
 
 
 def render(picture: Image.Image, maps: dict[str, torch.Tensor], groups: int, title: str) -> Image.Image:
-    """A grid: one row per layer, the image and then one heat map per group, with labels."""
+    """A grid: one row per layer, the image and then one heat map per group, with labels.
+
+    Panels are the picture upscaled by a whole factor to at least `_MIN_PANEL` pixels on the short side, and the
+    sheet is widened to its longest label, so small inputs still give a readable figure with whole labels.
+    """
+    scale = -(-_MIN_PANEL // min(picture.size))  # ceil; 1 for pictures already large enough
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     width, height = picture.size
     columns = 1 + groups
-    sheet = Image.new("RGB", (columns * width, _LABEL_HEIGHT + len(maps) * (height + _LABEL_HEIGHT)), "white")
+    labels = [f"{name}  ({values.shape[0]} groups, kernel sum per pixel)" for name, values in maps.items()]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(int(measure.textlength(text)) + 8 for text in [title, *labels])
+    sheet_size = (max(columns * width, text_width), _LABEL_HEIGHT + len(maps) * (height + _LABEL_HEIGHT))
+    sheet = Image.new("RGB", sheet_size, "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 2), title, fill="black")
-    for row, (name, values) in enumerate(maps.items()):
+    for row, (values, label) in enumerate(zip(maps.values(), labels)):
         top = _LABEL_HEIGHT + row * (height + _LABEL_HEIGHT)
-        draw.text((4, top + 2), f"{name}  ({values.shape[0]} groups, kernel sum per pixel)", fill="black")
+        draw.text((4, top + 2), label, fill="black")
         sheet.paste(picture, (0, top + _LABEL_HEIGHT))
         for group in range(min(groups, values.shape[0])):
             sheet.paste(overlay(picture, values[group]), ((1 + group) * width, top + _LABEL_HEIGHT))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -441,3 +442,48 @@ def test_checkpoint_in_the_old_layout_loads_with_timm_names(tmp_path):
     ckpt = run_state.find_resume_checkpoint(tmp_path)[1]
     assert torch.equal(ckpt["state_dict"]["w"], torch.full((3,), 3.0))
     assert "state_dict_ema" in ckpt and "amp_scaler" in ckpt and "model" not in ckpt
+
+
+def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C while torch.save writes: its zip writer's cleanup then raises "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos", with the KeyboardInterrupt only as its __context__. The run must stop as
+    interrupted (train.log: "interrupted (SIGINT, Ctrl-C)"), not as a failed checkpoint write."""
+    path = tmp_path / "last.pt"
+    run_state.save_checkpoint(_state(epoch=1), path)
+    real_save = torch.save
+
+    class InterruptedFile:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 64:  # a few bytes in, as a SIGINT arrives in the middle of the write
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, InterruptedFile(f), *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run_state.save_checkpoint(_state(epoch=2), path)
+    assert run_state.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_resume_auto_in_a_new_run_directory_names_the_earlier_run(tmp_path, caplog):
+    """resume=auto without hydra.run.dir lands in a new timestamped directory and starts over: the warning names the
+    run it was probably meant to continue (it only said "no checkpoint in <new dir> yet")."""
+    earlier = tmp_path / "train" / "2026-01-01" / "10-00-00"
+    run_state.write_checkpoints(_state(), earlier / "checkpoints", epoch_end=True, is_best=True, keep_last=1)
+    new = tmp_path / "train" / "2026-01-02" / "09-00-00" / "checkpoints"
+    new.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        assert run_state.find_resume("auto", new, "rednet26") is None
+    assert f"no checkpoint in {new} yet, starting a new run; to continue an earlier run" in caplog.text
+    assert f"hydra.run.dir={earlier} (newest one here)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_state.find_resume("auto", tmp_path / "elsewhere" / "a" / "b" / "checkpoints", "rednet26") is None
+    assert "starting a new run" in caplog.text and "earlier run" not in caplog.text

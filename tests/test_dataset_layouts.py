@@ -102,6 +102,15 @@ def test_a_missing_val_folder_names_the_folder_that_may_be_it(tmp_path):
     assert data.check_image_folder(root, ("train", "test")) == ["cat", "dog", "fox"]
 
 
+def test_a_folder_of_training_images_only_says_how_to_get_a_val_set(tmp_path):
+    root = make_image_folder(tmp_path, n_train=1, n_val=1, size=8)
+    shutil.rmtree(root / "val")
+    with pytest.raises(FileNotFoundError, match=r"no 'val' folder: it holds train/, no validation images: move some "
+                                                r"of each class's images .* from train/<class>/ to val/<class>/, or "
+                                                r"set data.val_split=train"):  # fmt: skip
+        data.check_image_folder(root)
+
+
 def test_a_data_root_one_level_too_deep_or_too_high_says_which_root(tmp_path):
     root = make_image_folder(tmp_path / "parent" / "ds", n_train=1, n_val=1, size=8)
     with pytest.raises(FileNotFoundError, match=rf"data.root seems to be a split folder itself; set "

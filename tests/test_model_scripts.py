@@ -35,10 +35,10 @@ def test_visualize_kernels_draws_one_row_per_layer(tmp_path, monkeypatch, capsys
     load_script("visualize_kernels").main()
     assert str(out) in capsys.readouterr().out
     sheet = Image.open(out)
-    label = 16
-    assert sheet.size == (3 * 64, label + 2 * (64 + label))
-    image_tile = sheet.crop((0, 2 * label, 64, 2 * label + 64))
-    heat_tile = sheet.crop((64, 2 * label, 128, 2 * label + 64))
+    label, panel = 16, 128  # 64 px drawn 2x: panels of at least 128 px
+    assert sheet.size == (3 * panel, label + 2 * (panel + label))
+    image_tile = sheet.crop((0, 2 * label, panel, 2 * label + panel))
+    heat_tile = sheet.crop((panel, 2 * label, 2 * panel, 2 * label + panel))
     assert image_tile.tobytes() != heat_tile.tobytes()
 
     monkeypatch.setattr(sys, "argv", argv[:-5] + ["--layers", "layer1.0.conv1"])
@@ -79,7 +79,18 @@ def test_visualize_kernels_takes_architecture_and_size_from_the_checkpoint(train
             str(trained_checkpoint), "--layers", "stem.1", "--groups", "1"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     load_script("visualize_kernels").main()
-    assert Image.open(out).size == (2 * 36, 16 + 36 + 16)  # 36 px: the checkpoint's, not 224
+    assert Image.open(out).height == 16 + 4 * 36 + 16  # 36 px (the checkpoint's, not 224), drawn 4x
+
+
+def test_visualize_kernels_labels_fit_on_small_inputs():
+    """A model trained at 32 px gave 32 px panels and a 64 px wide sheet: the title and row labels were cut off."""
+    script = load_script("visualize_kernels")
+    title = "rednet26 involution kernels, outputs/train/2026-01-01/12-00-00/checkpoints/best.pt"
+    sheet = script.render(Image.new("RGB", (32, 32), (90, 90, 90)), {"stem.1": torch.rand(2, 32, 32)}, 1, title)
+    assert sheet.height == 16 + 128 + 16  # 32 px drawn 4x
+    for top in (0, 16):  # the title and the row label end inside the sheet: their rows' right margin is blank
+        margin = sheet.crop((sheet.width - 4, top, sheet.width, top + 16))
+        assert margin.getcolors() == [(4 * 16, (255, 255, 255))]
 
 
 def test_export_onnx_takes_architecture_classes_and_size_from_the_checkpoint(trained_checkpoint, tmp_path, monkeypatch):
