@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -167,12 +168,18 @@ def job_id() -> str:
             return str(submitit.JobEnvironment().job_id)
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return os.environ["SLURM_JOB_ID"]
-    # torchrun's rendezvous id, which its restarts keep (--standalone: a fresh uuid per torchrun; "none" is the
-    # default of a multi-node torchrun without --rdzv-id, which unrelated runs share: no id then)
+    return os.environ.get("SLURM_JOB_ID", "")
+
+
+def torchrun_job() -> str:
+    """This torchrun invocation, which its worker restarts keep ("" outside torchrun): its rendezvous id and its
+    elastic agent (this worker's parent process: host, pid, start time). The agent tells apart torchruns that share
+    a rendezvous id (--rdzv-id=$SLURM_JOB_ID for every torchrun of a batch job; "none" without --rdzv-id)."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return f"torchrun-{run_id}" if run_id and run_id != "none" else ""
+    if not run_id:
+        return ""
+    agent = os.getppid()
+    return f"{run_id}@{socket.gethostname()}:{agent}:{_process_start(agent) or '?'}"
 
 
 def restart_count() -> int:
@@ -185,9 +192,10 @@ def earlier_attempt_dir(own_dir: Path) -> Path | None:
 
     A restarted worker group is composed by Hydra again, so the default hydra.run.dir (named by the second) is a new
     one: the earlier attempt's directory is a sibling of it (or of its date folder, past midnight) whose claim
-    names this job (`job_id`).
+    names this torchrun (`torchrun_job`). (A worker group moved to another node by a multi-node restart has another
+    agent and is not matched: it starts in a new directory, as before.)
     """
-    job = job_id()
+    job = torchrun_job()
     if restart_count() == 0 or not job:
         return None
     parent = own_dir.parent
@@ -195,7 +203,7 @@ def earlier_attempt_dir(own_dir: Path) -> Path | None:
     if re.fullmatch(r"[\d_-]+", parent.name):  # a date folder (Hydra's default <date>/<time>): the other dates too
         places.append(lambda: [d for date in _subdirs(parent.parent) if date != parent for d in _subdirs(date)])
     for listed in places:
-        found = [d for d in listed() if read_claim(d).job == job]
+        found = [d for d in listed() if read_claim(d).torchrun == job]
         if found:
             return max(found, key=lambda d: (d / CLAIM_FILE).stat().st_mtime)
     return None
@@ -215,6 +223,7 @@ class Claim:
     pid: int = 0
     start: str = ""  # the process's start time (`_process_start`)
     job: str = ""  # the batch job (`job_id`), kept when the job is requeued
+    torchrun: str = ""  # the torchrun invocation (`torchrun_job`), kept when it restarts its workers
     moved_from: str = ""  # the directory this run was named first, when another run had claimed that
 
     def alive_elsewhere(self) -> bool:
@@ -242,6 +251,7 @@ def read_claim(run_dir: Path) -> Claim:
         pid=int(pid) if pid.isdigit() else 0,
         start=fields.get("start", "").strip("?"),  # "?": unknown, as older claims wrote it
         job=fields.get("job", ""),
+        torchrun=fields.get("torchrun", ""),
         moved_from=fields.get("moved_from", ""),
     )
 
@@ -265,6 +275,7 @@ def _claim(run_dir: Path, exclusive: bool, moved_from: str = "") -> bool:
     start = _process_start(os.getpid())  # unknown without /proc: left out, so a reader does not compare it
     line = f"host {socket.gethostname()} pid {os.getpid()}" + (f" start {start}" if start else "")
     line += f" job {job_id()}" if job_id() else ""
+    line += f" torchrun {torchrun_job()}" if torchrun_job() else ""
     with os.fdopen(fd, "w") as f:
         f.write(
             f"{line} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + (f"moved_from {moved_from}\n" if moved_from else "")
@@ -425,6 +436,10 @@ def end_job_on_error() -> Iterator[None]:
             _logger.error("the run failed: %s: %s", type(error).__name__, error)
             raise
         rank = os.environ.get("RANK", "?")
+        # torchrun's SIGTERM, sent as soon as it sees a peer die, must not end this rank in the middle of its report
+        # (the process ends right after it anyway): a rank whose collective failed on that dead peer said nothing.
+        with contextlib.suppress(ValueError):  # (only the main thread may set a handler)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _logger.error(
             "rank %s of %d failed: %s: %s; ending this process so that the whole job stops",
             rank, world_size, type(error).__name__, error, exc_info=error,

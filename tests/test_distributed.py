@@ -403,17 +403,23 @@ def test_ctrl_c_ends_the_job_and_keeps_the_checkpoints(image_root, tmp_path):
     assert run_state.load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 1
 
 
-def test_job_id_is_torchruns_rendezvous_id_unless_the_shared_default(monkeypatch):
-    """Restarts keep torchrun's rendezvous id; "none" (a multi-node torchrun without --rdzv-id) is every such run's."""
-    for name in ("SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "6f1c")
-    assert distributed.job_id() == "torchrun-6f1c"
-    monkeypatch.setenv("SLURM_JOB_ID", "812")  # a batch job's id wins: a requeue keeps it, not torchrun's
-    assert distributed.job_id() == "812"
-    monkeypatch.delenv("SLURM_JOB_ID")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    assert distributed.job_id() == ""
+def test_a_restart_continues_only_its_own_torchruns_directory(tmp_path, monkeypatch):
+    """Matched by rendezvous id and elastic agent, not by the batch job: two torchruns of one sbatch job (the same
+    SLURM_JOB_ID, often the same --rdzv-id too) must not continue each other's runs."""
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "812")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = tmp_path / "runs" / "a"
+    distributed.claim_run_dir(first)
+    assert distributed.read_claim(first).job == "812"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed.earlier_attempt_dir(tmp_path / "runs" / "b") == first  # the same torchrun, restarted
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # another torchrun (agent) of the same batch job and rendezvous id
+    assert distributed.earlier_attempt_dir(tmp_path / "runs" / "b") is None
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another")
+    assert distributed.earlier_attempt_dir(tmp_path / "runs" / "b") is None
 
 
 def test_a_restart_past_midnight_finds_the_first_attempts_directory(tmp_path, monkeypatch):

@@ -389,12 +389,13 @@ runpy.run_path({train!r}, run_name="__main__")
 """
 
 
-def test_sigterm_while_a_failing_rank_reports_does_not_lose_the_report(tmp_path):
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_sigterm_while_a_failing_rank_reports_does_not_lose_the_report(tmp_path, script):
     """A rank whose collective failed because a peer died reports the error, then exits 1, even when torchrun's
     SIGTERM (sent as soon as it sees the dead peer) arrives during the report: it killed the rank mid-report (exit
-    -15, no error line) because train.main restored the default SIGTERM action before reporting (CI, a flaky
-    test_failure_at_other_points_ends_the_job[sigkill])."""
-    code = SIGTERM_DURING_REPORT.format(repo=str(REPO), train=str(REPO / "train.py"), run_dir=tmp_path / "run")
+    -15, no error line): train.main restored the default SIGTERM action before reporting (CI, a flaky
+    test_failure_at_other_points_ends_the_job[sigkill]); eval.py never had another."""
+    code = SIGTERM_DURING_REPORT.format(repo=str(REPO), train=str(REPO / script), run_dir=tmp_path / "run")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "rank 0 of 2 failed: RuntimeError: Connection closed by peer (injected)" in done.stderr
