@@ -59,7 +59,8 @@ def create_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, lr: float) -
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: DictConfig, lr: float, epochs: int, updates: int):
-    """timm's scheduler factory, stepped per optimizer update; warmup starts at warmup_ratio x lr."""
+    """timm's scheduler factory (placed by run_state.place_schedule: per update, or per epoch with
+    sched.step_on_epochs=true); warmup starts at warmup_ratio x lr."""
     kwargs = OmegaConf.to_container(sched_cfg)
     warmup_lr = kwargs.pop("warmup_ratio") * lr
     scheduler, _ = create_scheduler_v2(

@@ -247,7 +247,11 @@ def _interpolations() -> tuple[str, ...]:
 # A rule names a key; other keys of its kind (a probability, a count) take the same test. Keys a config lacks are
 # skipped: SGD's momentum, AdamW's betas, timm keyword arguments added with `+`.
 VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("seed", lambda v: 0 <= v < 2**31, "in [0, 2**31) (numpy takes 32-bit seeds, and each process adds its rank)"),
+    (
+        "seed",
+        lambda v: 0 <= v < 2**32 - 2**16,
+        "in [0, 2**32 - 2**16) (numpy takes seeds below 2**32, and each process adds its rank)",
+    ),
     ("data.root", lambda v: v.strip() != "", "an image folder (an empty one would read the current directory)"),
     ("model.drop_rate", _below_one, "in [0, 1) (the classifier's dropout probability: 1 zeroes every feature)"),
     ("model.drop_path_rate", _below_one, "in [0, 1) (stochastic depth's drop probability: 1 drops every block)"),
@@ -394,10 +398,10 @@ def make_paths_absolute(cfg: DictConfig, keys: Sequence[str]) -> None:
     Hydra's `to_absolute_path` gives that directory even with hydra.job.chdir=true, where the process runs in the
     run directory and a relative path would name another file. config.yaml and the checkpoints then record paths
     that eval.py or a resume started from another directory still finds. Values that are no local path are kept:
-    null, booleans (pretrained=true), "auto" (resume=auto) and URLs.
+    null, booleans (pretrained=true), resume=auto and URLs.
     """
     for key in keys:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if isinstance(value, str) and value and value != "auto" and "://" not in value:
+        if isinstance(value, str) and value and not (key == "resume" and value == "auto") and "://" not in value:
             path = Path(to_absolute_path(os.path.expanduser(value))).resolve()
             OmegaConf.update(cfg, key, str(path))

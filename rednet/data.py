@@ -162,22 +162,35 @@ class SplitListing:
     empty: dict[str, list[str]]
 
 
-def _walk_class_folder(class_dir: Path, listing: SplitListing) -> None:
+def _linked_elsewhere(real: str, seen: set[str], split_real: str, other_classes: set[str]) -> str | None:
+    """Why a subfolder (by its real path) is not read, or None: a link back to a folder already read, to the split
+    folder or one above it (a loop), or into another class folder (its images would get a second label)."""
+    if real in seen or split_real == real or split_real.startswith(real + os.sep):
+        return "symlink loops"
+    if any(real == c or real.startswith(c + os.sep) for c in other_classes):
+        return "links into other class folders"
+    return None
+
+
+def _walk_class_folder(class_dir: Path, listing: SplitListing, class_reals: set[str]) -> None:
     """Add one class folder's images, at any depth, and its other files to `listing`.
 
     Images in subfolders belong to the class folder, as in torchvision's ImageFolder (Tiny-ImageNet's
     train/<class>/images/): timm's reader would label them by the subfolder's name instead, which is no class.
+    `class_reals`: the real paths of the split's class folders (links into another one are not followed).
     """
     name, direct, left_out, holders = class_dir.name, 0, [], set()
     seen = {os.path.realpath(class_dir)}
+    split_real, other_classes = os.path.realpath(class_dir.parent), class_reals - seen
     for top, dirs, files in os.walk(class_dir, followlinks=True):
         relative_top = os.path.relpath(top, class_dir)
         kept = []
         for d in sorted(dirs):
             path, sub = os.path.join(top, d), os.path.normpath(os.path.join(relative_top, d))
             kind = _skipped_folder_kind(d)
-            if kind is None and os.path.realpath(path) in seen:  # a link back to a folder already read
-                left_out.append((f"{sub}/", "symlink loops"))
+            linked = None if kind else _linked_elsewhere(os.path.realpath(path), seen, split_real, other_classes)
+            if linked is not None:
+                left_out.append((f"{sub}/", linked))
                 continue
             if kind is not None:
                 left_out += [(f"{sub}/{f}", kind) for f in _files_under(path)]
@@ -215,6 +228,7 @@ def list_split(split_dir: str | Path) -> SplitListing:
     """
     split_dir = Path(split_dir)
     listing = SplitListing(split_dir, [], [], [], [], {})
+    class_dirs = []
     for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if not entry.is_dir():  # files outside class folders are no class's either
             kind = _left_out_kind(entry.name)
@@ -222,8 +236,11 @@ def list_split(split_dir: str | Path) -> SplitListing:
         elif (kind := _skipped_folder_kind(entry.name)) is not None:
             listing.left_out += [(f"{entry.name}/{f}", kind) for f in _files_under(entry.path)]
         else:
-            listing.classes.append(entry.name)
-            _walk_class_folder(Path(entry.path), listing)
+            class_dirs.append(Path(entry.path))
+    class_reals = {os.path.realpath(d) for d in class_dirs}
+    for class_dir in class_dirs:
+        listing.classes.append(class_dir.name)
+        _walk_class_folder(class_dir, listing, class_reals)
     listing.samples.sort(key=lambda sample: natural_key(sample[0]))  # timm's order: runs keep their data order
     return listing
 
@@ -238,8 +255,8 @@ def expand_home_in_overrides(overrides: Sequence[str]) -> list[str]:
     expanded = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if sep and value.startswith("~") and not key.startswith("~"):
-            override = f"{key}={os.path.expanduser(value)}"
+        if sep and "~" in value and not key.startswith("~"):  # (each value of a sweep: data.root=~/a,~/b)
+            override = f"{key}=" + ",".join(os.path.expanduser(v) for v in value.split(","))
         expanded.append(override)
     return expanded
 
@@ -338,12 +355,15 @@ def _log_listing(split: str, listing: SplitListing) -> None:
 def _differences(a: list[str], b: list[str]) -> str:
     """Pairs of class names in `a` and `b` that differ only in letter case or Unicode normalization, said."""
     pairs = []
+    by_form = {unicodedata.normalize("NFC", y): y for y in b}
+    by_case = {unicodedata.normalize("NFC", y).casefold(): y for y in b}
     for x in a:
-        for y in b:
-            if unicodedata.normalize("NFC", x) == unicodedata.normalize("NFC", y):
-                pairs.append(f"'{x}' and '{y}' differ only in Unicode normalization (macOS writes decomposed accents)")
-            elif unicodedata.normalize("NFC", x).casefold() == unicodedata.normalize("NFC", y).casefold():
-                pairs.append(f"'{x}' and '{y}' differ only in letter case")
+        form = unicodedata.normalize("NFC", x)
+        if form in by_form:
+            y = by_form[form]
+            pairs.append(f"'{x}' and '{y}' differ only in Unicode normalization (macOS writes decomposed accents)")
+        elif form.casefold() in by_case:
+            pairs.append(f"'{x}' and '{by_case[form.casefold()]}' differ only in letter case")
     return "; ".join(pairs[:5])
 
 
@@ -391,7 +411,7 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
                 f"or add folders"
             )
     names = classes[first]
-    numeric = sorted(names, key=int) if all(n.isdigit() for n in names) else names
+    numeric = sorted(names, key=int) if all(n.isdecimal() for n in names) else names
     if numeric != names:
         index = next(i for i, (a, b) in enumerate(zip(names, numeric)) if a != b)
         _logger.info(

@@ -182,6 +182,11 @@ def torchrun_job() -> str:
     return f"{run_id}@{socket.gethostname()}:{agent}:{_process_start(agent) or '?'}"
 
 
+def is_date_folder(name: str) -> bool:
+    """Whether a folder name is a date (Hydra's default run directory is outputs/<task>/<date>/<time>)."""
+    return re.fullmatch(r"\d[\d_-]*", name) is not None
+
+
 def restart_count() -> int:
     """How often torchrun has restarted this worker group (--max-restarts) after a failure; 0 outside torchrun."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -200,7 +205,7 @@ def earlier_attempt_dir(own_dir: Path) -> Path | None:
         return None
     parent = own_dir.parent
     places = [lambda: [own_dir], lambda: _subdirs(parent)]  # nearest first: a fixed hydra.run.dir is its own
-    if re.fullmatch(r"[\d_-]+", parent.name):  # a date folder (Hydra's default <date>/<time>): the other dates too
+    if is_date_folder(parent.name):  # Hydra's default <date>/<time>: the other date folders too
         places.append(lambda: [d for date in _subdirs(parent.parent) if date != parent for d in _subdirs(date)])
     for listed in places:
         found = [d for d in listed() if read_claim(d).torchrun == job]

@@ -134,12 +134,10 @@ def _os_error(error: BaseException | None) -> OSError | None:
 
 def _interrupt(error: BaseException | None) -> BaseException | None:
     """The KeyboardInterrupt or SystemExit behind `error`: Ctrl-C inside torch.save surfaces as the zip writer's
-    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", the interrupt left as its __context__."""
-    while error is not None:
-        if not isinstance(error, Exception):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", the interrupt left as its __context__. Only
+    that direct context counts: a write that failed while code further up handled an interrupt is a failed write."""
+    context = error.__context__ if isinstance(error, RuntimeError) else None
+    return context if context is not None and not isinstance(context, Exception) else None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -425,7 +423,11 @@ class Resume:
 def _other_runs(ckpt_dir: Path) -> str:
     """A hint for resume=auto in a new directory: the default hydra.run.dir is a new one per start
     (outputs/train/<date>/<time>), so resume=auto without hydra.run.dir never finds the run it was meant to continue.
-    Names the newest last.pt of the runs beside this one (same date folder or the dates beside it), if any."""
+    Names the newest last.pt of the runs beside this one (same date folder or the dates beside it), if any; nothing
+    for a directory of the user's choosing (hydra.run.dir=outputs/r50: a first start of a job that always passes
+    resume=auto; the runs beside it are other runs)."""
+    if not distributed.is_date_folder(ckpt_dir.parent.parent.name):
+        return ""
     runs = ckpt_dir.parent.parent.parent  # outputs/train, for outputs/train/<date>/<time>/checkpoints
     with contextlib.suppress(OSError):
         found = [p for p in runs.glob("*/*/checkpoints/last.pt") if p.parent != ckpt_dir]

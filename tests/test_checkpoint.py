@@ -472,6 +472,21 @@ def test_ctrl_c_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_a_write_that_fails_while_an_interrupt_is_handled_is_a_failed_write(tmp_path, monkeypatch):
+    """The save after Ctrl-C (code handling the KeyboardInterrupt writes last.pt): a full disk there is the error to
+    report, not the interrupt further up the handling."""
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(checkpoint.CheckpointError, match="the disk is full"):
+            run_state.save_checkpoint(_state(epoch=2), tmp_path / "last.pt")
+
+
 def test_resume_auto_in_a_new_run_directory_names_the_earlier_run(tmp_path, caplog):
     """resume=auto without hydra.run.dir lands in a new timestamped directory and starts over: the warning names the
     run it was probably meant to continue (it only said "no checkpoint in <new dir> yet")."""
@@ -486,4 +501,10 @@ def test_resume_auto_in_a_new_run_directory_names_the_earlier_run(tmp_path, capl
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert run_state.find_resume("auto", tmp_path / "elsewhere" / "a" / "b" / "checkpoints", "rednet26") is None
+    assert "starting a new run" in caplog.text and "earlier run" not in caplog.text
+    caplog.clear()  # a directory of the user's choosing (hydra.run.dir=runs/r50): the runs beside it are other runs
+    run_state.write_checkpoints(_state(), tmp_path / "runs" / "r26" / "checkpoints", epoch_end=True, is_best=True,
+                                keep_last=1)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert run_state.find_resume("auto", tmp_path / "runs" / "r50" / "checkpoints", "rednet26") is None
     assert "starting a new run" in caplog.text and "earlier run" not in caplog.text

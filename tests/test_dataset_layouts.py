@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -153,13 +154,23 @@ def test_numeric_class_names_are_indexed_in_string_order_and_said(tmp_path, capl
     assert labels == {"1": 0, "10": 1, "2": 2}
 
 
-def test_a_symlink_loop_in_a_class_folder_is_read_once(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "link, kind",
+    [
+        ("cat", "symlink loops"),  # back to its own class folder
+        (".", "symlink loops"),  # to the split folder: every class's images would become cats
+        ("..", "symlink loops"),  # above it
+        ("dog", "links into other class folders"),  # the dogs would be cats as well
+    ],
+)
+def test_a_symlink_to_a_folder_read_elsewhere_is_not_followed(tmp_path, caplog, link, kind):
     root = make_image_folder(tmp_path, n_train=2, n_val=1, size=8)
-    (root / "train" / "cat" / "again").symlink_to(root / "train" / "cat")
+    (root / "train" / "cat" / "linked").symlink_to((root / "train" / link).resolve())
     caplog.set_level(logging.INFO, logger="rednet")
     classes = data.check_image_folder(root)
-    assert "symlink loops 1" in _left_out_line(caplog, "train")
-    assert len(_train_set(root, classes)) == 6
+    assert f"{kind} 1" in _left_out_line(caplog, "train")
+    train = _train_set(root, classes)
+    assert sorted(Counter(label for _, label in train.samples).values()) == [2, 2, 2]
 
 
 def test_a_class_of_images_only_in_several_subfolders_warns(tmp_path, caplog):
@@ -228,6 +239,14 @@ def test_per_class_counts_show_a_class_of_one_image(tmp_path, caplog):
 def test_override_values_starting_with_a_tilde_are_the_home_folder(monkeypatch):
     monkeypatch.setenv("HOME", "/home/u")
     overrides = ["data.root=~/images", "checkpoint=~", "~trainer.foo", "+data.x=~/a b", "seed=1", "name=a~b"]
+    overrides.append("data.root=~/a,~/b,/c")  # a sweep (train.py -m): each value
     assert data.expand_home_in_overrides(overrides) == [
-        "data.root=/home/u/images", "checkpoint=/home/u", "~trainer.foo", "+data.x=/home/u/a b", "seed=1", "name=a~b"
+        "data.root=/home/u/images", "checkpoint=/home/u", "~trainer.foo", "+data.x=/home/u/a b", "seed=1", "name=a~b",
+        "data.root=/home/u/a,/home/u/b,/c",
     ]  # fmt: skip
+
+
+def test_class_names_of_other_digit_characters_are_not_read_as_numbers(tmp_path):
+    """'²' is a digit to str.isdigit but no number to int(): the class-order note crashed on it."""
+    root = make_image_folder(tmp_path, classes=("1", "²", "10"), n_train=1, n_val=1, size=8)
+    assert data.check_image_folder(root) == ["1", "10", "²"]
