@@ -40,6 +40,8 @@ RUNTIME_MODEL_KWARGS = frozenset(
 )  # fmt: skip
 # The data-config keys that belong to weights, and their timm pretrained_cfg names.
 PREPROCESSING_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+# The entry that rednet.weights.read_checkpoint adds when the settings came from a weights file's sidecar JSON: its path.
+SIDECAR_KEY = "weights_sidecar"
 
 
 class CheckpointError(RuntimeError):
@@ -222,8 +224,9 @@ def check_arch(ckpt: Mapping[str, Any], arch: str, path: str | Path) -> None:
     names, or its training arguments (timm's and torchvision's `args.model`; timm's own `arch` is a class name)."""
     saved = weights_settings(ckpt).arch
     if saved not in (None, arch):
+        said = f" (says its settings file '{ckpt[SIDECAR_KEY]}')" if SIDECAR_KEY in ckpt else ""
         raise CheckpointError(
-            f"checkpoint '{path}' holds a {saved} but the run builds {arch}; set model={saved} "
+            f"checkpoint '{path}' holds a {saved}{said} but the run builds {arch}; set model={saved} "
             "or give a checkpoint of this model"
         )
 
@@ -321,7 +324,7 @@ def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
             num_classes=ckpt.get("num_classes"),
             classes=ckpt.get("classes"),
             pretrained_cfg={k: v for k, v in ckpt["pretrained_cfg"].items() if k != "num_classes"},
-            source="the checkpoint",
+            source=f"the settings file {ckpt[SIDECAR_KEY]}" if SIDECAR_KEY in ckpt else "the checkpoint",
         )
     config = ckpt.get("config")
     if isinstance(config, Mapping) and isinstance(config.get("data"), Mapping):
