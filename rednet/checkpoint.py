@@ -40,7 +40,7 @@ RUNTIME_MODEL_KWARGS = frozenset(
 )  # fmt: skip
 # The data-config keys that belong to weights, and their timm pretrained_cfg names.
 PREPROCESSING_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
-# The entry that rednet.weights.read_checkpoint adds when the settings came from a weights file's sidecar JSON: its path.
+# The entry rednet.weights.read_checkpoint adds when the settings came from a weights file's sidecar JSON: its path.
 SIDECAR_KEY = "weights_sidecar"
 
 
