@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -491,7 +492,13 @@ def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, 
     # pretrained= (train.py's fine-tuning builds the model this way) and the published-file converter
     assert_same_weights(factory.build_model("test_resnet", 3, pretrained=str(path)), reference)
     converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
-    torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(converted, weights_only=True), reference.state_dict(), rtol=0, atol=0)
+    if tool in ("timm", "torchvision"):  # what their training arguments say travels in the sidecar
+        sidecar = json.loads(weights.sidecar_path(converted).read_text())
+        assert (sidecar["architecture"], sidecar["pretrained_cfg"]["input_size"]) == ("test_resnet", [3, 40, 40])
+        assert factory.build_model("test_resnet", 3, pretrained=str(converted)).pretrained_cfg["input_size"] == (
+            3, 40, 40,
+        )  # fmt: skip
 
     # eval.py checkpoint= (model= only where the file does not name its architecture) gives the reference's numbers
     named = tool in ("timm", "torchvision")
@@ -633,7 +640,7 @@ def test_more_layouts_load_through_pretrained_and_the_converter(layout, tmp_path
     torch.save(_more_layouts(reference.state_dict())[layout], path)
     assert_same_weights(factory.build_model("test_resnet", 3, pretrained=str(path)), reference)
     converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
-    torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(converted, weights_only=True), reference.state_dict(), rtol=0, atol=0)
 
 
 def test_windows_paths_in_metadata_read_as_pure_paths(tmp_path, monkeypatch):
