@@ -364,6 +364,18 @@ def test_convert_checkpoint_gives_the_same_bytes_and_name_for_the_same_tensors(f
     if fmt == "pth":  # the zip's inner folder is torch's name for an in-memory save, not a temporary file's
         assert {name.split("/")[0] for name in zipfile.ZipFile(written[0]).namelist()} == {"archive"}
     assert [path.name for path in written[0].parent.iterdir()] == [written[0].name]  # no temporary left behind
+    # Settings travel beside the file, not in it: the same name and bytes, and a sidecar that converting the
+    # converted file again (its sidecar read with it) writes unchanged.
+    settings = {"arch": "rednet26", "classes": ["a", "b", "c", "d", "e"], "pretrained_cfg": {"input_size": (3, 32, 32)}}
+    torch.save({"model": plain, "epoch": 3, **settings}, tmp_path / "best.pt")
+    as_safetensors = fmt == "safetensors"
+    again = convert(str(tmp_path / "best.pt"), str(tmp_path / "settings" / "rednet26"), safetensors=as_safetensors)
+    assert (again.name, again.read_bytes()) == (written[0].name, written[0].read_bytes())
+    sidecar = weights.sidecar_path(again).read_text()
+    assert json.loads(sidecar) == {"architecture": "rednet26", "label_names": list("abcde"),
+                                   "pretrained_cfg": {"input_size": [3, 32, 32]}}  # fmt: skip
+    twice = convert(str(again), str(tmp_path / "twice" / "rednet26"), safetensors=as_safetensors)
+    assert (twice.read_bytes(), weights.sidecar_path(twice).read_text()) == (again.read_bytes(), sidecar)
 
 
 def test_features_only_in_chans_and_num_classes_from_the_checkpoint(source, tmp_path):
