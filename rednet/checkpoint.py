@@ -8,7 +8,8 @@ Besides the training state (rednet.run_state), a checkpoint carries what belongs
 `arch`, `model_kwargs` (shape arguments such as stem_kernel_size), `num_classes`, `classes` and a timm-style
 `pretrained_cfg` (input_size, crop_pct, interpolation, mean, std as the data config used them). `weights_settings`
 reads them back, also from older checkpoints (their saved `config`) and from timm / torchvision checkpoints (their
-`args`).
+`args`). A tensors-only weights file (scripts/convert_checkpoint.py's) carries them in a sidecar JSON beside it, which
+`rednet.weights.read_checkpoint` merges in as these entries (`SIDECAR_KEY` then names the file).
 """
 
 from __future__ import annotations
