@@ -8,7 +8,8 @@ Besides the training state (rednet.run_state), a checkpoint carries what belongs
 `arch`, `model_kwargs` (shape arguments such as stem_kernel_size), `num_classes`, `classes` and a timm-style
 `pretrained_cfg` (input_size, crop_pct, interpolation, mean, std as the data config used them). `weights_settings`
 reads them back, also from older checkpoints (their saved `config`) and from timm / torchvision checkpoints (their
-`args`).
+`args`). A tensors-only weights file (scripts/convert_checkpoint.py's) carries them in a sidecar JSON beside it, which
+`rednet.weights.read_checkpoint` merges in as these entries (`SIDECAR_KEY` then names the file).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ RUNTIME_MODEL_KWARGS = frozenset(
 )  # fmt: skip
 # The data-config keys that belong to weights, and their timm pretrained_cfg names.
 PREPROCESSING_KEYS = ("img_size", "crop_pct", "interpolation", "mean", "std")
+# The entry rednet.weights.read_checkpoint adds when the settings came from a weights file's sidecar JSON: its path.
+SIDECAR_KEY = "weights_sidecar"
 
 
 class CheckpointError(RuntimeError):
@@ -222,8 +225,9 @@ def check_arch(ckpt: Mapping[str, Any], arch: str, path: str | Path) -> None:
     names, or its training arguments (timm's and torchvision's `args.model`; timm's own `arch` is a class name)."""
     saved = weights_settings(ckpt).arch
     if saved not in (None, arch):
+        said = f" (says its settings file '{ckpt[SIDECAR_KEY]}')" if SIDECAR_KEY in ckpt else ""
         raise CheckpointError(
-            f"checkpoint '{path}' holds a {saved} but the run builds {arch}; set model={saved} "
+            f"checkpoint '{path}' holds a {saved}{said} but the run builds {arch}; set model={saved} "
             "or give a checkpoint of this model"
         )
 
@@ -321,7 +325,7 @@ def weights_settings(ckpt: Mapping[str, Any]) -> WeightsSettings:
             num_classes=ckpt.get("num_classes"),
             classes=ckpt.get("classes"),
             pretrained_cfg={k: v for k, v in ckpt["pretrained_cfg"].items() if k != "num_classes"},
-            source="the checkpoint",
+            source=f"the settings file {ckpt[SIDECAR_KEY]}" if SIDECAR_KEY in ckpt else "the checkpoint",
         )
     config = ckpt.get("config")
     if isinstance(config, Mapping) and isinstance(config.get("data"), Mapping):

@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -33,8 +34,10 @@ from torch import Tensor, nn
 
 from rednet import convert_paddle
 from rednet.checkpoint import (
+    SIDECAR_KEY,
     CheckpointError,
     WeightsSettings,
+    check_arch,
     pretrained_cfg_from_data,
     read_torch_file,
     unreadable_reason,
@@ -47,6 +50,9 @@ __all__ = [
     "register_weights",
     "fetch",
     "read_checkpoint",
+    "sidecar_path",
+    "sidecar_config",
+    "read_sidecar",
     "to_state_dict",
     "load_state_dict",
     "load_weights",
@@ -290,18 +296,143 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     """
     path = Path(path)
     if path.suffix == ".pdparams":  # PaddleClas weights: a pickle of NumPy arrays, read without running code
-        return convert_paddle.load_pdparams(path)
-    if path.is_file() and _is_safetensors(path):
+        checkpoint = convert_paddle.load_pdparams(path)
+    elif path.is_file() and _is_safetensors(path):
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    checkpoint = read_torch_file(path)
+        checkpoint = load_file(str(path), device="cpu")
+    else:
+        checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(
             f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a dict of weights: save a state dict "
             "(torch.save(model.state_dict(), path)) or a dict with one under 'state_dict'"
         )
-    return checkpoint
+    return _with_sidecar(path, checkpoint)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The settings file that travels with a weights file: the same name with ``.json`` (mine-1a2b3c4d.pth ->
+    mine-1a2b3c4d.json), as scripts/convert_checkpoint.py writes it."""
+    return Path(path).with_suffix(".json")
+
+
+# timm's config.json (timm.models.push_to_hub / load_model_config_from_hf) -> this project's checkpoint entries
+# (rednet.checkpoint.weights_metadata, read back by weights_settings).
+_SIDECAR_PREPROCESSING = ("input_size", "crop_pct", "interpolation", "mean", "std")
+
+
+def sidecar_config(settings: WeightsSettings) -> dict[str, Any]:
+    """The sidecar JSON of weights whose checkpoint said ``settings``, in timm's config.json layout: ``architecture``,
+    ``num_classes``, ``label_names``, ``model_args``, ``pretrained_cfg`` (input_size as [C, H, W], crop_pct,
+    interpolation, mean, std); only the entries the checkpoint had ({} when it had none)."""
+    pretrained_cfg = {
+        key: list(value) if isinstance(value, (tuple, list)) else value
+        for key, value in settings.pretrained_cfg.items()
+        if key in _SIDECAR_PREPROCESSING
+    }
+    config = {
+        "architecture": settings.arch,
+        "num_classes": settings.num_classes,
+        "label_names": list(settings.classes) if settings.classes is not None else None,
+        "model_args": dict(settings.model_kwargs) or None,
+        "pretrained_cfg": pretrained_cfg or None,
+    }
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def _sidecar_error(json_path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"weights settings file '{json_path}' {what}: correct it, or delete it to load the weights with the "
+        "model's defaults (it is read because it sits beside the weights file with the same name)"
+    )
+
+
+def read_sidecar(json_path: str | os.PathLike) -> dict[str, Any]:
+    """A sidecar JSON (`sidecar_config`'s layout; other keys timm writes are ignored) as checkpoint entries: arch,
+    num_classes, classes, model_kwargs, pretrained_cfg (input_size, mean, std as tuples), as a training checkpoint
+    holds them.
+
+    Raises:
+        CheckpointError: not JSON, not an object, an entry of the wrong type, an architecture that is not a
+            registered model, or num_classes and label_names that disagree; the message names the file.
+    """
+    import timm
+
+    json_path = Path(json_path)
+    try:
+        config = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _sidecar_error(json_path, f"cannot be read as JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise _sidecar_error(json_path, f"holds a {type(config).__name__}, not a JSON object")
+    expected = {"architecture": str, "num_classes": int, "label_names": list, "model_args": dict,
+                "pretrained_cfg": dict}  # fmt: skip
+    for key, kind in expected.items():
+        if key in config and not isinstance(config[key], kind):
+            raise _sidecar_error(json_path, f"has {key}={config[key]!r}, not a {kind.__name__}")
+    arch = config.get("architecture")
+    if arch is not None and not timm.is_model(arch):
+        raise _sidecar_error(json_path, f"names the architecture {arch!r}, which is not a registered model")
+    cfg = config.get("pretrained_cfg", {})
+    classes = config.get("label_names", cfg.get("label_names"))
+    num_classes = config.get("num_classes", cfg.get("num_classes"))
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
+        raise _sidecar_error(json_path, f"has num_classes={num_classes} but {len(classes)} label_names")
+    metadata: dict[str, Any] = {
+        "pretrained_cfg": {
+            key: tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+            for key in _SIDECAR_PREPROCESSING
+            if cfg.get(key) is not None
+        }
+    }
+    for key, value in (("arch", arch), ("num_classes", num_classes), ("classes", classes),
+                       ("model_kwargs", config.get("model_args"))):  # fmt: skip
+        if value is not None:
+            metadata[key] = value
+    return metadata
+
+
+def _with_sidecar(path: Path, checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``checkpoint`` with the entries of its sidecar JSON (`sidecar_path`), when one exists and the file itself
+    carries no settings of its own (a published weights file holds tensors only); else ``checkpoint`` unchanged."""
+    json_path = sidecar_path(path)
+    if json_path == path or not json_path.is_file():
+        return checkpoint
+    if weights_settings(checkpoint).source:
+        _logger.warning("%s carries its own weights settings: the settings file %s beside it is not read",
+                        path, json_path)  # fmt: skip
+        return checkpoint
+    metadata = read_sidecar(json_path)
+    _check_sidecar_classifier(checkpoint, metadata, json_path, path)
+    _logger.info("weights settings of %s: from %s", path, json_path)
+    return {**checkpoint, **metadata, SIDECAR_KEY: str(json_path)}
+
+
+def _check_sidecar_classifier(
+    checkpoint: Mapping[str, Any], metadata: Mapping[str, Any], json_path: Path, path: Path
+) -> None:
+    """Refuse a sidecar whose class count differs from the weights' classifier (the settings of other weights)."""
+    count = metadata.get("num_classes", len(metadata.get("classes") or ()) or None)
+    if count is None:
+        return
+    import timm
+
+    arch = metadata.get("arch")
+    arch_cfg = timm.models.get_pretrained_cfg(arch) if arch else None
+    names = arch_cfg.classifier if arch_cfg is not None else "fc"
+    try:
+        tensors = to_state_dict(checkpoint, origin=str(path))
+    except CheckpointError:
+        return  # no weights: the loader names that
+    for name in (names,) if isinstance(names, str) else names or ():
+        weight = tensors.get(f"{name}.weight")
+        if weight is not None and weight.shape[0] != count:
+            raise _sidecar_error(
+                json_path,
+                f"says the weights predict {count} classes but '{path}' has a {weight.shape[0]}-class classifier "
+                f"({name}.weight): it belongs to other weights",
+            )
 
 
 def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
@@ -702,4 +833,5 @@ def load_pretrained(
             )
         path = fetch(cached, _expected_digest(cached.name, spec.sha256))
     checkpoint = read_checkpoint(path)
+    check_arch(checkpoint, model_name, path)  # its arch entry or sidecar names another model: say so, not the keys
     return to_state_dict(checkpoint, use_ema=use_ema, origin=str(path)), weights_settings(checkpoint)

@@ -3,7 +3,11 @@
 Reads any layout rednet.weights accepts (official mmcls, plain state dict, training checkpoint of train.py, timm,
 safetensors, PaddleClas .pdparams: read without paddle, converted by rednet.convert_paddle), keeps the model
 weights only (EMA preferred, optimizer and the rest dropped), in this package's key names, and names the file after
-its own sha256 as torch.hub expects (``pretrained=<URL>`` then checks it).
+its own sha256 as torch.hub expects (``pretrained=<URL>`` then checks it). What the checkpoint says about the weights
+(architecture, shape arguments, class count and names, preprocessing: input size, crop_pct, interpolation, mean,
+std) goes into a settings file beside it, NAME-<sha256[:8]>.json in timm's config.json layout, which
+rednet.weights.read_checkpoint reads with the weights (eval.py, train.py pretrained=, the scripts); none is written
+for a checkpoint that carries no settings (a plain state dict, official weights).
 
     python scripts/convert_checkpoint.py outputs/run/checkpoints/best.pt weights/rednet50.pth [--safetensors]
     python scripts/convert_checkpoint.py RedNet50_pretrained.pdparams weights/rednet50.pth
@@ -12,6 +16,8 @@ its own sha256 as torch.hub expects (``pretrained=<URL>`` then checks it).
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +25,9 @@ from pathlib import Path
 import torch
 
 from rednet import weights
+from rednet.checkpoint import weights_settings
+
+_logger = logging.getLogger(__name__)
 
 
 def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = True) -> Path:
@@ -26,10 +35,12 @@ def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = Tr
 
     The file's bytes depend only on the tensors (names, dtypes, shapes, values): the same weights give the same file
     and name whatever the input's layout (plain, DDP ``module.`` / torch.compile ``_orig_mod.`` prefixes, a training
-    checkpoint, EMA only), key order or file name, and however often they are converted.
+    checkpoint, EMA only), key order or file name, and however often they are converted. The checkpoint's settings
+    go into NAME-<sha256[:8]>.json beside it (`weights.sidecar_config`), when it has any.
     """
     path = weights.fetch(source)
-    state_dict = weights.to_state_dict(weights.read_checkpoint(path), use_ema=use_ema, origin=str(path))
+    checkpoint = weights.read_checkpoint(path)  # with the source's own sidecar, if it is a converted file
+    state_dict = weights.to_state_dict(checkpoint, use_ema=use_ema, origin=str(path))
     # Contiguous copies: safetensors refuses shared or strided storage, and torch.save would keep whole storages.
     # Sorted: the input's order varies (safetensors files read back sorted, others in the model's order).
     state_dict = {key: state_dict[key].detach().contiguous().clone() for key in sorted(state_dict)}
@@ -50,7 +61,22 @@ def convert(source: str, out: str, safetensors: bool = False, use_ema: bool = Tr
             torch.save(state_dict, temporary)
         final = out_path.parent / f"{name}-{weights.sha256_file(temporary)[:8]}{suffix}"
         os.replace(temporary, final)
+        write_sidecar(weights.sidecar_config(weights_settings(checkpoint)), final, Path(directory))
     return final
+
+
+def write_sidecar(config: dict, weights_path: Path, directory: Path) -> None:
+    """Write ``config`` as the sidecar of ``weights_path`` (atomically, through ``directory``); with no settings,
+    write none and leave an existing one (of the same tensors, written by an earlier conversion) with a warning."""
+    json_path = weights.sidecar_path(weights_path)
+    if not config:
+        if json_path.is_file():
+            _logger.warning("the source carries no weights settings: %s (an earlier conversion's) is left as it is",
+                            json_path)  # fmt: skip
+        return
+    temporary = directory / "archive.json"
+    temporary.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, json_path)
 
 
 def main() -> None:
@@ -62,6 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     path = convert(args.source, args.out, safetensors=args.safetensors, use_ema=args.use_ema)
     print(path)
+    if weights.sidecar_path(path).is_file():
+        print(weights.sidecar_path(path))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 
 from rednet import checkpoint, data, run_state
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _state(epoch: int = 1, **extra) -> dict:
     return {
@@ -315,15 +317,16 @@ def test_registered_weights_use_timm_pretrained_cfg(trained_run, tmp_path, monke
     assert weights.resolve_preprocessing(loaded)["mean"] == [0.3, 0.4, 0.5]
 
 
-def _fine_tune(root, run_dir, out, *overrides):
-    """One epoch from best.pt on `root` with the data group's defaults (data=imagenet: no preprocessing set)."""
+def _fine_tune(root, run_dir, out, *overrides, weights=None):
+    """One epoch from best.pt (or `weights`) on `root` with the data group's defaults (data=imagenet: no
+    preprocessing set)."""
     from train_utils import TINY, compose_config
 
     import train
 
     base = [o for o in TINY if not o.startswith(("data=", "data.img_size"))]
     cfg = compose_config("train", [*base, f"data.root={root}", "trainer.epochs=1", *overrides])
-    cfg.pretrained = str(run_dir / "checkpoints" / "best.pt")
+    cfg.pretrained = str(weights or run_dir / "checkpoints" / "best.pt")
     train.train(cfg, out)
     config = OmegaConf.load(out / "config.yaml").data
     return config, run_state.load_checkpoint(out / "checkpoints" / "best.pt")["pretrained_cfg"]
@@ -508,3 +511,102 @@ def test_resume_auto_in_a_new_run_directory_names_the_earlier_run(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         assert run_state.find_resume("auto", tmp_path / "runs" / "r50" / "checkpoints", "rednet26") is None
     assert "starting a new run" in caplog.text and "earlier run" not in caplog.text
+
+
+def _convert(run_dir, out):
+    """convert_checkpoint.py's weights file of best.pt (tensors only; its settings in the sidecar JSON)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "scripts" / "convert_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.convert(str(run_dir / "checkpoints" / "best.pt"), str(out / "mine"))
+
+
+_TRAINED_PREPROCESSING = {"img_size": 36, "crop_pct": 0.9, "interpolation": "bicubic", "mean": [0.3, 0.4, 0.5],
+                          "std": [0.2, 0.25, 0.3]}  # fmt: skip
+
+
+def test_converted_weights_evaluate_with_the_settings_of_their_sidecar(trained_run, tmp_path, caplog):
+    """The fresh-user fault: best.pt converted to a tensors-only file and evaluated with pretrained=<file> got 224 px
+    and ImageNet mean/std (another top-1). The sidecar JSON carries the checkpoint's settings, the file stays
+    tensors only, and evaluating it reproduces the logged top-1."""
+    from rednet import weights
+
+    root, run_dir, results = trained_run
+    converted = _convert(run_dir, tmp_path / "weights")
+    assert sorted(weights.to_state_dict(torch.load(converted, weights_only=True))) == sorted(
+        torch.load(converted, weights_only=True)
+    )  # tensors only, plain keys
+    sidecar = json.loads(weights.sidecar_path(converted).read_text())
+    assert sidecar == {
+        "architecture": "rednet26", "num_classes": 3, "label_names": ["cat", "dog", "fox"],
+        "model_args": {"stem_kernel_size": 7},
+        "pretrained_cfg": {"input_size": [3, 36, 36], "crop_pct": 0.9, "interpolation": "bicubic",
+                           "mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]},
+    }  # fmt: skip
+    with caplog.at_level("INFO"):
+        got = _eval(root, converted, tmp_path / "eval", "checkpoint=null", "model=rednet26", f"pretrained={converted}")
+    assert got["top1"] == results["top1"] and got["loss"] == pytest.approx(results["loss"], rel=1e-6)
+    assert got["preprocessing"] == _TRAINED_PREPROCESSING
+    assert f"img_size=36 (the settings file {weights.sidecar_path(converted)})" in caplog.text
+    # checkpoint=<file> without model=: the sidecar names the architecture; a value on the command line still wins
+    got = _eval(root, converted, tmp_path / "eval2", "data.crop_pct=1.0")
+    assert got["preprocessing"] == {**_TRAINED_PREPROCESSING, "crop_pct": 1.0}
+
+
+def test_converted_weights_without_a_sidecar_load_as_before(trained_run, tmp_path):
+    """No sidecar, no metadata in the file: the model's (ImageNet) preprocessing, model= needed, as before."""
+    from rednet import weights
+
+    root, run_dir, _ = trained_run
+    converted = _convert(run_dir, tmp_path / "weights")
+    weights.sidecar_path(converted).unlink()
+    with pytest.raises(ValueError, match="does not name its architecture: set model="):
+        _eval(root, converted, tmp_path / "eval")
+    got = _eval(root, None, tmp_path / "eval2", "checkpoint=null", f"pretrained={converted}", "model=rednet26",
+                f"data.root={root}")  # fmt: skip
+    assert got["preprocessing"] == {"img_size": 224, "crop_pct": 0.875, "interpolation": "bilinear",
+                                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+
+
+def test_fine_tuning_from_converted_weights_takes_the_sidecars_preprocessing(trained_run, tmp_path):
+    from train_utils import make_image_folder
+
+    _, run_dir, _ = trained_run
+    converted = _convert(run_dir, tmp_path / "weights")
+    root = make_image_folder(tmp_path / "images", classes=("ant", "bee"), n_train=4, n_val=2, size=40)
+    config, carried = _fine_tune(root, run_dir, tmp_path / "run", weights=converted)
+    assert {key: config[key] for key in checkpoint.PREPROCESSING_KEYS} == _TRAINED_PREPROCESSING
+    assert carried["input_size"] == (3, 36, 36)
+
+
+def test_a_sidecar_that_contradicts_the_model_or_the_weights_is_an_error(trained_run, tmp_path):
+    from train_utils import make_image_folder
+
+    from rednet import weights
+
+    root, run_dir, _ = trained_run
+    converted = _convert(run_dir, tmp_path / "weights")
+    json_path = weights.sidecar_path(converted)
+    sidecar = json.loads(json_path.read_text())
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds a rednet26 \(says its settings file .*mine-.*json'\) "
+                       "but the run builds rednet50; set model=rednet26"):  # fmt: skip
+        _eval(root, converted, tmp_path / "e1", "model=rednet50")
+    other = make_image_folder(tmp_path / "other", classes=("ant", "bee", "cow"), n_train=1, n_val=1)
+    with pytest.raises(ValueError, match="trained on 3 classes but the val folder has 3 .*missing: .'cat'"):
+        _eval(other, converted, tmp_path / "e2")
+    bad = {
+        "num_classes 5 vs a 3-class fc": ({**sidecar, "num_classes": 5, "label_names": list("abcde")},
+                                          r"predict 5 classes but .* has a 3-class classifier \(fc.weight\)"),
+        "names vs count": ({**sidecar, "num_classes": 2}, "has num_classes=2 but 3 label_names"),
+        "unknown architecture": ({**sidecar, "architecture": "rednet27"}, "'rednet27', which is not a registered"),
+        "wrong type": ({**sidecar, "pretrained_cfg": [3, 36, 36]}, r"has pretrained_cfg=\[3, 36, 36\], not a dict"),
+    }  # fmt: skip
+    for content, message in bad.values():
+        json_path.write_text(json.dumps(content))
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            _eval(root, converted, tmp_path / "e3")
+    json_path.write_text("{not json")
+    with pytest.raises(checkpoint.CheckpointError, match=r"mine-.*\.json' cannot be read as JSON .* or delete it"):
+        _eval(root, converted, tmp_path / "e4")

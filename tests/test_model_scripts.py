@@ -57,9 +57,10 @@ def test_memory_benchmark_measures_a_saving():
     assert plain["saved_bytes"] - efficient["saved_bytes"] >= kernel_bytes * 0.9
 
 
-@pytest.fixture
-def trained_checkpoint(tmp_path):
-    """A train.py-style checkpoint of a 3-class RedNet-26 trained at 36 px (its weights_metadata entries)."""
+@pytest.fixture(params=["checkpoint", "converted"])
+def trained_checkpoint(request, tmp_path):
+    """A train.py-style checkpoint of a 3-class RedNet-26 trained at 36 px (its weights_metadata entries), or its
+    convert_checkpoint.py weights file (tensors only) whose settings travel in the sidecar JSON."""
     import torch
 
     import rednet
@@ -69,6 +70,8 @@ def trained_checkpoint(tmp_path):
     config = {"model": {"name": "rednet26", "drop_rate": 0.1}, "data": data}
     state = {"model": rednet.create_model("rednet26", num_classes=3).state_dict(), "epoch": 1}
     torch.save({**state, **checkpoint.weights_metadata(config, ["a", "b", "c"])}, tmp_path / "best.pt")
+    if request.param == "converted":
+        return load_script("convert_checkpoint").convert(str(tmp_path / "best.pt"), str(tmp_path / "out" / "mine"))
     return tmp_path / "best.pt"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -363,6 +364,18 @@ def test_convert_checkpoint_gives_the_same_bytes_and_name_for_the_same_tensors(f
     if fmt == "pth":  # the zip's inner folder is torch's name for an in-memory save, not a temporary file's
         assert {name.split("/")[0] for name in zipfile.ZipFile(written[0]).namelist()} == {"archive"}
     assert [path.name for path in written[0].parent.iterdir()] == [written[0].name]  # no temporary left behind
+    # Settings travel beside the file, not in it: the same name and bytes, and a sidecar that converting the
+    # converted file again (its sidecar read with it) writes unchanged.
+    settings = {"arch": "rednet26", "classes": ["a", "b", "c", "d", "e"], "pretrained_cfg": {"input_size": (3, 32, 32)}}
+    torch.save({"model": plain, "epoch": 3, **settings}, tmp_path / "best.pt")
+    as_safetensors = fmt == "safetensors"
+    again = convert(str(tmp_path / "best.pt"), str(tmp_path / "settings" / "rednet26"), safetensors=as_safetensors)
+    assert (again.name, again.read_bytes()) == (written[0].name, written[0].read_bytes())
+    sidecar = weights.sidecar_path(again).read_text()
+    assert json.loads(sidecar) == {"architecture": "rednet26", "label_names": list("abcde"),
+                                   "pretrained_cfg": {"input_size": [3, 32, 32]}}  # fmt: skip
+    twice = convert(str(again), str(tmp_path / "twice" / "rednet26"), safetensors=as_safetensors)
+    assert (twice.read_bytes(), weights.sidecar_path(twice).read_text()) == (again.read_bytes(), sidecar)
 
 
 def test_features_only_in_chans_and_num_classes_from_the_checkpoint(source, tmp_path):
@@ -491,7 +504,13 @@ def test_ecosystem_checkpoints_load_through_every_entry_point(tool, image_root, 
     # pretrained= (train.py's fine-tuning builds the model this way) and the published-file converter
     assert_same_weights(factory.build_model("test_resnet", 3, pretrained=str(path)), reference)
     converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
-    torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(converted, weights_only=True), reference.state_dict(), rtol=0, atol=0)
+    if tool in ("timm", "torchvision"):  # what their training arguments say travels in the sidecar
+        sidecar = json.loads(weights.sidecar_path(converted).read_text())
+        assert (sidecar["architecture"], sidecar["pretrained_cfg"]["input_size"]) == ("test_resnet", [3, 40, 40])
+        assert factory.build_model("test_resnet", 3, pretrained=str(converted)).pretrained_cfg["input_size"] == (
+            3, 40, 40,
+        )  # fmt: skip
 
     # eval.py checkpoint= (model= only where the file does not name its architecture) gives the reference's numbers
     named = tool in ("timm", "torchvision")
@@ -633,7 +652,7 @@ def test_more_layouts_load_through_pretrained_and_the_converter(layout, tmp_path
     torch.save(_more_layouts(reference.state_dict())[layout], path)
     assert_same_weights(factory.build_model("test_resnet", 3, pretrained=str(path)), reference)
     converted = load_script("convert_checkpoint").convert(str(path), str(tmp_path / "out" / "clean"))
-    torch.testing.assert_close(weights.read_checkpoint(converted), reference.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.load(converted, weights_only=True), reference.state_dict(), rtol=0, atol=0)
 
 
 def test_windows_paths_in_metadata_read_as_pure_paths(tmp_path, monkeypatch):
