@@ -574,5 +574,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = data.expand_home_in_overrides(sys.argv[1:])  # data.root=~/images: Hydra's grammar refuses a ~
+    sys.argv[1:] = config_schema.expand_home_in_overrides(sys.argv[1:])  # data.root=~/x: Hydra refuses a bare ~
     main()

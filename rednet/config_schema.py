@@ -363,7 +363,7 @@ def check_checkpoint_paths(cfg: Any) -> None:
     problems = []
     for key, (takes, usual) in CHECKPOINT_KEYS.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if not isinstance(value, str) or (key == "resume" and value == "auto") or "://" in value:
+        if not _names_a_local_path(key, value):
             continue
         path = Path(value).expanduser()
         if not value.strip():
@@ -391,6 +391,12 @@ def register() -> None:
     store.store(group="sched", name="step_schema", node=StepSchedConfig)
 
 
+def _names_a_local_path(key: str, value: Any) -> bool:
+    """Whether a config value names a local path: a string that is no URL and not resume=auto (null and booleans,
+    e.g. pretrained=true, are no paths)."""
+    return isinstance(value, str) and "://" not in value and not (key == "resume" and value == "auto")
+
+
 def make_paths_absolute(cfg: DictConfig, keys: Sequence[str]) -> None:
     """Make the relative file paths among the dotted `keys` of `cfg` absolute, from the directory the command was
     started in (`~` expanded first).
@@ -402,6 +408,22 @@ def make_paths_absolute(cfg: DictConfig, keys: Sequence[str]) -> None:
     """
     for key in keys:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if isinstance(value, str) and value and not (key == "resume" and value == "auto") and "://" not in value:
+        if _names_a_local_path(key, value) and value.strip():
             path = Path(to_absolute_path(os.path.expanduser(value))).resolve()
             OmegaConf.update(cfg, key, str(path))
+
+
+def expand_home_in_overrides(overrides: Sequence[str]) -> list[str]:
+    """Hydra command-line overrides with a value starting with `~` ("data.root=~/images") given the home folder.
+
+    The shell expands no `~` after `data.root=` (it is no variable assignment), and Hydra's override grammar refuses
+    one unquoted ("LexerNoViableAltException: data.root=~/images"), so such an override could never be meant
+    otherwise; `~user/x` is expanded too. Deletions (`~key`) and quoted values are left as they are.
+    """
+    expanded = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and "~" in value and not key.startswith("~"):  # (each value of a sweep: data.root=~/a,~/b)
+            override = f"{key}=" + ",".join(os.path.expanduser(v) for v in value.split(","))
+        expanded.append(override)
+    return expanded

@@ -245,22 +245,6 @@ def list_split(split_dir: str | Path) -> SplitListing:
     return listing
 
 
-def expand_home_in_overrides(overrides: Sequence[str]) -> list[str]:
-    """Hydra command-line overrides with a value starting with `~` ("data.root=~/images") given the home folder.
-
-    The shell expands no `~` after `data.root=` (it is no variable assignment), and Hydra's override grammar refuses
-    one unquoted ("LexerNoViableAltException: data.root=~/images"), so such an override could never be meant
-    otherwise; `~user/x` is expanded too. Deletions (`~key`) and quoted values are left as they are.
-    """
-    expanded = []
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and "~" in value and not key.startswith("~"):  # (each value of a sweep: data.root=~/a,~/b)
-            override = f"{key}=" + ",".join(os.path.expanduser(v) for v in value.split(","))
-        expanded.append(override)
-    return expanded
-
-
 # timm's create_dataset(search_split=True) reads these folders when the split's own is missing: data.train_split=train
 # also finds training/, data.val_split=val finds valid/, validation/, eval/ or evaluation/.
 SPLIT_SYNONYMS = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"))

@@ -240,7 +240,7 @@ def test_override_values_starting_with_a_tilde_are_the_home_folder(monkeypatch):
     monkeypatch.setenv("HOME", "/home/u")
     overrides = ["data.root=~/images", "checkpoint=~", "~trainer.foo", "+data.x=~/a b", "seed=1", "name=a~b"]
     overrides.append("data.root=~/a,~/b,/c")  # a sweep (train.py -m): each value
-    assert data.expand_home_in_overrides(overrides) == [
+    assert config_schema.expand_home_in_overrides(overrides) == [
         "data.root=/home/u/images", "checkpoint=/home/u", "~trainer.foo", "+data.x=/home/u/a b", "seed=1", "name=a~b",
         "data.root=/home/u/a,/home/u/b,/c",
     ]  # fmt: skip
